@@ -1,0 +1,244 @@
+"""Model configuration, parameter-count formulas and the named presets of the paper's Table 1 (§3.1).
+
+No torch import here: configs are plain data that the CLI, the exporter and the docs can read cheaply.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cosmoes.errors import CosmoesError
+
+LLAMA3_VOCAB = 128256
+
+
+@dataclass
+class ModelConfig:
+    """Shape of one Llama-3-style decoder whose FFNs are dense SwiGLU or sparse MoE layers (§2)."""
+
+    vocab_size: int = LLAMA3_VOCAB
+    dim: int = 512  # the paper's "Hid"
+    n_layers: int = 19
+    n_heads: int = 8
+    n_kv_heads: int | None = None  # None = multi-head attention; fewer = grouped-query attention
+    ffn_dim: int = 1296  # hidden width of the dense FFN or of each expert
+    num_experts: int = 0  # 0 = dense FFN
+    top_k: int = 2
+    norm_topk_prob: bool = True  # renormalise the k routing weights to sum to 1 (Mixtral)
+    router_temperature: float = 1.0  # the tau of W = softmax(tau * R), Eq. 2
+    wd_rank: int | None = None  # weight-decomposed experts (Eq. 1): each n x m matrix -> n x r . r x m
+    norm_eps: float = 1e-5
+    rope_theta: float = 500000.0
+    max_seq_len: int = 2048
+    tie_embeddings: bool = False
+    name: str = "custom"
+
+    def __post_init__(self) -> None:
+        self.validate()
+
+    # -- derived shapes -------------------------------------------------------------------
+    @property
+    def kv_heads(self) -> int:
+        return self.n_kv_heads or self.n_heads
+
+    @property
+    def head_dim(self) -> int:
+        return self.dim // self.n_heads
+
+    @property
+    def is_moe(self) -> bool:
+        return self.num_experts > 0
+
+    @property
+    def is_wd(self) -> bool:
+        return self.is_moe and self.wd_rank is not None
+
+    @property
+    def kind(self) -> str:
+        return "wd-moe" if self.is_wd else ("moe" if self.is_moe else "dense")
+
+    def validate(self) -> None:
+        if self.dim % self.n_heads:
+            raise CosmoesError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
+        if self.head_dim % 2:
+            raise CosmoesError(f"head_dim {self.head_dim} must be even for RoPE")
+        if self.n_heads % self.kv_heads:
+            raise CosmoesError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
+        if self.is_moe and not 1 <= self.top_k <= self.num_experts:
+            raise CosmoesError(f"top_k must be between 1 and num_experts ({self.num_experts}), got {self.top_k}")
+        if self.wd_rank is not None and (self.wd_rank < 1 or not self.is_moe):
+            raise CosmoesError("wd_rank needs a positive rank and an MoE model (num_experts > 0)")
+        for name in ("vocab_size", "dim", "n_layers", "ffn_dim", "max_seq_len"):
+            if getattr(self, name) < 1:
+                raise CosmoesError(f"{name} must be positive, got {getattr(self, name)}")
+
+    # -- parameter counts (closed form; tests check them against the built model) ----------
+    def expert_params(self) -> int:
+        """Parameters of one SwiGLU expert (or of the dense FFN): three matrices dim x ffn_dim."""
+        if self.is_wd:
+            return 3 * self.wd_rank * (self.dim + self.ffn_dim)
+        return 3 * self.dim * self.ffn_dim
+
+    def attention_params(self) -> int:
+        q_and_o = 2 * self.dim * self.n_heads * self.head_dim
+        k_and_v = 2 * self.dim * self.kv_heads * self.head_dim
+        return q_and_o + k_and_v
+
+    def embedding_params(self) -> int:
+        return self.vocab_size * self.dim * (1 if self.tie_embeddings else 2)
+
+    def layer_params(self, active: bool) -> int:
+        norms = 2 * self.dim
+        if not self.is_moe:
+            return self.attention_params() + norms + self.expert_params()
+        experts = self.top_k if active else self.num_experts
+        router = self.dim * self.num_experts
+        return self.attention_params() + norms + router + experts * self.expert_params()
+
+    def num_params(self, active: bool = False) -> int:
+        """Total parameters, or those a token touches (active: top-k experts per layer)."""
+        return self.embedding_params() + self.dim + self.n_layers * self.layer_params(active)
+
+    # -- (de)serialisation ------------------------------------------------------------------
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        return cls(**{k: v for k, v in d.items() if k in known})
+
+    def replace(self, **changes) -> "ModelConfig":
+        return dataclasses.replace(self, **changes)
+
+
+# Table 1 of the paper. FFN widths and kv-head counts are not stated there; they are solved so that the
+# active (total) counts land on the table with the Llama-3 vocabulary and untied embeddings. The two
+# dense phone models come out as Llama-3.2-1B and -3B (GQA with 8 kv heads) with untied embeddings.
+PAPER_TABLE1 = {
+    # name: (active, total)
+    "phone-dense": (1.50e9, 1.50e9),
+    "phone-moe": (1.37e9, 3.75e9),
+    "phone-wd": (1.42e9, 3.65e9),
+    "phone-dense-pa": (3.61e9, 3.61e9),
+    "wearable-dense": (189e6, 189e6),
+    "wearable-moe": (188e6, 377e6),
+    "wearable-wd": (188e6, 377e6),
+    "wearable-dense-pa": (380e6, 380e6),
+}
+
+_MOE = dict(num_experts=8, top_k=2)
+PRESETS: dict[str, ModelConfig] = {
+    "phone-dense": ModelConfig(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192),
+    "phone-moe": ModelConfig(dim=1440, n_layers=24, n_heads=18, ffn_dim=3824, **_MOE),
+    "phone-wd": ModelConfig(dim=1600, n_layers=26, n_heads=20, ffn_dim=4352, wd_rank=800, **_MOE),
+    "phone-dense-pa": ModelConfig(dim=3072, n_layers=28, n_heads=24, n_kv_heads=8, ffn_dim=8192),
+    "wearable-dense": ModelConfig(dim=512, n_layers=19, n_heads=8, ffn_dim=1296),
+    "wearable-moe": ModelConfig(dim=432, n_layers=19, n_heads=8, ffn_dim=1280, **_MOE),
+    "wearable-wd": ModelConfig(dim=400, n_layers=32, n_heads=10, ffn_dim=1248, wd_rank=200, **_MOE),
+    "wearable-dense-pa": ModelConfig(dim=768, n_layers=29, n_heads=12, ffn_dim=1712),
+    # CPU-sized members of the same family, for tests and the small-scale reproduction.
+    "tiny-moe": ModelConfig(vocab_size=8192, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=256,
+                            max_seq_len=512, **_MOE),
+    "tiny-wd": ModelConfig(vocab_size=8192, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=448,
+                           wd_rank=64, max_seq_len=512, **_MOE),
+    "tiny-dense": ModelConfig(vocab_size=8192, dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=512,
+                              max_seq_len=512),
+}
+for _name, _cfg in PRESETS.items():
+    _cfg.name = _name
+
+
+def get_preset(name: str) -> ModelConfig:
+    """A fresh copy of the preset called exactly ``name``; an unknown name lists the valid ones."""
+    if name not in PRESETS:
+        raise CosmoesError(f"unknown preset {name!r}; valid presets: {', '.join(PRESETS)}")
+    return dataclasses.replace(PRESETS[name])
+
+
+def load_model_config(source: str | Path) -> ModelConfig:
+    """A preset name, a checkpoint directory (its config.json) or a config.json file."""
+    path = Path(source)
+    if path.is_dir():
+        path = path / "config.json"
+    if path.suffix == ".json" or path.exists():
+        if not path.exists():
+            raise CosmoesError(f"no config.json at {path}: not a cosmoes checkpoint")
+        try:
+            data = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise CosmoesError(f"corrupt config {path}: {exc}") from None
+        return ModelConfig.from_dict(data.get("cosmoes", data))
+    return get_preset(str(source))
+
+
+def solve_ffn_dim(cfg: ModelConfig, target_params: float, active: bool, multiple_of: int = 16) -> int:
+    """The FFN width that brings ``cfg``'s active (or total) parameter count closest to the target."""
+    base = cfg.replace(ffn_dim=1).num_params(active)
+    slope = cfg.replace(ffn_dim=2).num_params(active) - base
+    width = max(1.0, 1 + (target_params - base) / slope)
+    return max(multiple_of, int(round(width / multiple_of)) * multiple_of)
+
+
+@dataclass
+class Alignment:
+    """The dense counterparts of an MoE model under the paper's fair-comparison rule (§3)."""
+
+    moe: ModelConfig
+    flop_aligned: ModelConfig = field(repr=False)
+    param_aligned: ModelConfig = field(repr=False)
+
+
+def align(moe: ModelConfig) -> Alignment:
+    """FA dense = same depth, heads and hidden size with the MoE's active count; PA = its total count."""
+    if not moe.is_moe:
+        raise CosmoesError(f"{moe.name} is dense: align takes an MoE configuration")
+    dense = moe.replace(num_experts=0, wd_rank=None)
+    fa = dense.replace(ffn_dim=solve_ffn_dim(dense, moe.num_params(active=True), active=True),
+                       name=f"{moe.name}-fa-dense")
+    pa = dense.replace(ffn_dim=solve_ffn_dim(dense, moe.num_params(active=False), active=False),
+                       name=f"{moe.name}-pa-dense")
+    return Alignment(moe=moe, flop_aligned=fa, param_aligned=pa)
+
+
+def human(n: float) -> str:
+    """1.37B / 188M / 4.2M style counts, as the paper prints them."""
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if abs(n) >= scale:
+            return f"{n / scale:.{2 if unit == 'B' else 1}f}{unit}"
+    return str(int(n))
+
+
+def describe(cfg: ModelConfig) -> dict:
+    """The summary `cosmoes info --json` prints."""
+    return {
+        "name": cfg.name,
+        "kind": cfg.kind,
+        "active_params": cfg.num_params(active=True),
+        "total_params": cfg.num_params(active=False),
+        "num_layers": cfg.n_layers,
+        "num_heads": cfg.n_heads,
+        "num_kv_heads": cfg.kv_heads,
+        "hidden_size": cfg.dim,
+        "ffn_dim": cfg.ffn_dim,
+        "num_experts": cfg.num_experts,
+        "top_k": cfg.top_k if cfg.is_moe else 0,
+        "wd_rank": cfg.wd_rank,
+        "vocab_size": cfg.vocab_size,
+        "max_seq_len": cfg.max_seq_len,
+        "expected": _table1(cfg.name),
+    }
+
+
+def _table1(name: str) -> dict | None:
+    if name not in PAPER_TABLE1:
+        return None
+    active, total = PAPER_TABLE1[name]
+    return {"active_params": active, "total_params": total}
+
+
+__all__ = ["ModelConfig", "PRESETS", "get_preset", "load_model_config", "align", "solve_ffn_dim", "describe",
+           "human"]
