@@ -56,6 +56,51 @@ def align(source: str = typer.Argument(..., help="MoE preset name, checkpoint di
 # --- commands added by other modules go below this line ---
 
 
+@app.command()
+def init(preset: str = typer.Argument(..., help="preset name"),
+         out: Path = typer.Argument(..., help="checkpoint directory to write"),
+         seed: int = typer.Option(0, help="random seed")):
+    """Write a randomly initialised checkpoint of a preset (for speed benchmarks of paper-sized models)."""
+    from cosmoes.checkpoint import init_checkpoint
+    from cosmoes.tokenizer import default_tokenizer
+
+    typer.echo(f"wrote {init_checkpoint(preset, out, seed=seed, tokenizer=default_tokenizer())}")
+
+
+@app.command()
+def train(preset: str = typer.Option("tiny-moe", help="preset name or config.json"),
+          out: Path = typer.Option(Path("runs/tiny-moe"), help="output directory (checkpoint/, metrics.jsonl)"),
+          data: Optional[List[str]] = typer.Option(None, help="text/jsonl/parquet files or dirs, or a HF dataset "
+                                                              "name (default: the embedded corpus)"),
+          tokenizer: Optional[Path] = typer.Option(None, help="tokenizer dir (default: the shipped one)"),
+          steps: int = typer.Option(200), batch_size: int = typer.Option(16), seq_len: int = typer.Option(128),
+          grad_accum: int = typer.Option(1), lr: float = typer.Option(3e-3), warmup_steps: int = typer.Option(20),
+          lb_coef: float = typer.Option(0.01, help="sequence-level load-balancing loss weight"),
+          bles_coef: float = typer.Option(0.0, help="block-wise expert selection (BlES) loss weight"),
+          bles_temperature: float = typer.Option(1.0, help="tau of the BlES softmax (Eq. 2)"),
+          eval_every: int = typer.Option(50), log_every: int = typer.Option(10), save_every: int = typer.Option(100),
+          seed: int = typer.Option(0),
+          resume: bool = typer.Option(False, help="continue OUT/checkpoint bit-for-bit"),
+          stop_at: Optional[int] = typer.Option(None, help="stop after this step (schedule still spans --steps)")):
+    """Pre-train a model (LM + load-balancing + optional BlES loss); works under torchrun with FSDP2."""
+    from cosmoes.data import DataConfig
+    from cosmoes.train import TrainConfig, train as run_training
+
+    cfg = TrainConfig(preset=preset, out=str(out), steps=steps, batch_size=batch_size, seq_len=seq_len,
+                      grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, lb_coef=lb_coef,
+                      bles_coef=bles_coef, bles_temperature=bles_temperature, eval_every=eval_every,
+                      log_every=log_every, save_every=save_every, seed=seed,
+                      tokenizer=str(tokenizer) if tokenizer else None, data=DataConfig(sources=list(data or [])))
+    summary = run_training(cfg, resume=resume, stop_at=stop_at)
+    if summary is not None:
+        _print_summary(summary)
+
+
+def _print_summary(summary: dict) -> None:
+    for key, value in summary.items():
+        typer.echo(f"{key:>16}: {value:.4g}" if isinstance(value, float) else f"{key:>16}: {value}")
+
+
 def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:

@@ -111,8 +111,27 @@ class ModelConfig:
         known = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in d.items() if k in known})
 
+    def to_hf_dict(self) -> dict:
+        """The fields of `CosmoeConfig` (transformers' names, so generic tooling reads them)."""
+        return {field: getattr(self, ours) for field, ours in _HF_NAMES.items()}
+
+    @classmethod
+    def from_hf_dict(cls, d: dict) -> "ModelConfig":
+        return cls(**{ours: d[field] for field, ours in _HF_NAMES.items() if field in d})
+
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
+
+
+# transformers-style field name -> ModelConfig field
+_HF_NAMES = {
+    "vocab_size": "vocab_size", "hidden_size": "dim", "num_hidden_layers": "n_layers",
+    "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "intermediate_size": "ffn_dim",
+    "num_experts": "num_experts", "num_experts_per_tok": "top_k", "norm_topk_prob": "norm_topk_prob",
+    "router_temperature": "router_temperature", "wd_rank": "wd_rank", "rms_norm_eps": "norm_eps",
+    "rope_theta": "rope_theta", "max_position_embeddings": "max_seq_len", "tie_word_embeddings": "tie_embeddings",
+    "preset_name": "name",
+}
 
 
 # Table 1 of the paper. FFN widths and kv-head counts are not stated there; they are solved so that the
@@ -163,7 +182,9 @@ def load_model_config(source: str | Path) -> ModelConfig:
     """A preset name, a checkpoint directory (its config.json) or a config.json file."""
     path = Path(source)
     if path.is_dir():
-        path = path / "config.json"
+        # a training run's output directory stands for its latest checkpoint
+        path = path / "config.json" if (path / "config.json").exists() or not (path / "checkpoint").is_dir() \
+            else path / "checkpoint" / "config.json"
     if path.suffix == ".json" or path.exists():
         if not path.exists():
             raise CosmoesError(f"no config.json at {path}: not a cosmoes checkpoint")
@@ -171,7 +192,11 @@ def load_model_config(source: str | Path) -> ModelConfig:
             data = json.loads(path.read_text())
         except (OSError, ValueError) as exc:
             raise CosmoesError(f"corrupt config {path}: {exc}") from None
-        return ModelConfig.from_dict(data.get("cosmoes", data))
+        if data.get("model_type") == "cosmoe":
+            return ModelConfig.from_hf_dict(data)
+        if "model_type" in data:
+            raise CosmoesError(f"{path} is a {data['model_type']!r} checkpoint; bring it in with `cosmoes convert --from`")
+        return ModelConfig.from_dict(data)
     return get_preset(str(source))
 
 

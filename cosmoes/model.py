@@ -158,12 +158,14 @@ class ModelOutput:
     hidden_states: torch.Tensor | None = None
 
 
-def causal_mask(positions_BT: torch.Tensor, key_len: int, attention_mask_BS: torch.Tensor | None) -> torch.Tensor:
-    """Boolean (B, 1, T, S) mask: query at position p sees keys 0..p that are not padding."""
-    key_pos_S = torch.arange(key_len, device=positions_BT.device)
-    allowed = key_pos_S[None, None, :] <= positions_BT[:, :, None]
+def causal_mask(slots_BT: torch.Tensor, key_len: int, attention_mask_BS: torch.Tensor | None) -> torch.Tensor:
+    """Boolean (B, 1, T, S) mask: the query in cache slot s sees slots 0..s that are not padding."""
+    key_slot_S = torch.arange(key_len, device=slots_BT.device)
+    allowed = key_slot_S[None, None, :] <= slots_BT[:, :, None]
     if attention_mask_BS is not None:
         allowed = allowed & attention_mask_BS[:, None, -key_len:].bool()
+        # A padding query would otherwise see no key at all and turn into NaN.
+        allowed = allowed | (key_slot_S[None, None, :] == slots_BT[:, :, None])
     return allowed[:, None]
 
 
@@ -184,9 +186,11 @@ class Transformer(nn.Module):
                 attention_mask_BS: torch.Tensor | None = None) -> ModelOutput:
         B, T = input_ids_BT.shape
         past = cache.get_seq_length() if cache is not None else 0
+        slots_BT = torch.arange(past, past + T, device=input_ids_BT.device).expand(B, T)
         if positions_BT is None:
-            positions_BT = torch.arange(past, past + T, device=input_ids_BT.device).expand(B, T)
-        mask = causal_mask(positions_BT, past + T, attention_mask_BS)
+            positions_BT = slots_BT
+        # Causality is over cache slots; RoPE uses positions (they differ under left padding).
+        mask = causal_mask(slots_BT, past + T, attention_mask_BS)
         cos, sin = rope_cos_sin(positions_BT, self.config.head_dim, self.config.rope_theta)
         h = self.tok_embeddings(input_ids_BT)
         router_logits = []
