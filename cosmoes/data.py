@@ -18,7 +18,6 @@ between train and val. Blocks hold seq_len+1 tokens so that x = block[:-1] and y
 from __future__ import annotations
 
 import gzip
-import json
 import re
 from dataclasses import dataclass, field
 from functools import lru_cache

@@ -64,6 +64,10 @@ class CosmoeForCausalLM(PreTrainedModel, GenerationMixin):
     def __init__(self, config: CosmoeConfig, model: Transformer | None = None):
         super().__init__(config)
         self.model = model if model is not None else Transformer(config.to_model_config())
+        if model is not None:
+            # a given model holds trained weights: post_init() would otherwise re-initialise every module in place
+            for module in model.modules():
+                module._is_hf_initialized = True
         if config.tie_word_embeddings:
             self._tied_weights_keys = {"model.output.weight": "model.tok_embeddings.weight"}
         self.post_init()

@@ -221,9 +221,13 @@ def _truncate_metrics(metrics_path: Path, step: int) -> None:
         metrics_path.write_text("".join(r + "\n" for r in rows))
 
 
-def load_training_tokenizer(cfg: TrainConfig):
+def load_training_tokenizer(cfg: TrainConfig, resume: bool):
+    """A resumed run keeps the tokenizer saved in its checkpoint, whatever the default is now."""
+    from cosmoes.checkpoint import load_tokenizer_of
     from cosmoes.tokenizer import default_tokenizer, load_tokenizer
 
+    if resume and (Path(cfg.out) / "checkpoint" / "tokenizer.json").exists():
+        return load_tokenizer_of(Path(cfg.out) / "checkpoint")
     return load_tokenizer(cfg.tokenizer) if cfg.tokenizer else default_tokenizer()
 
 
@@ -242,7 +246,7 @@ def train(cfg: TrainConfig, resume: bool = False, stop_at: int | None = None) ->
 
 
 def _train(cfg: TrainConfig, resume: bool, d: Dist, stop_at: int) -> dict:
-    tokenizer = load_training_tokenizer(cfg)
+    tokenizer = load_training_tokenizer(cfg, resume)
     model_cfg = build_model_config(cfg, len(tokenizer))
     if cfg.batch_size % (d.world * cfg.grad_accum):
         raise CosmoesError(f"batch_size {cfg.batch_size} must divide by world_size×grad_accum = {d.world * cfg.grad_accum}")

@@ -180,6 +180,6 @@ def test_losses_train_the_routers_of_a_real_model():
     bles, h_norm = bles_loss_layers(router_logits, cfg.top_k, cfg.router_temperature)
     balance = load_balancing_loss_layers(router_logits, cfg.top_k)
     (bles + balance).backward()
-    assert 0.0 <= h_norm.item() <= 1.0 and balance.item() >= 1.0 - 1e-6
+    assert 0.0 <= h_norm.item() <= 1.0 and 0.0 < balance.item() <= cfg.num_experts
     for layer in model.layers:
         assert torch.count_nonzero(layer.feed_forward.router.weight.grad) > 0
