@@ -150,6 +150,16 @@ def train(preset: str = typer.Option("tiny-moe", help="preset name or config.jso
         _print_summary(summary)
 
 
+@app.command()
+def demo(out: Path = typer.Option(Path("runs/demo"), help="where the run's files go"),
+         steps: int = typer.Option(150, help="training steps"),
+         preset: str = typer.Option("tiny-moe", help="model preset")):
+    """The whole pipeline on the embedded default: train a tiny MoE on the shipped corpus, print its summary."""
+    from cosmoes.pipeline import DemoConfig, run_demo
+
+    _print_summary(run_demo(DemoConfig(out=str(out), steps=steps, preset=preset)))
+
+
 def _print_summary(summary: dict) -> None:
     for key, value in summary.items():
         typer.echo(f"{key:>16}: {value:.4g}" if isinstance(value, float) else f"{key:>16}: {value}")

@@ -24,7 +24,6 @@ from cosmoes.data import DataConfig, build_dataset, get_batch
 from cosmoes.errors import CosmoesError
 from cosmoes.losses import bles_loss_layers, load_balancing_loss_layers
 from cosmoes.model import Transformer, init_weights
-from cosmoes.routing import expert_replacement_rate, selected_experts
 
 STATE_FILE = "trainer_state.pt"
 
@@ -119,9 +118,8 @@ def compute_losses(model, x_BT, y_BT, cfg: TrainConfig, model_cfg: ModelConfig) 
     lb = bles = exrep = zero
     if out.router_logits:
         lb = load_balancing_loss_layers(out.router_logits, model_cfg.top_k)
-        bles = bles_loss_layers(out.router_logits, model_cfg.top_k, cfg.bles_temperature)[0]
-        exrep = torch.tensor(sum(expert_replacement_rate(selected_experts(r, model_cfg.top_k), model_cfg.num_experts)
-                                 for r in out.router_logits) / len(out.router_logits))
+        # h_norm of Eq. 5 is the ExRep of the batch (at the BlES temperature, which only rescales logits)
+        bles, exrep = bles_loss_layers(out.router_logits, model_cfg.top_k, cfg.bles_temperature)
     loss = lm + cfg.lb_coef * lb + cfg.bles_coef * bles
     return {"loss": loss, "lm_loss": lm, "lb_loss": lb, "bles_loss": bles, "exrep": exrep}
 

@@ -1,0 +1,144 @@
+"""cosmoes.cli: `info`, `align` and `init` through typer's CliRunner, one real `python -m cosmoes.cli` process for
+the error path, and one-line errors from `cosmoes.checkpoint.load_model` for missing or truncated checkpoints."""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from cosmoes.checkpoint import load_model
+from cosmoes.cli import app
+from cosmoes.config import PAPER_TABLE1, get_preset
+from cosmoes.errors import CosmoesError
+
+runner = CliRunner()
+
+
+def invoke_json(*args: str) -> dict:
+    result = runner.invoke(app, list(args))
+    assert result.exit_code == 0, result.output
+    return json.loads(result.stdout)
+
+
+def test_info_json_for_wearable_moe():
+    d = invoke_json("info", "wearable-moe", "--json")
+    cfg = get_preset("wearable-moe")
+    # Table 1: L=19, H=8, Hid=432, eight experts with two active (§3.1)
+    assert (d["num_layers"], d["num_heads"], d["hidden_size"], d["num_experts"], d["top_k"]) == (19, 8, 432, 8, 2)
+    assert d["active_params"] == cfg.num_params(active=True)
+    assert d["total_params"] == cfg.num_params(active=False)
+    want_active, want_total = PAPER_TABLE1["wearable-moe"]
+    assert d["active_params"] == pytest.approx(want_active, rel=0.03)
+    assert d["total_params"] == pytest.approx(want_total, rel=0.03)
+    assert d["expected"] == {"active_params": want_active, "total_params": want_total}
+
+
+def test_info_plain_text_mentions_counts_and_experts():
+    result = runner.invoke(app, ["info", "tiny-wd"])
+    assert result.exit_code == 0
+    assert "tiny-wd (wd-moe)" in result.stdout and "experts=8 top_k=2 wd_rank=64" in result.stdout
+
+
+def test_info_unknown_preset_raises_cosmoes_error_in_process():
+    result = runner.invoke(app, ["info", "no-such-model", "--json"])
+    assert isinstance(result.exception, CosmoesError)
+    assert "valid presets" in str(result.exception)
+
+
+def test_unknown_preset_is_one_error_line_and_exit_2_from_a_real_process():
+    env = dict(os.environ, PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, "-m", "cosmoes.cli", "info", "no-such-model", "--json"],
+                          capture_output=True, text=True, timeout=120, env=env)
+    assert proc.returncode == 2
+    assert "Traceback" not in proc.stderr + proc.stdout
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "no-such-model" in lines[0]
+    assert proc.stdout == ""
+
+
+def test_align_json_for_tiny_moe():
+    d = invoke_json("align", "tiny-moe", "--json")
+    assert set(d) == {"moe", "flop-aligned dense", "param-aligned dense"}
+    moe, fa, pa = d["moe"], d["flop-aligned dense"], d["param-aligned dense"]
+    assert moe["active_params"] == get_preset("tiny-moe").num_params(active=True)
+    assert fa["kind"] == pa["kind"] == "dense" and fa["num_experts"] == pa["num_experts"] == 0
+    assert fa["active_params"] == pytest.approx(moe["active_params"], rel=0.02)
+    assert pa["total_params"] == pytest.approx(moe["total_params"], rel=0.02)
+    for dense in (fa, pa):
+        assert (dense["num_layers"], dense["num_heads"], dense["hidden_size"]) == \
+               (moe["num_layers"], moe["num_heads"], moe["hidden_size"])
+        # the embedded full config rebuilds the same counts
+        assert get_preset("tiny-moe").replace(**dense["config"]).num_params() == dense["total_params"]
+
+
+def test_align_of_a_dense_preset_is_an_error():
+    result = runner.invoke(app, ["align", "tiny-dense"])
+    assert isinstance(result.exception, CosmoesError)
+
+
+@pytest.fixture(scope="module")
+def tiny_checkpoint(tmp_path_factory):
+    out = tmp_path_factory.mktemp("ckpt") / "tiny-moe"
+    result = runner.invoke(app, ["init", "tiny-moe", str(out), "--seed", "3"])
+    assert result.exit_code == 0, result.output
+    assert str(out) in result.stdout
+    return out
+
+
+def test_init_writes_a_loadable_checkpoint(tiny_checkpoint):
+    assert (tiny_checkpoint / "config.json").exists() and (tiny_checkpoint / "model.safetensors").exists()
+    assert (tiny_checkpoint / "tokenizer.json").exists()
+    # nothing left behind by the atomic write
+    assert [p.name for p in tiny_checkpoint.parent.iterdir()] == ["tiny-moe"]
+    model = load_model(tiny_checkpoint)
+    assert model.config == get_preset("tiny-moe")
+    assert model.num_params(active=True) == get_preset("tiny-moe").num_params(active=True)
+    with torch.no_grad():
+        out = model(torch.arange(10)[None])
+    assert out.logits.shape == (1, 10, 8192) and torch.isfinite(out.logits).all()
+    assert len(out.router_logits) == model.config.n_layers
+
+
+def test_init_is_seeded(tiny_checkpoint, tmp_path):
+    again = tmp_path / "again"
+    assert runner.invoke(app, ["init", "tiny-moe", str(again), "--seed", "3"]).exit_code == 0
+    a, b = load_model(tiny_checkpoint).state_dict(), load_model(again).state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_info_reads_a_checkpoint_dir(tiny_checkpoint):
+    d = invoke_json("info", str(tiny_checkpoint), "--json")
+    assert d["name"] == "tiny-moe"
+    assert d["total_params"] == get_preset("tiny-moe").num_params()
+    assert d["num_experts"] == 8 and d["top_k"] == 2
+    assert invoke_json("info", str(tiny_checkpoint / "config.json"), "--json") == d
+
+
+def test_load_model_missing_dir_is_a_one_line_error(tmp_path):
+    with pytest.raises(CosmoesError, match="checkpoint not found") as err:
+        load_model(tmp_path / "nowhere")
+    assert "\n" not in str(err.value)
+    with pytest.raises(CosmoesError, match="config.json"):
+        load_model(tmp_path)  # exists, but is not a checkpoint
+
+
+def test_load_model_truncated_safetensors_is_a_one_line_error(tiny_checkpoint, tmp_path):
+    broken = shutil.copytree(tiny_checkpoint, tmp_path / "broken")
+    weights = broken / "model.safetensors"
+    with weights.open("r+b") as f:
+        f.truncate(weights.stat().st_size // 2)
+    with pytest.raises(CosmoesError, match="corrupt checkpoint") as err:
+        load_model(broken)
+    assert "\n" not in str(err.value)
+
+
+def test_load_model_without_weights_is_a_one_line_error(tiny_checkpoint, tmp_path):
+    broken = shutil.copytree(tiny_checkpoint, tmp_path / "no-weights")
+    (broken / "model.safetensors").unlink()
+    with pytest.raises(CosmoesError, match="no weights"):
+        load_model(broken)
