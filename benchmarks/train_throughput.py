@@ -97,8 +97,9 @@ def machine_notes() -> list[str]:
         names = [line.split(":", 1)[1].strip() for line in cpuinfo.read_text().splitlines()
                  if line.startswith("model name")]
         cpu = names[0] if names else cpu
+    threads = torch.get_num_threads()
     return [f"CPU: {cpu}, {os.cpu_count()} logical cores; torch {torch.__version__} with "
-            f"{torch.get_num_threads()} intra-op threads; Python {platform.python_version()}"]
+            f"{threads} intra-op thread{'s' if threads != 1 else ''}; Python {platform.python_version()}"]
 
 
 def report(args, rows: list[dict], load_before, load_after, started: str, elapsed: float) -> str:
@@ -126,12 +127,15 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=5, help="timed steps per model per round")
     p.add_argument("--lb-coef", type=float, default=0.01)
     p.add_argument("--bles-coef", type=float, default=0.0)
+    p.add_argument("--threads", type=int, help="torch intra-op threads (default: torch's, one per core)")
     p.add_argument("--out", type=Path, help="also write the report (markdown) here")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> None:
     args = parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     started = datetime.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
     load_before, t0 = os.getloadavg(), time.perf_counter()
     cfg = TrainConfig(batch_size=args.batch_size, seq_len=args.seq_len, lb_coef=args.lb_coef,

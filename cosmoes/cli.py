@@ -56,6 +56,51 @@ def align(source: str = typer.Argument(..., help="MoE preset name, checkpoint di
 # --- commands added by other modules go below this line ---
 
 
+@app.command()
+def routing(checkpoints: List[Path] = typer.Argument(..., help="MoE checkpoint or run directories"),
+            data: Optional[List[str]] = typer.Option(None, "--data", help="text sources whose held-out documents "
+                                                     "are sampled (default: the embedded corpus)"),
+            samples: int = typer.Option(100, "--samples", help="held-out documents to run"),
+            max_tokens: int = typer.Option(256, "--max-tokens", help="tokens per document"),
+            layer: Optional[int] = typer.Option(None, "--layer", help="MoE layer for Fig. 5 (default: the middle)"),
+            out: Path = typer.Option(Path("runs/routing"), "--out", help="where routing.json and the plots go")):
+    """Expert replacements (ExRep) and ΔUniform per layer on held-out text (§3.4.2, Table 3, Figures 5–6)."""
+    from cosmoes.analysis import format_routing_table, routing_reports, write_routing_outputs
+
+    reports = routing_reports(checkpoints, list(data or []) or None, samples, max_tokens)
+    typer.echo(format_routing_table(reports))
+    for path in write_routing_outputs(reports, out, layer=layer):
+        typer.echo(f"wrote {path}")
+
+
+@app.command()
+def reproduce(steps: int = typer.Option(2000, help="training steps per model"),
+              out: Path = typer.Option(Path("runs/reproduce"), help="training runs, one directory per model"),
+              results: Path = typer.Option(Path("docs/results"), help="where the Markdown table and plots go"),
+              family: str = typer.Option("tiny", help="preset family: <family>-dense/-moe/-wd"),
+              models: Optional[str] = typer.Option(None, help="comma-separated subset of dense-fa,moe,moe-bles,"
+                                                              "wd-moe,dense-pa"),
+              batch_size: int = typer.Option(16), seq_len: int = typer.Option(128), lr: float = typer.Option(3e-3),
+              warmup_steps: Optional[int] = typer.Option(None, help="default: 5% of steps"),
+              lb_coef: float = typer.Option(0.01), bles_coef: Optional[float] = typer.Option(
+                  None, help="BlES weight of the + BlES model (default: the documented choice)"),
+              data: Optional[List[str]] = typer.Option(None, help="training text (default: the embedded corpus)"),
+              samples: int = typer.Option(100, help="held-out documents for the routing metrics"),
+              max_tokens: int = typer.Option(256, help="tokens per held-out document for the routing metrics"),
+              eval_blocks: Optional[int] = typer.Option(None, help="validation blocks per model (default: all)"),
+              seed: int = typer.Option(0)):
+    """Train FA dense, MoE, MoE+BlES, WD-MoE and PA dense alike; write their comparison to docs/results/."""
+    from cosmoes.reproduce import ALL_MODELS, DEFAULT_BLES_COEF, ReproduceConfig, results_table, run_reproduction
+
+    cfg = ReproduceConfig(out=str(out), results=str(results), family=family, steps=steps, batch_size=batch_size,
+                          seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, lb_coef=lb_coef, seed=seed,
+                          bles_coef=DEFAULT_BLES_COEF if bles_coef is None else bles_coef,
+                          models=tuple(m.strip() for m in models.split(",") if m.strip()) if models else ALL_MODELS,
+                          data=list(data or []), routing_samples=samples, routing_tokens=max_tokens,
+                          eval_blocks=eval_blocks)
+    typer.echo(results_table(run_reproduction(cfg)))
+
+
 @app.command("eval")
 def eval_(checkpoint: Path = typer.Argument(..., help="checkpoint directory (with its tokenizer)"),
           tasks: Optional[List[str]] = typer.Option(

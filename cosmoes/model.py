@@ -124,11 +124,14 @@ class MoEFeedForward(nn.Module):
         scores_TE = self.router(x_TD)
         weights_TK, experts_TK = route(scores_TE, self.top_k, self.temperature, self.renormalize)
         out_TD = torch.zeros_like(x_TD)
-        # One batched call per expert over the tokens routed to it (never a loop over tokens). An expert with no
-        # tokens still runs on zero rows, so its weights get a (zero) gradient on every data-parallel rank and
-        # FSDP's collectives stay in step.
+        # One batched call per expert over the tokens routed to it (never a loop over tokens). When training, an
+        # expert with no tokens still runs on zero rows so that its weights get a (zero) gradient on every
+        # data-parallel rank and FSDP's collectives stay in step; at inference it is skipped (quantised kernels
+        # reject empty inputs).
         for e, expert in enumerate(self.experts):
             token_idx, slot = torch.where(experts_TK == e)
+            if token_idx.numel() == 0 and not torch.is_grad_enabled():
+                continue
             w_N1 = weights_TK[token_idx, slot, None].to(x_TD.dtype)
             out_TD.index_add_(0, token_idx, expert(x_TD[token_idx]) * w_N1)
         return out_TD.view(B, T, D), scores_TE.view(B, T, -1)

@@ -2,7 +2,6 @@
 the error path, and one-line errors from `cosmoes.checkpoint.load_model` for missing or truncated checkpoints."""
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -61,9 +60,8 @@ def test_info_unknown_preset_raises_cosmoes_error_in_process():
 
 
 def test_unknown_preset_is_one_error_line_and_exit_2_from_a_real_process():
-    env = dict(os.environ, PYTHONWARNINGS="ignore")
     proc = subprocess.run([sys.executable, "-m", "cosmoes.cli", "info", "no-such-model", "--json"],
-                          capture_output=True, text=True, timeout=120, env=env)
+                          capture_output=True, text=True, timeout=120)
     assert proc.returncode == 2
     assert "Traceback" not in proc.stderr + proc.stdout
     lines = [line for line in proc.stderr.splitlines() if line.strip()]

@@ -1,0 +1,48 @@
+"""Shared fixtures for the export tests: one micro MoE checkpoint and its bundles, built once per session.
+
+Exporting costs ~4 s per method on a 2-core machine, so every export test shares these. The micro model keeps
+the shipped tokenizer's 8192-token vocabulary so bundles can be driven with text prompts too.
+"""
+
+import pytest
+
+from cosmoes.config import ModelConfig
+
+MICRO = ModelConfig(vocab_size=8192, dim=64, n_layers=2, n_heads=2, ffn_dim=128, num_experts=4, top_k=2,
+                    max_seq_len=64, name="micro-moe")
+MICRO_CHUNK = 16  # tokens per call: small so prompts longer than a chunk exercise chunked prefill
+
+
+@pytest.fixture(scope="session")
+def micro_config() -> ModelConfig:
+    return MICRO.replace()
+
+
+@pytest.fixture(scope="session")
+def micro_checkpoint(tmp_path_factory):
+    """A randomly initialised micro MoE checkpoint (seed 0) with the shipped tokenizer."""
+    from cosmoes.checkpoint import save_checkpoint
+    from cosmoes.model import Transformer, init_weights
+    from cosmoes.tokenizer import default_tokenizer
+
+    model = init_weights(Transformer(MICRO.replace()), seed=0)
+    return save_checkpoint(model, tmp_path_factory.mktemp("micro") / "ckpt", tokenizer=default_tokenizer())
+
+
+def _export(checkpoint, out, quant: str):
+    from cosmoes.export.bundle import ExportConfig, export_bundle
+
+    export_bundle(checkpoint, out, ExportConfig(target="host", quant=quant, max_chunk=MICRO_CHUNK))
+    return out
+
+
+@pytest.fixture(scope="session")
+def micro_bundle_fp32(micro_checkpoint, tmp_path_factory):
+    """The micro checkpoint exported without quantisation (matches eager to ~1e-6)."""
+    return _export(micro_checkpoint, tmp_path_factory.mktemp("bundles") / "micro-fp32", "none")
+
+
+@pytest.fixture(scope="session")
+def micro_bundle_8da4w(micro_checkpoint, tmp_path_factory):
+    """The micro checkpoint exported with 8-bit dynamic activations and 4-bit group-wise weights."""
+    return _export(micro_checkpoint, tmp_path_factory.mktemp("bundles") / "micro-8da4w", "8da4w")
