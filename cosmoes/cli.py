@@ -57,6 +57,71 @@ def align(source: str = typer.Argument(..., help="MoE preset name, checkpoint di
 
 
 @app.command()
+def export(source: str = typer.Argument(..., help="checkpoint directory or preset name (random init)"),
+           target: str = typer.Option(..., "--target", help="android, ios or host (recipes in cosmoes/export/recipes)"),
+           out: Path = typer.Option(..., "--out", help="bundle directory to write (atomically)"),
+           quant: Optional[str] = typer.Option(None, "--quant", help="none, 8da4w or 8da8w (default: the recipe's)"),
+           group_size: Optional[int] = typer.Option(None, "--group-size", help="preferred 8da4w group (multiple of 32)"),
+           quant_embedding: Optional[str] = typer.Option(None, "--quant-embedding", help="none, int8 or int4"),
+           max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="KV-cache length (default: model's)"),
+           max_chunk: Optional[int] = typer.Option(None, "--max-chunk", help="most tokens per call (default: recipe's)"),
+           seed: int = typer.Option(0, "--seed", help="random init seed when SOURCE is a preset")):
+    """Export a model to an ExecuTorch bundle with one loadable, freeable method per expert (§3.4.2)."""
+    from cosmoes.export.bundle import ExportConfig, export_bundle
+
+    cfg = ExportConfig(target=target, quant=quant, group_size=group_size, quant_embedding=quant_embedding,
+                       max_seq_len=max_seq_len, max_chunk=max_chunk, seed=seed)
+    export_bundle(source, out, cfg)
+
+
+@app.command()
+def inspect(bundle: Path = typer.Argument(..., help="exported bundle directory"),
+            as_json: bool = typer.Option(False, "--json", help="print one JSON object"),
+            check: bool = typer.Option(False, "--verify", help="also check every file's sha256 and methods")):
+    """Show a bundle's sizes per segment kind and the weight bytes resident under each expert cache policy."""
+    from cosmoes.export.bundle import format_inspect, inspect_bundle
+
+    info = inspect_bundle(bundle, verify=check)
+    if as_json:
+        return _print_json(info)
+    typer.echo(format_inspect(info))
+
+
+@app.command()
+def generate(bundle: Path = typer.Argument(..., help="exported bundle directory"),
+             prompt: str = typer.Option(..., "--prompt", help="text to continue"),
+             max_new_tokens: int = typer.Option(64, "--max-new-tokens"),
+             policy: str = typer.Option("swap", "--policy", help="expert cache: all, swap (Eq. 8) or lru:N"),
+             temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
+             top_p: float = typer.Option(1.0, "--top-p"), seed: int = typer.Option(0, "--seed"),
+             stats: bool = typer.Option(False, "--stats", help="also print one JSON line of expert-cache stats")):
+    """Continue a prompt with an exported bundle (ExecuTorch), loading experts only when the router picks them."""
+    from cosmoes.export.runtime import BundleRuntime
+
+    runtime = BundleRuntime(bundle, policy=policy)
+    tokenizer = runtime.tokenizer()
+    ids = tokenizer(prompt)["input_ids"]
+    new = runtime.generate(ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                           eos_id=tokenizer.eos_token_id)
+    typer.echo(prompt + tokenizer.decode(new, skip_special_tokens=True))
+    if stats:
+        typer.echo(json.dumps({"policy": str(runtime.policy), "new_tokens": len(new)} | runtime.stats.to_dict()))
+
+
+@app.command()
+def verify(bundle: Path = typer.Argument(..., help="exported bundle directory"),
+           against: Path = typer.Option(..., "--against", help="the checkpoint the bundle was exported from"),
+           as_json: bool = typer.Option(False, "--json", help="print the full report as JSON")):
+    """Compare a bundle with its checkpoint's eager fp32 model on held-out text: logit gap, top-1, greedy agreement."""
+    from cosmoes.export.verify import format_report, verify as verify_bundle
+
+    report = verify_bundle(bundle, against)
+    if as_json:
+        return _print_json(report)
+    typer.echo(format_report(report))
+
+
+@app.command()
 def routing(checkpoints: List[Path] = typer.Argument(..., help="MoE checkpoint or run directories"),
             data: Optional[List[str]] = typer.Option(None, "--data", help="text sources whose held-out documents "
                                                      "are sampled (default: the embedded corpus)"),
@@ -84,17 +149,20 @@ def reproduce(steps: int = typer.Option(2000, help="training steps per model"),
               warmup_steps: Optional[int] = typer.Option(None, help="default: 5% of steps"),
               lb_coef: float = typer.Option(0.01), bles_coef: Optional[float] = typer.Option(
                   None, help="BlES weight of the + BlES model (default: the documented choice)"),
+              bles_temperature: Optional[float] = typer.Option(None, help="tau of the BlES softmax (Eq. 2)"),
               data: Optional[List[str]] = typer.Option(None, help="training text (default: the embedded corpus)"),
               samples: int = typer.Option(100, help="held-out documents for the routing metrics"),
               max_tokens: int = typer.Option(256, help="tokens per held-out document for the routing metrics"),
               eval_blocks: Optional[int] = typer.Option(None, help="validation blocks per model (default: all)"),
               seed: int = typer.Option(0)):
     """Train FA dense, MoE, MoE+BlES, WD-MoE and PA dense alike; write their comparison to docs/results/."""
-    from cosmoes.reproduce import ALL_MODELS, DEFAULT_BLES_COEF, ReproduceConfig, results_table, run_reproduction
+    from cosmoes.reproduce import (ALL_MODELS, DEFAULT_BLES_COEF, DEFAULT_BLES_TEMPERATURE, ReproduceConfig,
+                                   results_table, run_reproduction)
 
     cfg = ReproduceConfig(out=str(out), results=str(results), family=family, steps=steps, batch_size=batch_size,
                           seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, lb_coef=lb_coef, seed=seed,
                           bles_coef=DEFAULT_BLES_COEF if bles_coef is None else bles_coef,
+                          bles_temperature=DEFAULT_BLES_TEMPERATURE if bles_temperature is None else bles_temperature,
                           models=tuple(m.strip() for m in models.split(",") if m.strip()) if models else ALL_MODELS,
                           data=list(data or []), routing_samples=samples, routing_tokens=max_tokens,
                           eval_blocks=eval_blocks)

@@ -30,8 +30,10 @@ from cosmoes.errors import CosmoesError
 from cosmoes.train import TrainConfig, train
 
 REPO = Path(__file__).resolve().parents[1]
-# BlES weight of the "+ BlES" model; chosen by a sweep on tiny-moe (docs/results/README.md, "BlES coefficient")
-DEFAULT_BLES_COEF = 1.0
+# BlES weight and softmax temperature of the "+ BlES" model, chosen by a sweep on tiny-moe
+# (docs/results/bles-coefficient.md): the best ExRep cut that lasts, at the smallest loss and balance cost
+DEFAULT_BLES_COEF = 5.0
+DEFAULT_BLES_TEMPERATURE = 10.0
 ALL_MODELS = ("dense-fa", "moe", "moe-bles", "wd-moe", "dense-pa")
 LABELS = {"dense-fa": "Dense (FA)", "moe": "MoE", "moe-bles": "+ BlES", "wd-moe": "+ WD", "dense-pa": "Dense (PA)"}
 
@@ -51,6 +53,7 @@ class ReproduceConfig:
     warmup_steps: int | None = None  # None = 5% of steps
     lb_coef: float = 0.01
     bles_coef: float = DEFAULT_BLES_COEF
+    bles_temperature: float = DEFAULT_BLES_TEMPERATURE
     seed: int = 0
     data: list[str] = field(default_factory=list)  # empty = the embedded corpus
     eval_batch_size: int = 32
@@ -72,7 +75,8 @@ class ReproduceConfig:
             args += ["--samples", str(self.routing_samples)]
         defaults = ReproduceConfig()
         extras = {"lr": "--lr", "seed": "--seed", "lb_coef": "--lb-coef", "warmup_steps": "--warmup-steps",
-                  "eval_blocks": "--eval-blocks", "routing_tokens": "--max-tokens"}
+                  "eval_blocks": "--eval-blocks", "routing_tokens": "--max-tokens",
+                  "bles_temperature": "--bles-temperature"}
         for name, flag in extras.items():
             if getattr(self, name) != getattr(defaults, name):
                 args += [flag, str(getattr(self, name))]
@@ -99,10 +103,12 @@ def model_specs(cfg: ReproduceConfig) -> dict[str, tuple[str, float]]:
 
 
 def train_config(cfg: ReproduceConfig, key: str, preset: str, bles_coef: float) -> TrainConfig:
+    """The training run of one model; only the preset and the BlES settings differ between models."""
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else max(1, cfg.steps // 20)
     return TrainConfig(preset=preset, out=str(Path(cfg.out) / key), steps=cfg.steps, batch_size=cfg.batch_size,
                        seq_len=cfg.seq_len, lr=cfg.lr, warmup_steps=warmup, lb_coef=cfg.lb_coef, bles_coef=bles_coef,
-                       log_every=max(1, min(10, cfg.steps // 50)), eval_every=max(1, cfg.steps // 10),
+                       bles_temperature=cfg.bles_temperature if bles_coef else 1.0,
+                       log_every=max(1, min(10, cfg.steps // 50)), eval_every=max(10, cfg.steps // 10),
                        save_every=max(1, cfg.steps // 5), seed=cfg.seed, data=DataConfig(sources=list(cfg.data)),
                        progress=cfg.progress)
 
@@ -291,7 +297,7 @@ def format_report(cfg: ReproduceConfig, results: dict) -> str:
         f"Each model: {cfg.steps} steps × {cfg.batch_size} sequences × {cfg.seq_len} tokens = {tokens:,} training "
         f"tokens of {', '.join(cfg.data) or 'the embedded corpus'} (same batches, same order), AdamW lr {cfg.lr} "
         f"with warm-up and cosine decay, load-balancing weight {cfg.lb_coef}; the + BlES model adds the BlES loss "
-        f"with weight {cfg.bles_coef}. The PA dense model is `align({cfg.family}-moe).param_aligned`.", "",
+        f"with weight {cfg.bles_coef} (softmax temperature τ = {cfg.bles_temperature}). The PA dense model is `align({cfg.family}-moe).param_aligned`.", "",
         f"Validation: the same {results['val_blocks']} held-out blocks ({results['val_tokens']:,} predicted tokens, "
         f"documents never trained on) for every model. Routing (`cosmoes routing`): ExRep and ΔUni in percent, "
         f"averaged over MoE layers, on {cfg.routing_samples} held-out documents (first {cfg.routing_tokens} tokens "
@@ -300,7 +306,8 @@ def format_report(cfg: ReproduceConfig, results: dict) -> str:
     ]
     lines += ["", "Paper, Table 3 (phone-sized MoE, 100 C4 samples): MoE ExRep 43.82 %, ΔUni 9.60 %; "
               "+ BlES ExRep 6.55 %, ΔUni 9.67 %.", "",
-              "s/step is the wall time of one training step on the machine above (shared machines vary)."]
+              "s/step: wall time per training step on the machine above, periodic validation and checkpoints "
+              "included (a shared machine's load varies)."]
     if routing:
         lines += ["", "Per-layer routing (ExRep / ΔUni %):", ""]
         for key, r in routing.items():

@@ -39,7 +39,8 @@ class Manifest:
     experts: dict[int, dict[int, dict]] = field(default_factory=dict)
     # stored weight bytes outside the experts, per kind: embedding, attention (+ norms, router), head, dense_ffn
     non_expert_bytes: dict[str, int] = field(default_factory=dict)
-    fp32_linears: list[str] = field(default_factory=list)
+    fp32_linears: list[str] = field(default_factory=list)  # linears kept in fp32 (the routers)
+    padded_linears: dict[str, list[int]] = field(default_factory=dict)  # fqn -> [in_features, padded to group]
     threads: int = 1
     tokenizer: str | None = "tokenizer"  # directory inside the bundle, None if the bundle has none
     backend: str = "xnnpack"
@@ -145,7 +146,18 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
     _check_quant(manifest)
     for name, prog in manifest.programs.items():
         _check_program(bundle_dir, name, prog, verify)
+    ensure_runtime_kernels(manifest)
     return manifest
+
+
+def ensure_runtime_kernels(manifest: Manifest) -> None:
+    """Register the ExecuTorch kernels a bundle needs beyond the default set, before any method is loaded.
+
+    Quantised embeddings run ExecuTorch's quantized_decomposed::embedding_byte/_4bit kernels, which the Python
+    runtime only knows once executorch.kernels.quantized is imported (otherwise: "Missing operator").
+    """
+    if manifest.quant_embedding != "none":
+        import executorch.kernels.quantized  # noqa: F401  (registers the kernels as a side effect)
 
 
 def _check_quant(manifest: Manifest) -> None:
@@ -203,8 +215,8 @@ def pte_method_names(path: str | Path) -> list[str]:
     try:
         return _flatbuffer_method_names(buf)
     except Exception as exc:  # flatbuffers raises IndexError/struct.error/UnicodeDecodeError on garbage
-        raise CosmoesError(f"{path} is a corrupt ExecuTorch program ({type(exc).__name__}); "
-                           "re-export the bundle") from None
+        raise CosmoesError(f"{path} is a corrupt ExecuTorch program (unreadable method table: "
+                           f"{type(exc).__name__}); re-export the bundle") from None
 
 
 def _flatbuffer_method_names(buf: bytes) -> list[str]:
@@ -238,4 +250,4 @@ def _check_runtime_opens(path: Path) -> None:
 
 
 __all__ = ["FORMAT_VERSION", "MANIFEST_NAME", "Manifest", "write_manifest", "load_manifest", "sha256_file",
-           "pte_method_names"]
+           "pte_method_names", "ensure_runtime_kernels"]

@@ -46,3 +46,23 @@ def micro_bundle_fp32(micro_checkpoint, tmp_path_factory):
 def micro_bundle_8da4w(micro_checkpoint, tmp_path_factory):
     """The micro checkpoint exported with 8-bit dynamic activations and 4-bit group-wise weights."""
     return _export(micro_checkpoint, tmp_path_factory.mktemp("bundles") / "micro-8da4w", "8da4w")
+
+
+MICRO_WD = MICRO.replace(n_layers=1, wd_rank=16, name="micro-wd")  # one layer: the export cost is per method
+
+
+@pytest.fixture(scope="session")
+def micro_wd_checkpoint(tmp_path_factory):
+    """A randomly initialised micro weight-decomposed MoE checkpoint (seed 0) with the shipped tokenizer."""
+    from cosmoes.checkpoint import save_checkpoint
+    from cosmoes.model import Transformer, init_weights
+    from cosmoes.tokenizer import default_tokenizer
+
+    model = init_weights(Transformer(MICRO_WD.replace()), seed=0)
+    return save_checkpoint(model, tmp_path_factory.mktemp("micro-wd") / "ckpt", tokenizer=default_tokenizer())
+
+
+@pytest.fixture(scope="session")
+def micro_bundle_wd_fp32(micro_wd_checkpoint, tmp_path_factory):
+    """The micro WD checkpoint exported without quantisation (low-rank expert linears, one method per expert)."""
+    return _export(micro_wd_checkpoint, tmp_path_factory.mktemp("bundles") / "micro-wd-fp32", "none")

@@ -1,0 +1,230 @@
+"""Write and describe on-device bundles: backbone.pte + experts.pte (one method per expert) + tokenizer + manifest.
+
+§3.4.2 (expert offloading): every expert is its own ExecuTorch method with its own weight segments, so a
+runtime can keep only the experts a step needs resident (Eq. 8) and load the others on demand.
+"""
+
+from __future__ import annotations
+
+import copy
+import dataclasses
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from cosmoes.errors import CosmoesError
+from cosmoes.export.manifest import MANIFEST_NAME, Manifest, load_manifest, write_manifest
+from cosmoes.export.recipes import MIN_GROUP, Recipe, check_quant
+
+TOKENIZER_DIR = "tokenizer"
+PROGRAMS = ("backbone", "experts")
+
+
+@dataclass
+class ExportConfig:
+    """How to export: target recipe plus overrides (None = the recipe's or the model's default)."""
+
+    target: str = "host"
+    quant: str | None = None  # none | 8da4w | 8da8w (4w is refused: wrong results under XNNPACK)
+    group_size: int | None = None  # preferred 8da4w group; the rule in transforms.choose_group_size applies
+    quant_embedding: str | None = None  # none | int8 | int4
+    max_seq_len: int | None = None  # KV-cache length; None = the model's max_seq_len
+    max_chunk: int | None = None  # most tokens per call (prefill is fed in chunks of this size)
+    seed: int = 0  # random init of a preset source
+
+    def resolve(self) -> tuple["ExportConfig", Recipe]:
+        """The config with every default filled in from the target's recipe, validated."""
+        from cosmoes.export.recipes import load_recipe
+
+        recipe = load_recipe(self.target)
+        cfg = dataclasses.replace(self)
+        cfg.quant = recipe.quant if self.quant is None else self.quant
+        cfg.quant_embedding = recipe.quant_embedding if self.quant_embedding is None else self.quant_embedding
+        cfg.group_size = recipe.group_size if self.group_size is None else self.group_size
+        cfg.max_chunk = recipe.max_chunk if self.max_chunk is None else self.max_chunk
+        check_quant(cfg.target, cfg.quant, cfg.quant_embedding)
+        for name in ("max_chunk", "max_seq_len", "group_size"):
+            value = getattr(cfg, name)
+            if value is not None and value < 1:
+                raise CosmoesError(f"{name.replace('_', '-')} must be positive, got {value}")
+        if cfg.quant == "8da4w" and cfg.group_size % MIN_GROUP:
+            raise CosmoesError(f"group size {cfg.group_size} is not supported by XNNPACK's 4-bit kernels: "
+                               f"use a multiple of {MIN_GROUP}")
+        return cfg, recipe
+
+
+def _default_progress(line: str) -> None:
+    print(line, file=sys.stderr, flush=True)
+
+
+def export_bundle(source: str | Path, out: str | Path, cfg: ExportConfig | None = None,
+                  progress: Callable[[str], None] | None = _default_progress) -> Manifest:
+    """Export a checkpoint directory or a preset (random init) to a bundle directory, atomically.
+
+    The bundle appears at ``out`` only when complete; a failure leaves ``out`` as it was and no temp dir.
+    """
+    from cosmoes.checkpoint import atomic_dir
+
+    cfg, recipe = (cfg or ExportConfig()).resolve()
+    out = Path(out)
+    _check_out_dir(out)
+    model, tokenizer = _load_source(source, cfg.seed)
+    model = copy.deepcopy(model).eval()  # quantisation and max_seq_len edit the model
+    if cfg.max_seq_len is not None:
+        model.config.max_seq_len = cfg.max_seq_len
+    tokenizer = _fitting_tokenizer(tokenizer, model.config.vocab_size, progress)
+    t0 = time.time()
+    with atomic_dir(out) as tmp:
+        tmp.chmod(0o755)  # mkdtemp is owner-only; a bundle gets pushed to devices and shared
+        manifest = _write_programs(model, tmp, cfg, recipe, progress)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
+        manifest.tokenizer = TOKENIZER_DIR if tokenizer is not None else None
+        manifest.export_seconds = round(time.time() - t0, 1)
+        write_manifest(tmp, manifest)
+    if progress:
+        progress(f"wrote {out} ({sum(p['bytes'] for p in manifest.programs.values()) / 1e6:.1f} MB programs, "
+                 f"{manifest.export_seconds:.0f} s)")
+    return manifest
+
+
+def _check_out_dir(out: Path) -> None:
+    # Replacing an old bundle is fine; silently replacing some other directory is not.
+    if out.exists() and (not out.is_dir() or (any(out.iterdir()) and not (out / MANIFEST_NAME).exists())):
+        raise CosmoesError(f"refusing to overwrite {out}: it exists and is not a cosmoes bundle")
+
+
+def _load_source(source: str | Path, seed: int):
+    """(model, tokenizer or None): a checkpoint with its tokenizer, or a random-init preset."""
+    from cosmoes.checkpoint import check_checkpoint_dir, load_model, load_tokenizer_of, model_from_source
+
+    path = Path(source)
+    if path.exists():
+        path = check_checkpoint_dir(path)
+        return load_model(path), load_tokenizer_of(path, required=False)
+    return model_from_source(str(source), seed=seed), None
+
+
+def _fitting_tokenizer(tokenizer, vocab_size: int, progress):
+    """The checkpoint's tokenizer, else the shipped default if every id it produces fits the model."""
+    if tokenizer is not None:
+        return tokenizer
+    from cosmoes.tokenizer import default_tokenizer
+
+    default = default_tokenizer()
+    if len(default) <= vocab_size:
+        return default
+    if progress:
+        progress(f"note: no tokenizer in the bundle (the default one has {len(default)} tokens, the model "
+                 f"{vocab_size})")
+    return None
+
+
+def _write_programs(model, tmp: Path, cfg: ExportConfig, recipe: Recipe, progress) -> Manifest:
+    from cosmoes.export.lower import lower_program
+    from cosmoes.export.transforms import quantize_model, split_model
+
+    report = quantize_model(model, cfg.quant, cfg.group_size, cfg.quant_embedding)
+    stages = split_model(model, cfg.max_chunk)
+    mc = model.config
+    manifest = Manifest(target=cfg.target, quant=cfg.quant, group_size=report.group_size,
+                        quant_embedding=cfg.quant_embedding, max_seq_len=mc.max_seq_len,
+                        max_chunk=min(cfg.max_chunk, mc.max_seq_len), config=mc.to_dict(),
+                        fp32_linears=report.fp32_linears, padded_linears=report.padded_linears,
+                        threads=recipe.threads, backend=recipe.delegate.get("name", "xnnpack"))
+    done, total = 0, len(stages)
+    for name in PROGRAMS:
+        members = [s for s in stages if s.program == name]
+        if not members:
+            continue
+        tick = (lambda line, _name=name: progress(f"[{_name}] {line}")) if progress else None
+        lowered = lower_program(members, share_state=(name == "backbone"), delegate=recipe.delegate, progress=tick)
+        (tmp / f"{name}.pte").write_bytes(lowered.buffer)
+        manifest.programs[name] = {"file": f"{name}.pte", "methods": lowered.methods,
+                                   "export_seconds": round(lowered.seconds, 1)}
+        for s in members:
+            nbytes = lowered.method_bytes[s.name]
+            if s.kind == "expert":
+                manifest.experts.setdefault(s.layer, {})[s.expert] = {"program": name, "method": s.name,
+                                                                     "bytes": nbytes}
+            else:
+                manifest.non_expert_bytes[s.kind] = manifest.non_expert_bytes.get(s.kind, 0) + nbytes
+        done += len(members)
+        if progress:
+            progress(f"[{name}] {len(members)} methods in {lowered.seconds:.0f} s ({done}/{total} done)")
+    return manifest
+
+
+# -- inspection --------------------------------------------------------------------------------------------------
+
+def resident_bytes(manifest: Manifest, policy: str) -> int:
+    """Weight bytes resident under an expert cache policy once every layer's cache is full (worst case).
+
+    all: every expert; swap: the top_k experts of the current step per layer (Eq. 8); lru:N: N per layer.
+    """
+    cfg = manifest.config
+    if policy == "all":
+        per_layer = cfg["num_experts"]
+    elif policy == "swap":
+        per_layer = cfg["top_k"]
+    elif policy.startswith("lru:") and policy[4:].isdigit() and int(policy[4:]) > 0:
+        per_layer = min(int(policy[4:]), cfg["num_experts"])
+    else:
+        raise CosmoesError(f"unknown expert cache policy {policy!r}: use all, swap or lru:N")
+    experts = sum(sum(sorted((e["bytes"] for e in lay.values()), reverse=True)[:per_layer])
+                  for lay in manifest.experts.values())
+    return manifest.non_expert_total() + experts
+
+
+def inspect_bundle(bundle_dir: str | Path, verify: bool = False) -> dict:
+    """Sizes of a bundle by segment kind and the weight bytes resident under each expert cache policy."""
+    bundle_dir = Path(bundle_dir)
+    m = load_manifest(bundle_dir, verify=verify)
+    files = {p.relative_to(bundle_dir).as_posix(): p.stat().st_size for p in sorted(bundle_dir.rglob("*"))
+             if p.is_file()}
+    expert_sizes = [e["bytes"] for lay in m.experts.values() for e in lay.values()]
+    segments = dict(m.non_expert_bytes)
+    segments["backbone"] = m.non_expert_total()
+    segments["experts"] = sum(expert_sizes)
+    policies = ["all"] + (["swap"] + [f"lru:{n}" for n in range(1, m.config["num_experts"] + 1)]
+                          if m.experts else [])
+    return {
+        "bundle": str(bundle_dir), "model": m.config.get("name"), "format_version": m.format_version,
+        "cosmoes_version": m.cosmoes_version, "created": m.created, "target": m.target, "quant": m.quant,
+        "group_size": m.group_size, "quant_embedding": m.quant_embedding, "max_seq_len": m.max_seq_len,
+        "max_chunk": m.max_chunk, "threads": m.threads, "tokenizer": m.tokenizer,
+        "programs": {name: {"file": p["file"], "bytes": p["bytes"], "methods": len(p["methods"])}
+                     for name, p in m.programs.items()},
+        "files": files, "total_bytes": sum(files.values()),
+        "segments": segments,
+        "experts": {"count": len(expert_sizes), "bytes_min": min(expert_sizes, default=0),
+                    "bytes_max": max(expert_sizes, default=0)},
+        "resident": {p: resident_bytes(m, p) for p in policies},
+        "fp32_linears": m.fp32_linears, "padded_linears": m.padded_linears,
+    }
+
+
+def format_inspect(info: dict) -> str:
+    """The human-readable form `cosmoes inspect` prints."""
+    mb = lambda n: f"{n / 1e6:8.2f} MB"  # noqa: E731
+    lines = [f"{info['bundle']}: {info['model']} for {info['target']}, quant {info['quant']}"
+             f" (group {info['group_size']}), embedding {info['quant_embedding']}, "
+             f"max_seq_len {info['max_seq_len']}, chunk {info['max_chunk']}",
+             f"  files on disk {mb(info['total_bytes'])}"]
+    for name, p in info["programs"].items():
+        lines.append(f"    {p['file']:<14} {mb(p['bytes'])}  {p['methods']} methods")
+    lines.append("  stored weights by segment kind")
+    for kind, n in info["segments"].items():
+        lines.append(f"    {kind:<14} {mb(n)}")
+    if info["experts"]["count"]:
+        e = info["experts"]
+        lines.append(f"    per expert     {mb(e['bytes_max'])}  ({e['count']} experts)")
+    lines.append("  resident weights by expert cache policy")
+    for policy, n in info["resident"].items():
+        lines.append(f"    {policy:<14} {mb(n)}")
+    return "\n".join(lines)
+
+
+__all__ = ["ExportConfig", "export_bundle", "inspect_bundle", "format_inspect", "resident_bytes"]

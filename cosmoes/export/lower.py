@@ -1,0 +1,121 @@
+"""torch.export + XNNPACK lowering of the stages from transforms.py into multi-method ExecuTorch programs (§3.4.2).
+
+One program per role: backbone.pte (embed, layer_i, head) and experts.pte (layer_i_expert_e). XNNPACK puts
+every weight tensor into the program's named data store, one segment per tensor, so loading one expert's
+method touches only that expert's segments, and freeing the method frees its packed weights.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+import warnings
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+
+from cosmoes.export.transforms import Stage
+
+
+@dataclass
+class LoweredProgram:
+    """One serialised .pte with the stored weight bytes each of its methods references."""
+
+    buffer: bytes
+    methods: list[str]
+    method_bytes: dict[str, int] = field(default_factory=dict)
+    seconds: float = 0.0
+
+
+def export_stage(stage: Stage) -> torch.export.ExportedProgram:
+    with torch.no_grad():
+        return torch.export.export(stage.module, stage.example_inputs, dynamic_shapes=stage.dynamic_shapes,
+                                   strict=False)
+
+
+@contextlib.contextmanager
+def _quiet():
+    # Expected during export and not actionable by a user: the per-call KV-cache positions are a plain
+    # attribute (StaticKVCache.positions_T), the caches are mutated buffers with no initial data, and
+    # torch/torchao emit deprecation notices from their own internals.
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=".*was assigned during export.*")
+        warnings.filterwarnings("ignore", message="Mutation on a buffer in the model is detected.*")
+        warnings.filterwarnings("ignore", category=FutureWarning)
+        yield
+
+
+def _partitioner(delegate: dict):
+    from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
+
+    kind = delegate.get("name", "xnnpack")
+    if kind != "xnnpack":
+        from cosmoes.errors import CosmoesError
+
+        raise CosmoesError(f"unknown delegate {kind!r} in the recipe (this version supports xnnpack)")
+    return XnnpackPartitioner(per_op_mode=bool(delegate.get("per_op_mode", False)))
+
+
+def lower_program(stages: list[Stage], share_state: bool, delegate: dict | None = None,
+                  progress: Callable[[str], None] | None = None) -> LoweredProgram:
+    """One multi-method .pte: every stage a method, each method's XNNPACK weights their own segments.
+
+    Methods are lowered one at a time (so progress can be reported per method) and then merged into one
+    program. share_state places all mutable buffers (the KV caches) in one arena that no method's activations
+    overlap. This matters because the Python runtime gives all methods of a program one shared
+    activation arena: without it, an expert call would overwrite the KV cache of a layer.
+    """
+    with _quiet():
+        return _lower(stages, share_state, delegate or {}, progress)
+
+
+def _lower(stages: list[Stage], share_state: bool, delegate: dict, progress) -> LoweredProgram:
+    from executorch.exir import EdgeCompileConfig, EdgeProgramManager, ExecutorchBackendConfig
+    from executorch.exir import to_edge_transform_and_lower
+    from executorch.exir.passes import MemoryPlanningPass
+
+    t0 = time.time()
+    compile_config = EdgeCompileConfig(_check_ir_validity=False)
+    lowered = {}
+    for i, stage in enumerate(stages, 1):
+        edge = to_edge_transform_and_lower({stage.name: export_stage(stage)}, partitioner=[_partitioner(delegate)],
+                                           compile_config=compile_config)
+        lowered[stage.name] = edge.exported_program(stage.name)
+        if progress:
+            progress(f"lowered {stage.name} ({i}/{len(stages)}, {time.time() - t0:.0f} s)")
+    merged = EdgeProgramManager(lowered, compile_config=compile_config)
+    planning = MemoryPlanningPass(alloc_graph_input=True, alloc_graph_output=True, share_mutable_buffers=share_state)
+    # Quant fusion turns torchao's dequantize + embedding into ExecuTorch's quantized embedding kernels.
+    prog = merged.to_executorch(ExecutorchBackendConfig(memory_planning_pass=planning,
+                                                        emit_mutable_buffer_names=share_state,
+                                                        do_quant_fusion_and_const_prop=True))
+    names = [s.name for s in stages]
+    return LoweredProgram(buffer=prog.buffer, methods=names, method_bytes=method_weight_bytes(prog, names),
+                          seconds=time.time() - t0)
+
+
+def method_weight_bytes(prog, names: list[str]) -> dict[str, int]:
+    """Stored weight bytes per method: its delegates' named-data segments plus its own (non-delegated) constants.
+
+    Counted from the lowered program itself, so the numbers are what the .pte holds (int4 packed, the scale
+    dtype XNNPACK chose), not an estimate from the eager tensors. KV caches are planned memory, not stored.
+    """
+    out = {}
+    for name in names:
+        ep = prog.exported_program(name)
+        total = 0
+        for node in ep.graph_module.graph.nodes:
+            if node.op == "get_attr":
+                sub = getattr(ep.graph_module, node.target)
+                store = getattr(sub, "named_data_store_output", None)
+                if store is not None:
+                    total += sum(len(store.buffers[entry.buffer_index]) for entry in store.pte_data.values())
+        mutable = set(ep.graph_signature.buffers_to_mutate.values())
+        consts = list(ep.constants.items()) + [(k, v) for k, v in ep.state_dict.items() if k not in mutable]
+        total += sum(t.numel() * t.element_size() for _, t in consts if isinstance(t, torch.Tensor))
+        out[name] = total
+    return out
+
+
+__all__ = ["LoweredProgram", "export_stage", "lower_program", "method_weight_bytes"]

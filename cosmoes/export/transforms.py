@@ -1,0 +1,274 @@
+"""Split a CoSMoEs Transformer into exportable stages and quantise it for ExecuTorch (§3.4.2 expert offloading).
+
+Every stage is an nn.Module that *shares* the model's submodules (no copies, no edits to cosmoes/model.py):
+- EmbedStage:   ids (1, T) -> h (1, T, D)
+- LayerStage:   attention with a static KV cache (mutable buffers) + ffn_norm + router
+                (h (1, T, D), start_pos (1,)) -> (h after attention, ffn input, router logits (1, T, E))
+- ExpertStage:  one SwiGLU expert (or a dense layer's FFN), x (N, D) -> y (N, D); N = tokens routed to it
+- HeadStage:    final norm + output projection, h (1, T, D) -> logits (1, T, V)
+Routing (softmax(tau R) + top-k, Eq. 2) runs between calls in the runtime, so the exported graphs have no
+data-dependent control flow and each expert is a method of its own that can be loaded and freed alone.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+from torch.export import Dim
+
+from cosmoes.errors import CosmoesError
+from cosmoes.export.recipes import MIN_GROUP
+from cosmoes.model import Transformer, causal_mask, rope_cos_sin
+
+
+class StaticKVCache(nn.Module):
+    """Duck-typed cache for cosmoes.model.Attention: fixed (1, n_kv, max_seq_len, head_dim) buffers.
+
+    Buffer names carry the layer index because ExecuTorch's share_mutable_buffers identifies state by
+    name across methods: two layers with a buffer called "k" would silently share one cache.
+    """
+
+    def __init__(self, layer_idx: int, kv_heads: int, max_seq_len: int, head_dim: int):
+        super().__init__()
+        self.k_name, self.v_name = f"k_cache_{layer_idx}", f"v_cache_{layer_idx}"
+        shape = (1, kv_heads, max_seq_len, head_dim)
+        self.register_buffer(self.k_name, torch.zeros(shape), persistent=False)
+        self.register_buffer(self.v_name, torch.zeros(shape), persistent=False)
+        self.positions_T: torch.Tensor | None = None  # set by LayerStage right before attention runs
+
+    def update(self, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor, layer_idx: int):
+        k_cache, v_cache = getattr(self, self.k_name), getattr(self, self.v_name)
+        k_cache.index_copy_(2, self.positions_T, k_BHTd)
+        v_cache.index_copy_(2, self.positions_T, v_BHTd)
+        return k_cache, v_cache
+
+
+class EmbedStage(nn.Module):
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.tok_embeddings = model.tok_embeddings
+
+    def forward(self, ids_BT: torch.Tensor) -> torch.Tensor:
+        return self.tok_embeddings(ids_BT)
+
+
+class LayerStage(nn.Module):
+    """Pre-norm attention (with its KV cache) and the router of one block; the FFN runs elsewhere."""
+
+    def __init__(self, model: Transformer, layer_idx: int):
+        super().__init__()
+        cfg = model.config
+        block = model.layers[layer_idx]
+        self.head_dim, self.theta, self.max_seq_len = cfg.head_dim, cfg.rope_theta, cfg.max_seq_len
+        self.attention_norm, self.attention, self.ffn_norm = block.attention_norm, block.attention, block.ffn_norm
+        self.router = block.feed_forward.router if cfg.is_moe else None
+        self.cache = StaticKVCache(layer_idx, cfg.kv_heads, cfg.max_seq_len, cfg.head_dim)
+
+    def forward(self, h_BTD: torch.Tensor, start_pos: torch.Tensor):
+        positions_T = start_pos + torch.arange(h_BTD.shape[1], dtype=torch.long)
+        positions_BT = positions_T[None]
+        self.cache.positions_T = positions_T
+        cos, sin = rope_cos_sin(positions_BT, self.head_dim, self.theta)
+        # Keys beyond the written prefix are zeros; the causal mask over the whole static cache hides them.
+        mask = causal_mask(positions_BT, self.max_seq_len, None)
+        h_BTD = h_BTD + self.attention(self.attention_norm(h_BTD), cos, sin, mask, self.cache)
+        x_BTD = self.ffn_norm(h_BTD)
+        if self.router is None:
+            return h_BTD, x_BTD
+        return h_BTD, x_BTD, self.router(x_BTD)
+
+
+class ExpertStage(nn.Module):
+    """One expert (or a dense FFN): the tokens the runtime gathered for it in, its output out."""
+
+    def __init__(self, ffn: nn.Module):
+        super().__init__()
+        self.ffn = ffn
+
+    def forward(self, x_ND: torch.Tensor) -> torch.Tensor:
+        return self.ffn(x_ND)
+
+
+class HeadStage(nn.Module):
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.norm, self.output = model.norm, model.output
+
+    def forward(self, h_BTD: torch.Tensor) -> torch.Tensor:
+        return self.output(self.norm(h_BTD))
+
+
+@dataclass
+class Stage:
+    """One method to export: its module, example inputs, torch.export dynamic shapes and where it goes."""
+
+    name: str
+    module: nn.Module
+    example_inputs: tuple
+    dynamic_shapes: tuple
+    program: str  # "backbone" or "experts"
+    kind: str  # embedding | attention | dense_ffn | head | expert (for the manifest's byte accounting)
+    layer: int | None = None
+    expert: int | None = None
+
+
+def expert_method(layer: int, expert: int) -> str:
+    return f"layer_{layer}_expert_{expert}"
+
+
+def split_model(model: Transformer, max_chunk: int = 128) -> list[Stage]:
+    """The model as a list of exportable stages; stages share (not copy) the model's weights.
+
+    max_chunk bounds the tokens per call: ExecuTorch plans activations for the upper bound of a dynamic
+    dim, so T = max_seq_len would reserve T x S attention scores and T x vocab logits (1 GB for a phone
+    model's head at 2048 tokens). The runtime feeds longer prompts in chunks.
+    """
+    cfg = model.config
+    chunk = min(max_chunk, cfg.max_seq_len)
+    # Prefill length is dynamic up to the chunk size; decode is the T=1 case of the same method.
+    T, N = Dim("T", min=1, max=chunk), Dim("N", min=1, max=chunk)
+    h, x = torch.zeros(1, 2, cfg.dim), torch.zeros(2, cfg.dim)
+    stages = [Stage("embed", EmbedStage(model), (torch.zeros(1, 2, dtype=torch.long),), ({1: T},), "backbone",
+                    "embedding")]
+    for i, block in enumerate(model.layers):
+        stages.append(Stage(f"layer_{i}", LayerStage(model, i), (h, torch.zeros(1, dtype=torch.long)),
+                            ({1: T}, None), "backbone", "attention", layer=i))
+        if not cfg.is_moe:
+            stages.append(Stage(f"layer_{i}_ffn", ExpertStage(block.feed_forward), (x,), ({0: N},), "backbone",
+                                "dense_ffn", layer=i))
+            continue
+        for e, expert in enumerate(block.feed_forward.experts):
+            stages.append(Stage(expert_method(i, e), ExpertStage(expert), (x,), ({0: N},), "experts", "expert",
+                                layer=i, expert=e))
+    stages.append(Stage("head", HeadStage(model), (h,), ({1: T},), "backbone", "head"))
+    return stages
+
+
+# -- quantisation (torchao; the configs ExecuTorch's own LLM export uses for XNNPACK) ---------------------------
+
+# XNNPACK's 4-bit kernels take groups that are multiples of 32 only (per-channel included: the partitioner
+# asserts it), so the candidates stop at 32; widths that no candidate divides are zero-padded (PaddedLinear).
+GROUP_CANDIDATES = (256, 128, 64, MIN_GROUP)
+
+
+@dataclass
+class QuantReport:
+    """What quantize_model did: the group size used, linears padded to it, and linears left in fp32 (routers)."""
+
+    group_size: int | None
+    padded_linears: dict[str, list[int]] = field(default_factory=dict)  # fqn -> [in_features, padded]
+    fp32_linears: list[str] = field(default_factory=list)
+
+
+class PaddedLinear(nn.Module):
+    """A linear whose input width is zero-padded to a multiple of the quantisation group.
+
+    Zero weight columns times zero input columns add nothing, so the output is unchanged in fp32; after
+    4-bit quantisation the last group simply holds fewer real weights. The pad runs inside the XNNPACK
+    delegate (static constant pad). Costs (padded - in) / in extra weight bytes, e.g. 432 -> 448: 3.7 %.
+    """
+
+    def __init__(self, linear: nn.Linear, padded_in: int):
+        super().__init__()
+        self.pad = padded_in - linear.in_features
+        self.linear = nn.Linear(padded_in, linear.out_features, bias=linear.bias is not None)
+        with torch.no_grad():
+            self.linear.weight.copy_(nn.functional.pad(linear.weight, (0, self.pad)))
+            if linear.bias is not None:
+                self.linear.bias.copy_(linear.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(nn.functional.pad(x, (0, self.pad)))
+
+
+def quantised_linears(model: nn.Module) -> dict[str, nn.Linear]:
+    """The linears that linear quantisation touches: all but the routers (kept fp32, see quantize_model)."""
+    return {fqn: m for fqn, m in model.named_modules() if isinstance(m, nn.Linear) and not fqn.endswith("router")}
+
+
+def choose_group_size(model: nn.Module, preferred: int) -> int:
+    """The largest of ``preferred`` and its smaller powers of two (down to 32) that divides every quantised width.
+
+    4-bit group-wise quantisation needs in_features % group_size == 0 for each linear; one group size for the
+    whole model keeps kernels and manifest simple. If none divides every width, 32 is used and the linears it
+    does not divide are zero-padded (see `PaddedLinear`).
+    """
+    if preferred < MIN_GROUP or preferred % MIN_GROUP:
+        raise CosmoesError(f"group size {preferred} is not supported by XNNPACK's 4-bit kernels: use a multiple of "
+                           f"{MIN_GROUP} ({', '.join(map(str, reversed(GROUP_CANDIDATES)))})")
+    widths = {m.in_features for m in quantised_linears(model).values()}
+    for g in (c for c in (preferred, *GROUP_CANDIDATES) if c <= preferred):
+        if all(w % g == 0 for w in widths):
+            return g
+    return MIN_GROUP
+
+
+def pad_linears(model: nn.Module, group_size: int) -> dict[str, list[int]]:
+    """Replace (in place) every quantised linear whose width ``group_size`` does not divide by a PaddedLinear."""
+    padded = {}
+    for fqn, linear in quantised_linears(model).items():
+        if linear.in_features % group_size:
+            width = -(-linear.in_features // group_size) * group_size
+            parent_name, _, child = fqn.rpartition(".")
+            setattr(model.get_submodule(parent_name), child, PaddedLinear(linear, width))
+            padded[fqn] = [linear.in_features, width]
+    return padded
+
+
+def _linear_config(mode: str, group_size: int | None):
+    from torchao.quantization import Int8DynamicActivationIntxWeightConfig
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    if mode == "8da4w":
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int4, weight_granularity=PerGroup(group_size))
+    if mode == "8da8w":
+        return Int8DynamicActivationIntxWeightConfig(weight_dtype=torch.int8, weight_granularity=PerAxis(0))
+    raise CosmoesError(f"unsupported linear quantisation {mode!r}")
+
+
+def _embedding_config(mode: str, dim: int, group_size: int | None):
+    from torchao.quantization import IntxWeightOnlyConfig
+    from torchao.quantization.granularity import PerAxis, PerGroup
+
+    # Lowered (by ExecuTorch's quant fusion) to quantized_decomposed::embedding_byte / embedding_4bit.
+    if mode == "int8":
+        return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
+    if mode == "int4":
+        grouped = group_size is not None and dim % group_size == 0
+        return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size) if grouped else PerAxis(0))
+    raise CosmoesError(f"unsupported embedding quantisation {mode!r}")
+
+
+def quantize_model(model: Transformer, mode: str, group_size: int | None = 32,
+                   quant_embedding: str = "none") -> QuantReport:
+    """Quantise the model in place for ExecuTorch/XNNPACK and report what was done.
+
+    Routers stay fp32 (D x E, negligible in size) so expert selection follows the trained router rather than
+    quantisation noise; embeddings stay fp32 unless ``quant_embedding`` is int8/int4. ``group_size`` is the
+    preferred 8da4w group; the group used follows `choose_group_size`, and linears it does not divide are padded.
+    """
+    from torchao.quantization import quantize_
+
+    report = QuantReport(group_size=None)
+    if mode == "8da4w":
+        report.group_size = choose_group_size(model, group_size or 32)
+        report.padded_linears = pad_linears(model, report.group_size)
+    if mode != "none":
+        quantize_(model, _linear_config(mode, report.group_size), filter_fn=_is_quantised_linear)
+        report.fp32_linears = [fqn for fqn, m in model.named_modules()
+                               if isinstance(m, nn.Linear) and not _is_quantised_linear(m, fqn)]
+    if quant_embedding != "none":
+        cfg = _embedding_config(quant_embedding, model.config.dim, report.group_size or group_size)
+        quantize_(model, cfg, filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
+    return report
+
+
+def _is_quantised_linear(module: nn.Module, fqn: str) -> bool:
+    return isinstance(module, nn.Linear) and not fqn.endswith("router")
+
+
+__all__ = ["StaticKVCache", "EmbedStage", "LayerStage", "ExpertStage", "HeadStage", "Stage", "expert_method",
+           "split_model", "QuantReport", "PaddedLinear", "quantised_linears", "choose_group_size", "pad_linears",
+           "quantize_model"]

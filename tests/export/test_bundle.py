@@ -1,0 +1,235 @@
+"""cosmoes.export.bundle/transforms/lower/recipes: per-expert methods that compute what the eager experts compute,
+8da4w sizes near the int4 ideal, the group-size rule and padding, quantised embeddings, `inspect` accounting,
+refused settings as one-line errors, and atomic export (a failure leaves no half-written bundle)."""
+
+import copy
+import json
+import shutil
+import sys
+
+import pytest
+import torch
+
+from cosmoes.checkpoint import load_model
+from cosmoes.cli import main
+from cosmoes.config import ModelConfig
+from cosmoes.errors import CosmoesError
+from cosmoes.export import lower as lower_mod
+from cosmoes.export.bundle import ExportConfig, export_bundle, inspect_bundle, resident_bytes
+from cosmoes.export.manifest import load_manifest
+from cosmoes.export.recipes import load_recipe, targets
+from cosmoes.export.transforms import (EmbedStage, ExpertStage, PaddedLinear, Stage, choose_group_size, pad_linears,
+                                       quantize_model)
+from cosmoes.model import Transformer, init_weights
+from cosmoes.tokenizer import load_tokenizer
+
+
+def run_method(pte_path, name, *inputs):
+    from executorch.runtime import Runtime
+
+    program = Runtime.get().load_program(pte_path)
+    return program.load_method(name).execute(list(inputs))[0]
+
+
+def test_recipes_are_data_with_defaults_for_each_target():
+    assert targets() == ["android", "host", "ios"]
+    for target in targets():
+        r = load_recipe(target)
+        assert r.quant in r.allowed_quant and "4w" not in r.allowed_quant
+        assert r.group_size % 32 == 0 and r.max_chunk > 0 and r.packaging
+    assert "/data/local/tmp/cosmoes/" in load_recipe("android").packaging
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(quant="4w"), "4w is not supported by the XNNPACK delegate in executorch 1.5.1 (wrong results); use 8da4w"),
+    (dict(quant="int2"), "unknown quantisation 'int2'"),
+    (dict(target="watch"), "unknown export target 'watch'"),
+    (dict(quant_embedding="int3"), "unknown embedding quantisation 'int3'"),
+    (dict(group_size=16), "group size 16 is not supported by XNNPACK"),
+    (dict(max_chunk=0), "max-chunk must be positive"),
+])
+def test_refused_settings_fail_before_any_work(tmp_path, kwargs, message):
+    with pytest.raises(CosmoesError) as exc:
+        export_bundle("no-such-preset-is-never-loaded", tmp_path / "out", ExportConfig(**kwargs))
+    assert message in str(exc.value) and "\n" not in str(exc.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_cli_export_4w_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["cosmoes", "export", "tiny-moe", "--target", "android", "--quant", "4w",
+                                      "--out", str(tmp_path / "b")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2
+    assert err == "error: 4w is not supported by the XNNPACK delegate in executorch 1.5.1 (wrong results); use 8da4w\n"
+
+
+def test_expert_methods_compute_the_eager_experts(micro_bundle_fp32, micro_checkpoint, micro_config):
+    model = load_model(micro_checkpoint)
+    x_ND = torch.randn(5, micro_config.dim, generator=torch.Generator().manual_seed(0))
+    for layer, expert in [(0, 0), (1, 3)]:
+        got = run_method(micro_bundle_fp32 / "experts.pte", f"layer_{layer}_expert_{expert}", x_ND)
+        with torch.no_grad():
+            want = model.layers[layer].feed_forward.experts[expert](x_ND)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_8da4w_expert_matches_eager_quantised_and_is_near_int4_size(micro_bundle_8da4w, micro_checkpoint,
+                                                                    micro_config):
+    m = load_manifest(micro_bundle_8da4w)
+    cfg = micro_config
+    assert (m.quant, m.group_size, m.padded_linears) == ("8da4w", 32, {})
+    assert m.fp32_linears == [f"layers.{i}.feed_forward.router" for i in range(cfg.n_layers)]
+    # ideal: 4-bit weights plus one 16-bit scale per group of 32
+    weights = 3 * cfg.dim * cfg.ffn_dim
+    ideal = weights // 2 + weights // m.group_size * 2
+    for layer in m.experts.values():
+        for entry in layer.values():
+            assert ideal <= entry["bytes"] <= 1.05 * ideal
+    quantised = copy.deepcopy(load_model(micro_checkpoint))
+    quantize_model(quantised, "8da4w", 32)
+    x_ND = torch.randn(7, cfg.dim, generator=torch.Generator().manual_seed(1))
+    got = run_method(micro_bundle_8da4w / "experts.pte", "layer_1_expert_2", x_ND)
+    with torch.no_grad():
+        want = quantised.layers[1].feed_forward.experts[2](x_ND)
+    # XNNPACK keeps the group scales in bf16; torchao's reference uses fp32 scales
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+def test_bundle_copies_the_checkpoints_tokenizer(micro_bundle_8da4w, micro_checkpoint):
+    ours, theirs = load_tokenizer(micro_bundle_8da4w / "tokenizer"), load_tokenizer(micro_checkpoint)
+    assert ours.get_vocab() == theirs.get_vocab()
+    assert ours("a bundle")["input_ids"] == theirs("a bundle")["input_ids"]
+
+
+def test_inspect_accounts_segments_and_resident_bytes(micro_bundle_fp32, micro_bundle_8da4w, micro_config):
+    cfg = micro_config
+    fp32, q = inspect_bundle(micro_bundle_fp32), inspect_bundle(micro_bundle_8da4w, verify=True)
+    for info in (fp32, q):
+        seg, res = info["segments"], info["resident"]
+        per_expert = info["experts"]["bytes_max"]
+        assert info["experts"]["count"] == cfg.n_layers * cfg.num_experts
+        assert seg["backbone"] == seg["embedding"] + seg["attention"] + seg["head"]
+        assert res["all"] == seg["backbone"] + seg["experts"]
+        assert res["swap"] == seg["backbone"] + cfg.n_layers * cfg.top_k * per_expert
+        assert res["lru:1"] < res["lru:2"] == res["swap"] < res["lru:3"] < res["lru:4"] == res["all"]
+        assert info["total_bytes"] >= sum(p["bytes"] for p in info["programs"].values())
+    assert q["programs"]["experts"]["bytes"] < fp32["programs"]["experts"]["bytes"] / 5
+    # linears shrink ~7x; the embedding stays fp32 unless --quant-embedding asks otherwise
+    assert q["segments"]["head"] < fp32["segments"]["head"] / 5
+    assert q["segments"]["embedding"] == fp32["segments"]["embedding"]
+    with pytest.raises(CosmoesError, match="unknown expert cache policy"):
+        resident_bytes(load_manifest(micro_bundle_fp32), "lru:0")
+
+
+def test_cli_inspect_json(micro_bundle_8da4w, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["cosmoes", "inspect", str(micro_bundle_8da4w), "--json"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 0
+    assert json.loads(capsys.readouterr().out) == inspect_bundle(micro_bundle_8da4w)
+
+
+# -- the group-size rule, padding and embedding quantisation (single methods: seconds, not minutes) -----------
+
+def tiny(dim: int, **kw) -> Transformer:
+    cfg = ModelConfig(vocab_size=512, dim=dim, n_layers=1, n_heads=2, ffn_dim=2 * dim, num_experts=2, top_k=1,
+                      max_seq_len=32, **kw)
+    return init_weights(Transformer(cfg), seed=0).eval()
+
+
+def test_group_size_rule_takes_the_largest_dividing_candidate():
+    assert choose_group_size(tiny(256), 128) == 128  # widths 256 and 512
+    assert choose_group_size(tiny(192), 128) == 64  # 192 = 3 x 64
+    assert choose_group_size(tiny(96), 256) == 32
+    assert choose_group_size(tiny(48), 128) == 32  # nothing divides 48: pad to 64
+    with pytest.raises(CosmoesError, match="multiple of 32"):
+        choose_group_size(tiny(64), 16)
+
+
+def test_padding_keeps_the_fp32_function_and_is_recorded():
+    model = tiny(48, wd_rank=40)
+    ids = torch.randint(0, 512, (1, 6))
+    with torch.no_grad():
+        want = model(ids).logits
+    padded = pad_linears(model, 32)
+    assert padded["layers.0.attention.wq"] == [48, 64]
+    assert padded["layers.0.feed_forward.experts.0.w1.up"] == [40, 64]  # the rank-40 factor of Eq. 1
+    assert "layers.0.feed_forward.experts.0.w2.down" not in padded  # in_features = ffn 96 = 3 x 32
+    assert isinstance(model.get_submodule("layers.0.attention.wq"), PaddedLinear)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, want, rtol=1e-5, atol=1e-6)
+
+
+def test_padded_8da4w_expert_lowers_to_xnnpack_and_matches_eager(tmp_path):
+    model = tiny(48)
+    report = quantize_model(model, "8da4w", 32)
+    assert report.group_size == 32 and report.padded_linears["layers.0.feed_forward.experts.1.w1"] == [48, 64]
+    expert = model.layers[0].feed_forward.experts[1]
+    from torch.export import Dim
+
+    stage = Stage("layer_0_expert_1", ExpertStage(expert), (torch.zeros(2, 48),), ({0: Dim("N", min=1, max=8)},),
+                  "experts", "expert", 0, 1)
+    lowered = lower_mod.lower_program([stage], share_state=False)
+    (tmp_path / "e.pte").write_bytes(lowered.buffer)
+    x_ND = torch.randn(3, 48, generator=torch.Generator().manual_seed(2))
+    got = run_method(tmp_path / "e.pte", "layer_0_expert_1", x_ND)
+    with torch.no_grad():
+        want = expert(x_ND)
+    assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+
+
+@pytest.mark.parametrize("mode, bytes_per_weight, weights_per_scale", [("int8", 1.0, 64), ("int4", 0.5, 32)])
+def test_quantised_embedding_lowers_to_executorch_kernels(tmp_path, mode, bytes_per_weight, weights_per_scale):
+    import executorch.kernels.quantized  # noqa: F401  (the runtime's quantized embedding kernels)
+
+    model = tiny(64)
+    fp32 = model.tok_embeddings.weight.detach().clone()
+    quantize_model(model, "none", 32, quant_embedding=mode)
+    from torch.export import Dim
+
+    stage = Stage("embed", EmbedStage(model), (torch.zeros(1, 2, dtype=torch.long),),
+                  ({1: Dim("T", min=1, max=8)},), "backbone", "embedding")
+    lowered = lower_mod.lower_program([stage], share_state=False)
+    (tmp_path / "embed.pte").write_bytes(lowered.buffer)
+    ids = torch.tensor([[0, 5, 511, 7]])
+    got = run_method(tmp_path / "embed.pte", "embed", ids)
+    with torch.no_grad():
+        torch.testing.assert_close(got, model.tok_embeddings(ids))  # exactly the eager quantised lookup
+    assert (got[0] - fp32[ids[0]]).abs().max() <= 0.1 * fp32.abs().max()
+    # int8: one fp32 scale per row (dim 64); int4: one fp32 scale per group of 32
+    ideal = fp32.numel() * bytes_per_weight + fp32.numel() // weights_per_scale * 4
+    assert ideal <= lowered.method_bytes["embed"] <= 1.05 * ideal
+
+
+# -- atomic writes ---------------------------------------------------------------------------------------------
+
+def test_failed_export_leaves_old_bundle_and_no_temp_dirs(micro_checkpoint, micro_bundle_fp32, tmp_path, monkeypatch):
+    out = shutil.copytree(micro_bundle_fp32, tmp_path / "bundle")
+    before = {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()}
+    calls = []
+
+    def fail_on_experts(stages, share_state, delegate=None, progress=None):
+        calls.append(stages[0].program)
+        if stages[0].program == "experts":
+            raise RuntimeError("simulated failure while lowering the experts")
+        # the backbone "succeeds", so a backbone.pte is already in the temp dir when the failure comes
+        return lower_mod.LoweredProgram(b"partial", [s.name for s in stages], {s.name: 0 for s in stages})
+
+    monkeypatch.setattr(lower_mod, "lower_program", fail_on_experts)
+    for target in (out, tmp_path / "fresh"):
+        with pytest.raises(RuntimeError, match="simulated failure"):
+            export_bundle(micro_checkpoint, target, ExportConfig(quant="none", max_chunk=8), progress=None)
+    assert calls == ["backbone", "experts"] * 2
+    assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
+    assert not (tmp_path / "fresh").exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no .tmp-/.old- leftovers
+
+
+def test_export_refuses_to_replace_a_directory_that_is_not_a_bundle(micro_checkpoint, tmp_path):
+    (tmp_path / "notes").mkdir()
+    (tmp_path / "notes" / "todo.txt").write_text("keep me")
+    with pytest.raises(CosmoesError, match="refusing to overwrite"):
+        export_bundle(micro_checkpoint, tmp_path / "notes", ExportConfig(quant="none"), progress=None)
+    assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
