@@ -58,13 +58,13 @@ def align(source: str = typer.Argument(..., help="MoE preset name, checkpoint di
 
 @app.command()
 def export(source: str = typer.Argument(..., help="checkpoint directory or preset name (random init)"),
-           target: str = typer.Option(..., "--target", help="android, ios or host (recipes in cosmoes/export/recipes)"),
+           target: str = typer.Option(..., "--target", help="android, ios or host (see cosmoes/export/recipes)"),
            out: Path = typer.Option(..., "--out", help="bundle directory to write (atomically)"),
            quant: Optional[str] = typer.Option(None, "--quant", help="none, 8da4w or 8da8w (default: the recipe's)"),
-           group_size: Optional[int] = typer.Option(None, "--group-size", help="preferred 8da4w group (multiple of 32)"),
+           group_size: Optional[int] = typer.Option(None, "--group-size", help="preferred 8da4w group (32, 64, ...)"),
            quant_embedding: Optional[str] = typer.Option(None, "--quant-embedding", help="none, int8 or int4"),
            max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="KV-cache length (default: model's)"),
-           max_chunk: Optional[int] = typer.Option(None, "--max-chunk", help="most tokens per call (default: recipe's)"),
+           max_chunk: Optional[int] = typer.Option(None, "--max-chunk", help="most tokens per call (default: recipe)"),
            seed: int = typer.Option(0, "--seed", help="random init seed when SOURCE is a preset")):
     """Export a model to an ExecuTorch bundle with one loadable, freeable method per expert (§3.4.2)."""
     from cosmoes.export.bundle import ExportConfig, export_bundle
@@ -154,6 +154,7 @@ def reproduce(steps: int = typer.Option(2000, help="training steps per model"),
               samples: int = typer.Option(100, help="held-out documents for the routing metrics"),
               max_tokens: int = typer.Option(256, help="tokens per held-out document for the routing metrics"),
               eval_blocks: Optional[int] = typer.Option(None, help="validation blocks per model (default: all)"),
+              threads: Optional[int] = typer.Option(None, help="torch threads (1 is faster on a shared machine)"),
               seed: int = typer.Option(0)):
     """Train FA dense, MoE, MoE+BlES, WD-MoE and PA dense alike; write their comparison to docs/results/."""
     from cosmoes.reproduce import (ALL_MODELS, DEFAULT_BLES_COEF, DEFAULT_BLES_TEMPERATURE, ReproduceConfig,
@@ -165,7 +166,7 @@ def reproduce(steps: int = typer.Option(2000, help="training steps per model"),
                           bles_temperature=DEFAULT_BLES_TEMPERATURE if bles_temperature is None else bles_temperature,
                           models=tuple(m.strip() for m in models.split(",") if m.strip()) if models else ALL_MODELS,
                           data=list(data or []), routing_samples=samples, routing_tokens=max_tokens,
-                          eval_blocks=eval_blocks)
+                          eval_blocks=eval_blocks, threads=threads)
     typer.echo(results_table(run_reproduction(cfg)))
 
 
@@ -269,15 +270,17 @@ def train(preset: str = typer.Option("tiny-moe", help="preset name or config.jso
 def demo(out: Path = typer.Option(Path("runs/demo"), help="where the run's files go"),
          steps: int = typer.Option(150, help="training steps"),
          preset: str = typer.Option("tiny-moe", help="model preset")):
-    """The whole pipeline on the embedded default: train a tiny MoE on the shipped corpus, print its summary."""
+    """The whole pipeline on the embedded default: train a tiny MoE on the shipped corpus, export a bundle,
+    verify and benchmark it, print the summary."""
     from cosmoes.pipeline import DemoConfig, run_demo
 
     _print_summary(run_demo(DemoConfig(out=str(out), steps=steps, preset=preset)))
 
 
 def _print_summary(summary: dict) -> None:
+    width = max(map(len, summary), default=0)
     for key, value in summary.items():
-        typer.echo(f"{key:>16}: {value:.4g}" if isinstance(value, float) else f"{key:>16}: {value}")
+        typer.echo(f"{key:>{width}}: {value:.4g}" if isinstance(value, float) else f"{key:>{width}}: {value}")
 
 
 def main() -> None:

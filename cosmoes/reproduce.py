@@ -60,6 +60,7 @@ class ReproduceConfig:
     eval_blocks: int | None = None  # validation blocks scored per model; None = all of them
     routing_samples: int = 100
     routing_tokens: int = 256
+    threads: int | None = None  # torch intra-op threads; None = torch's default (1 is faster on a busy machine)
     progress: bool = True
 
     def command(self) -> str:
@@ -76,7 +77,7 @@ class ReproduceConfig:
         defaults = ReproduceConfig()
         extras = {"lr": "--lr", "seed": "--seed", "lb_coef": "--lb-coef", "warmup_steps": "--warmup-steps",
                   "eval_blocks": "--eval-blocks", "routing_tokens": "--max-tokens",
-                  "bles_temperature": "--bles-temperature"}
+                  "bles_temperature": "--bles-temperature", "threads": "--threads"}
         for name, flag in extras.items():
             if getattr(self, name) != getattr(defaults, name):
                 args += [flag, str(getattr(self, name))]
@@ -212,6 +213,10 @@ def run_reproduction(cfg: ReproduceConfig, log: Callable[[str], None] | None = N
     log = log or (lambda msg: print(f"[reproduce] {msg}", file=sys.stderr, flush=True))
     if cfg.steps < 1 or cfg.batch_size < 1:
         raise CosmoesError("steps and batch_size must be positive")
+    if cfg.threads is not None:
+        if cfg.threads < 1:
+            raise CosmoesError(f"threads must be positive, got {cfg.threads}")
+        torch.set_num_threads(cfg.threads)
     started = time.perf_counter()
     summaries = train_models(cfg, log)
     evaluation = evaluate_models(cfg, summaries, log)

@@ -111,9 +111,10 @@ def method_weight_bytes(prog, names: list[str]) -> dict[str, int]:
                 store = getattr(sub, "named_data_store_output", None)
                 if store is not None:
                     total += sum(len(store.buffers[entry.buffer_index]) for entry in store.pte_data.values())
+        # the KV caches are mutated (non-persistent) buffers: planned memory with no stored data
         mutable = set(ep.graph_signature.buffers_to_mutate.values())
-        consts = list(ep.constants.items()) + [(k, v) for k, v in ep.state_dict.items() if k not in mutable]
-        total += sum(t.numel() * t.element_size() for _, t in consts if isinstance(t, torch.Tensor))
+        consts = [t for k, t in [*ep.constants.items(), *ep.state_dict.items()] if k not in mutable]
+        total += sum(t.numel() * t.element_size() for t in consts if isinstance(t, torch.Tensor))
         out[name] = total
     return out
 

@@ -237,7 +237,8 @@ def _embedding_config(mode: str, dim: int, group_size: int | None):
         return IntxWeightOnlyConfig(weight_dtype=torch.int8, granularity=PerAxis(0))
     if mode == "int4":
         grouped = group_size is not None and dim % group_size == 0
-        return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=PerGroup(group_size) if grouped else PerAxis(0))
+        granularity = PerGroup(group_size) if grouped else PerAxis(0)
+        return IntxWeightOnlyConfig(weight_dtype=torch.int4, granularity=granularity)
     raise CosmoesError(f"unsupported embedding quantisation {mode!r}")
 
 

@@ -73,6 +73,9 @@ def test_manifest_lists_every_expert_with_its_method_and_bytes(micro_bundle_fp32
     assert stored == set(m.programs["experts"]["methods"])
     assert m.expert_bytes() <= m.programs["experts"]["bytes"]
     assert m.non_expert_bytes["embedding"] == cfg.vocab_size * cfg.dim * 4
+    # attention + two norms + router per layer; the KV caches are planned memory, not stored weights
+    per_layer = cfg.attention_params() + 2 * cfg.dim + cfg.dim * cfg.num_experts
+    assert cfg.n_layers * per_layer * 4 <= m.non_expert_bytes["attention"] <= 1.02 * cfg.n_layers * per_layer * 4
     with pytest.raises(CosmoesError, match="no expert 9 in layer 0"):
         m.expert(0, 9)
 
