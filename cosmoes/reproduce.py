@@ -67,7 +67,7 @@ class ReproduceConfig:
         """The `cosmoes reproduce` command line that reproduces this configuration."""
         args = ["cosmoes", "reproduce", "--steps", str(self.steps), "--out", self.out, "--results", self.results,
                 "--family", self.family, "--batch-size", str(self.batch_size), "--seq-len", str(self.seq_len),
-                "--bles-coef", repr(self.bles_coef)]
+                "--bles-coef", repr(self.bles_coef), "--bles-temperature", repr(self.bles_temperature)]
         if tuple(self.models) != ALL_MODELS:
             args += ["--models", ",".join(self.models)]
         for source in self.data:
@@ -76,8 +76,7 @@ class ReproduceConfig:
             args += ["--samples", str(self.routing_samples)]
         defaults = ReproduceConfig()
         extras = {"lr": "--lr", "seed": "--seed", "lb_coef": "--lb-coef", "warmup_steps": "--warmup-steps",
-                  "eval_blocks": "--eval-blocks", "routing_tokens": "--max-tokens",
-                  "bles_temperature": "--bles-temperature", "threads": "--threads"}
+                  "eval_blocks": "--eval-blocks", "routing_tokens": "--max-tokens", "threads": "--threads"}
         for name, flag in extras.items():
             if getattr(self, name) != getattr(defaults, name):
                 args += [flag, str(getattr(self, name))]
@@ -222,7 +221,7 @@ def run_reproduction(cfg: ReproduceConfig, log: Callable[[str], None] | None = N
     evaluation = evaluate_models(cfg, summaries, log)
     results = {
         "command": cfg.command(), "commit": git_commit(), "date": datetime.date.today().isoformat(),
-        "machine": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "machine": f"{platform.machine()}, torch {torch.__version__}, intra-op threads: {torch.get_num_threads()}",
         "config": dataclasses.asdict(cfg), "val_blocks": evaluation["val_blocks"],
         "val_tokens": evaluation["val_tokens"], "models": summaries,
         "routing": {k: report_json(r) for k, r in evaluation["routing"].items()},

@@ -94,12 +94,15 @@ def test_model_specs(tmp_path):
 
 
 def test_command_names_every_non_default_setting(tmp_path):
-    cfg = micro_cfg(tmp_path, lr=1e-3)
+    cfg = micro_cfg(tmp_path, lr=1e-3, threads=1)
     args = shlex.split(cfg.command())
     assert args[:2] == ["cosmoes", "reproduce"]
     for flag, value in (("--steps", "3"), ("--models", "moe,dense-pa"), ("--data", PERSUASION), ("--lr", "0.001"),
-                        ("--eval-blocks", "4"), ("--samples", "3"), ("--max-tokens", "32")):
+                        ("--eval-blocks", "4"), ("--samples", "3"), ("--max-tokens", "32"), ("--threads", "1"),
+                        ("--bles-coef", repr(cfg.bles_coef)), ("--bles-temperature", repr(cfg.bles_temperature))):
         assert args[args.index(flag) + 1] == value
+    with pytest.raises(CosmoesError, match="threads must be positive"):
+        run_reproduction(micro_cfg(tmp_path, threads=0))
 
 
 def test_recorded_command_reruns_through_the_cli(micro):
