@@ -62,6 +62,12 @@ def ideal_bytes(preset: str, group: int, quant_embedding: str) -> dict:
     return out
 
 
+def kv_cache_bytes(cfg: dict, max_seq_len: int | None) -> int:
+    """fp32 K and V caches of every layer: part of the planned arena, not of the weights."""
+    kv_heads = cfg["n_kv_heads"] or cfg["n_heads"]
+    return 2 * cfg["n_layers"] * kv_heads * (cfg["dim"] // cfg["n_heads"]) * (max_seq_len or cfg["max_seq_len"]) * 4
+
+
 def _rss() -> dict:
     fields = {}
     for line in Path("/proc/self/status").read_text().splitlines():
@@ -164,6 +170,7 @@ def run_one(preset: str, quant_embedding: str, work: Path, reuse: bool) -> dict:
            "stored_active_bytes": resident_bytes(m, "swap"), "ideal_active_bytes": ideal["active"],
            "swap_rss_bytes": swap["rss_bytes"], "swap_anon_bytes": swap["anon_bytes"],
            "swap_file_bytes": swap["file_bytes"], "arena_bytes": swap["arena_bytes"]}
+    row["kv_cache_bytes"] = kv_cache_bytes(m.config, m.max_seq_len)
     row["resident_ratio"] = row["swap_rss_bytes"] / row["stored_active_bytes"]
     row["resident_ratio_without_arena"] = (row["swap_rss_bytes"] - row["arena_bytes"]) / row["stored_active_bytes"]
     print(json.dumps(row), flush=True)
@@ -173,18 +180,29 @@ def run_one(preset: str, quant_embedding: str, work: Path, reuse: bool) -> dict:
 def write_markdown(rows: list[dict], path: Path, command: str, started: str, took: float) -> None:
     mb = lambda n: f"{n / 1e6:.1f}"  # noqa: E731
     lines = ["# Export size and resident memory (8da4w, android recipe)", "",
-             f"Produced by `benchmarks/export_size.py` ({command}), started {started}, took {took / 60:.0f} min.",
+             f"Produced by `benchmarks/export_size.py` ({command}), started {started}"
+             + (f", took {took / 60:.0f} min." if took else "."),
              f"Machine: {platform.machine()}, {platform.processor() or 'cpu'}; Python {platform.python_version()}.",
              "Random-init presets (sizes do not depend on the weights' values). MB = 10^6 bytes.", "",
              "| preset | embedding | group | padded linears | export s | bundle MB | ideal MB | bundle/ideal "
-             "| stored active MB | swap RSS MB | RSS/active | arena MB | (RSS-arena)/active |",
+             "| stored active MB | swap RSS MB | RSS/active | arena MB (KV cache MB) | (RSS-arena)/active |",
              "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['preset']} | {r['quant_embedding']} | {r['group_size']} | {r['padded_linears']} | "
                      f"{r['export_s']:.0f} | {mb(r['bundle_bytes'])} | {mb(r['ideal_bytes'])} | "
                      f"{r['size_ratio']:.3f} | {mb(r['stored_active_bytes'])} | {mb(r['swap_rss_bytes'])} | "
-                     f"{r['resident_ratio']:.3f} | {mb(r['arena_bytes'])} | {r['resident_ratio_without_arena']:.3f} |")
-    lines += ["", "Targets: bundle/ideal <= 1.3; resident under swap / stored active bytes <= 1.15.", ""]
+                     f"{r['resident_ratio']:.3f} | {mb(r['arena_bytes'])} ({mb(r.get('kv_cache_bytes', 0))}) | "
+                     f"{r['resident_ratio_without_arena']:.3f} |")
+    lines += ["", "Targets: bundle/ideal <= 1.3; resident under swap / stored active bytes <= 1.15.", "",
+              "Columns: *bundle* = backbone.pte + experts.pte; *ideal* = 4-bit weights + one bf16 scale per 32 "
+              "weights for every quantised linear at its unpadded width, the embedding at its quantisation (int8: + "
+              "one fp32 scale per row), fp32 norms and routers; *stored active* = backbone + top_k experts per layer "
+              "as stored in the bundle (manifest); *swap RSS* = RSS growth of a fresh process (after a warm-up pass "
+              "that pages in the runtime libraries) that opens both programs, loads every backbone method and top_k "
+              "experts per layer and runs one token; *arena* = the activation memory ExecuTorch plans for the two "
+              "programs (max over methods, for max_chunk = 128 tokens), which includes the fp32 KV caches for "
+              "max_seq_len tokens (in brackets) and the head's 128 x vocab logits; it is runtime memory, not weights, "
+              "so the last column compares like with like.", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
 
@@ -196,6 +214,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "export_size", help="where the bundles go")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "export_size.md")
     ap.add_argument("--reuse", action="store_true", help="measure existing bundles instead of re-exporting")
+    ap.add_argument("--render", type=Path, help="only rewrite --out from the JSON rows of an earlier run's log")
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--policy", default="swap", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -204,6 +223,14 @@ def main() -> None:
         return
     started = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     command = "python " + " ".join(shlex.quote(a) for a in sys.argv)
+    from cosmoes.config import get_preset
+
+    if args.render:
+        rows = [json.loads(line) for line in args.render.read_text().splitlines() if line.startswith("{")]
+        for r in rows:
+            r.setdefault("kv_cache_bytes", kv_cache_bytes(get_preset(r["preset"]).to_dict(), None))
+        write_markdown(rows, args.out, f"rendered from {args.render.name}", started, 0.0)
+        return
     t0 = time.time()
     rows = []
     for preset in args.presets:

@@ -6,7 +6,6 @@ runtime can keep only the experts a step needs resident (Eq. 8) and load the oth
 
 from __future__ import annotations
 
-import copy
 import dataclasses
 import sys
 import time
@@ -70,8 +69,8 @@ def export_bundle(source: str | Path, out: str | Path, cfg: ExportConfig | None 
     cfg, recipe = (cfg or ExportConfig()).resolve()
     out = Path(out)
     _check_out_dir(out)
-    model, tokenizer = _load_source(source, cfg.seed)
-    model = copy.deepcopy(model).eval()  # quantisation and max_seq_len edit the model
+    model, tokenizer = _load_source(source, cfg.seed)  # a private copy: quantisation edits it in place
+    model.eval()
     if cfg.max_seq_len is not None:
         model.config.max_seq_len = cfg.max_seq_len
     tokenizer = _fitting_tokenizer(tokenizer, model.config.vocab_size, progress)
