@@ -214,7 +214,7 @@ def main() -> None:
     ap.add_argument("--work", type=Path, default=ROOT / "runs" / "export_size", help="where the bundles go")
     ap.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results" / "export_size.md")
     ap.add_argument("--reuse", action="store_true", help="measure existing bundles instead of re-exporting")
-    ap.add_argument("--render", type=Path, help="only rewrite --out from the JSON rows of an earlier run's log")
+    ap.add_argument("--render", type=Path, nargs="+", help="only rewrite --out from the JSON rows of earlier logs")
     ap.add_argument("--measure", type=Path, help=argparse.SUPPRESS)
     ap.add_argument("--policy", default="swap", help=argparse.SUPPRESS)
     args = ap.parse_args()
@@ -226,10 +226,12 @@ def main() -> None:
     from cosmoes.config import get_preset
 
     if args.render:
-        rows = [json.loads(line) for line in args.render.read_text().splitlines() if line.startswith("{")]
+        rows = [json.loads(line) for log in args.render for line in log.read_text().splitlines()
+                if line.startswith("{")]
         for r in rows:
             r.setdefault("kv_cache_bytes", kv_cache_bytes(get_preset(r["preset"]).to_dict(), None))
-        write_markdown(rows, args.out, f"rendered from {args.render.name}", started, 0.0)
+        names = ", ".join(log.name for log in args.render)
+        write_markdown(rows, args.out, f"`--render` of the rows in {names}", started, 0.0)
         return
     t0 = time.time()
     rows = []

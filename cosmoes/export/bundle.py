@@ -6,8 +6,11 @@ runtime can keep only the experts a step needs resident (Eq. 8) and load the oth
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import signal
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -75,7 +78,7 @@ def export_bundle(source: str | Path, out: str | Path, cfg: ExportConfig | None 
         model.config.max_seq_len = cfg.max_seq_len
     tokenizer = _fitting_tokenizer(tokenizer, model.config.vocab_size, progress)
     t0 = time.time()
-    with atomic_dir(out) as tmp:
+    with _terminate_as_exit(), atomic_dir(out) as tmp:
         tmp.chmod(0o755)  # mkdtemp is owner-only; a bundle gets pushed to devices and shared
         manifest = _write_programs(model, tmp, cfg, recipe, progress)
         if tokenizer is not None:
@@ -87,6 +90,27 @@ def export_bundle(source: str | Path, out: str | Path, cfg: ExportConfig | None 
         progress(f"wrote {out} ({sum(p['bytes'] for p in manifest.programs.values()) / 1e6:.1f} MB programs, "
                  f"{manifest.export_seconds:.0f} s)")
     return manifest
+
+
+@contextlib.contextmanager
+def _terminate_as_exit():
+    """Turn SIGTERM into SystemExit while exporting, so atomic_dir removes its temp dir on `kill` too.
+
+    (SIGKILL cannot be caught: a killed export leaves a `.NAME.tmp-*` directory beside the target, never a
+    half-written bundle at the target.)
+    """
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def _exit(signum, frame):
+        raise SystemExit(128 + signum)
+
+    previous = signal.signal(signal.SIGTERM, _exit)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _check_out_dir(out: Path) -> None:

@@ -5,7 +5,10 @@ refused settings as one-line errors, and atomic export (a failure leaves no half
 import copy
 import json
 import shutil
+import signal
+import subprocess
 import sys
+import time
 
 import pytest
 import torch
@@ -225,6 +228,20 @@ def test_failed_export_leaves_old_bundle_and_no_temp_dirs(micro_checkpoint, micr
     assert {p.name: p.read_bytes() for p in out.iterdir() if p.is_file()} == before
     assert not (tmp_path / "fresh").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["bundle"]  # no .tmp-/.old- leftovers
+
+
+def test_sigterm_during_export_removes_the_temp_dir(micro_checkpoint, tmp_path):
+    out = tmp_path / "b"
+    code = ("from cosmoes.export.bundle import ExportConfig, export_bundle; "
+            f"export_bundle({str(micro_checkpoint)!r}, {str(out)!r}, ExportConfig(quant='none', max_chunk=8))")
+    proc = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 180
+    while not list(tmp_path.glob(".b.tmp-*")) and proc.poll() is None and time.time() < deadline:
+        time.sleep(0.1)
+    assert list(tmp_path.glob(".b.tmp-*")), "the export never reached its temp dir"
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM
+    assert list(tmp_path.iterdir()) == []
 
 
 def test_export_refuses_to_replace_a_directory_that_is_not_a_bundle(micro_checkpoint, tmp_path):
