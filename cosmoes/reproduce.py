@@ -24,7 +24,7 @@ from typing import Callable
 import torch
 import torch.nn.functional as F
 
-from cosmoes.config import align, get_preset, human, load_model_config
+from cosmoes.config import align, get_preset, human
 from cosmoes.data import DataConfig, build_dataset
 from cosmoes.errors import CosmoesError
 from cosmoes.train import TrainConfig, train

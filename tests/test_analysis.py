@@ -28,14 +28,6 @@ runner = CliRunner()
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def write_checkpoint(out, preset: str, seed: int = 0):
     model = init_weights(Transformer(get_preset(preset)), seed=seed)
     return save_checkpoint(model, out, tokenizer=default_tokenizer())

@@ -18,16 +18,6 @@ from cosmoes.errors import CosmoesError
 runner = CliRunner()
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the tensors here are tiny: a second intra-op thread only adds synchronisation, and spins whenever the two
-    # cores are busy with something else (this made the module 5x slower on a loaded machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def invoke_json(*args: str) -> dict:
     result = runner.invoke(app, list(args))
     assert result.exit_code == 0, result.output

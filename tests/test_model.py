@@ -10,16 +10,6 @@ from cosmoes.config import PRESETS, get_preset
 from cosmoes.model import LowRankLinear, MoEFeedForward, Transformer, init_weights
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the tensors here are tiny: a second intra-op thread only adds synchronisation, and spins whenever the two
-    # cores are busy with something else (this made the module 5x slower on a loaded machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 def build(preset: str, seed: int = 0, **changes) -> Transformer:
     return init_weights(Transformer(get_preset(preset).replace(**changes)), seed=seed).eval()
 

@@ -7,7 +7,6 @@ import shlex
 from pathlib import Path
 
 import pytest
-import torch
 
 from cosmoes.config import align, get_preset, load_model_config
 from cosmoes.errors import CosmoesError
@@ -15,14 +14,6 @@ from cosmoes.reproduce import ReproduceConfig, _run_state, model_specs, run_repr
 
 REPO = Path(__file__).resolve().parents[1]
 PERSUASION = str(REPO / "cosmoes/corpus/austen-persuasion.txt.gz")
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 def micro_cfg(tmp: Path, **kw) -> ReproduceConfig:

@@ -15,15 +15,6 @@ from cosmoes.export.verify import eager_greedy
 from cosmoes.routing import expert_replacement_rate, selected_experts
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the eager reference runs micro models: torch's second intra-op thread only adds wake-ups (index_add_ in the
-    # MoE dispatch takes milliseconds per call on a busy 2-core machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 @pytest.fixture(scope="module")
 def eager(micro_checkpoint):
     return load_model(micro_checkpoint).eval()

@@ -5,7 +5,6 @@ import json
 import time
 
 import pytest
-import torch
 from typer.testing import CliRunner
 
 from cosmoes.cli import app
@@ -13,15 +12,6 @@ from cosmoes.errors import CosmoesError
 from cosmoes.export.manifest import load_manifest
 from cosmoes.export.verify import DEFAULT_PROMPTS, default_prompts, verify
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    # the eager reference runs micro models: torch's second intra-op thread only adds wake-ups (index_add_ in the
-    # MoE dispatch takes milliseconds per call on a busy 2-core machine)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 @pytest.fixture(scope="module")
 def fp32_report(micro_bundle_fp32, micro_checkpoint):
