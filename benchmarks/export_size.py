@@ -17,8 +17,6 @@ For each preset (random init) and embedding quantisation this exports a bundle f
 from __future__ import annotations
 
 import argparse
-import ctypes
-import ctypes.util
 import datetime
 import json
 import platform
@@ -129,13 +127,14 @@ def measure(bundle: Path, policy: str) -> dict:
     m = load_manifest(bundle, verify=False)
     cfg = m.config
     per_layer = cfg["top_k"] if policy == "swap" else cfg["num_experts"]
-    trim = ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim
+    from cosmoes.export.runtime import release_heap
+
     warm = _open_and_run(bundle, m, 1)
     del warm
-    trim(0)
+    release_heap()
     before = _rss()
     state = _open_and_run(bundle, m, per_layer)
-    trim(0)
+    release_heap()
     after = _rss()
     del state
     arena = sum(_planned_arena(bundle / p["file"]) for p in m.programs.values())

@@ -148,9 +148,8 @@ def validate(model, blocks, cfg: TrainConfig, model_cfg: ModelConfig, d: Dist) -
 def _mean_across_ranks(t: torch.Tensor, d: Dist) -> float:
     if d.world > 1:
         t = t.detach().clone()
-        dist.all_reduce(t, op=dist.ReduceOp.AVG if d.device.type == "cuda" else dist.ReduceOp.SUM)
-        if d.device.type != "cuda":  # gloo has no AVG
-            t = t / d.world
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)  # gloo has no AVG; SUM / world works on every backend
+        t = t / d.world
     return float(t)
 
 
