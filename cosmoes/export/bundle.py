@@ -85,6 +85,7 @@ def export_bundle(source: str | Path, out: str | Path, cfg: ExportConfig | None 
             tokenizer.save_pretrained(str(tmp / TOKENIZER_DIR))
         manifest.tokenizer = TOKENIZER_DIR if tokenizer is not None else None
         manifest.export_seconds = round(time.time() - t0, 1)
+        manifest.source = _source_record(source, cfg.seed)
         write_manifest(tmp, manifest)
     if progress:
         progress(f"wrote {out} ({sum(p['bytes'] for p in manifest.programs.values()) / 1e6:.1f} MB programs, "
@@ -128,6 +129,11 @@ def _load_source(source: str | Path, seed: int):
         path = check_checkpoint_dir(path)
         return load_model(path), load_tokenizer_of(path, required=False)
     return model_from_source(str(source), seed=seed), None
+
+
+def _source_record(source: str | Path, seed: int) -> dict:
+    path = Path(source)
+    return {"checkpoint": str(path.resolve())} if path.exists() else {"preset": str(source), "seed": seed}
 
 
 def _fitting_tokenizer(tokenizer, vocab_size: int, progress):

@@ -45,6 +45,9 @@ class Manifest:
     tokenizer: str | None = "tokenizer"  # directory inside the bundle, None if the bundle has none
     backend: str = "xnnpack"
     export_seconds: float | None = None
+    # where the weights came from, so a benchmark can rebuild them for eager comparison:
+    # {"checkpoint": "/abs/path"} or {"preset": "wearable-moe", "seed": 0}
+    source: dict = field(default_factory=dict)
     format: str = FORMAT_NAME
     format_version: int = FORMAT_VERSION
     cosmoes_version: str = ""

@@ -1,0 +1,371 @@
+// Native runtime: ExecuTorch Modules for the backbone and the experts, expert methods loaded/unloaded per policy.
+#include "runtime.h"
+
+#include <algorithm>
+#include <cmath>
+#include <numeric>
+#include <unordered_set>
+
+#include <executorch/extension/module/module.h>
+#include <executorch/extension/tensor/tensor.h>
+
+#if defined(__GLIBC__)
+#include <malloc.h>
+#endif
+
+#include "errors.h"
+
+// The wheel ships libexecutorch_threadpool but not its header; these two members are its stable public API
+// (extension/threadpool/threadpool.h upstream), declared here so the runner can size the pool like the Python
+// runtime's `_unsafe_reset_threadpool`.
+namespace executorch::extension::threadpool {
+class ThreadPool {
+ public:
+  size_t get_thread_count() const;
+  bool _unsafe_reset_threadpool(uint32_t num_threads);
+};
+ThreadPool* get_threadpool();
+}  // namespace executorch::extension::threadpool
+
+namespace cosmoes {
+
+using executorch::extension::from_blob;
+using executorch::extension::module::Module;
+using EtError = executorch::runtime::Error;
+using executorch::runtime::EValue;
+using Clock = std::chrono::steady_clock;
+namespace et = executorch::runtime;
+
+namespace {
+
+double ms_since(Clock::time_point t0) {
+  return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
+}
+
+std::string et_error(EtError e) { return "ExecuTorch error " + std::to_string(static_cast<int>(e)); }
+
+std::vector<EValue> run(Module& program, const std::string& method, std::vector<EValue> inputs) {
+  auto result = program.execute(method, inputs);
+  if (!result.ok()) throw cosmoes::Error("running " + method + " failed: " + et_error(result.error()));
+  return std::move(result.get());
+}
+
+std::vector<float> copy_floats(const EValue& v) {
+  const auto& t = v.toTensor();
+  const float* p = t.const_data_ptr<float>();
+  return std::vector<float>(p, p + t.numel());
+}
+
+// Softmax(τ·scores) over one token's experts in fp32, then the top-k ids and (optionally renormalised) weights,
+// as cosmoes.model.route computes them.
+void route_token(const float* scores_E, int64_t E, int64_t K, float tau, bool renorm, int64_t* ids_K,
+                 float* weights_K) {
+  std::vector<float> probs(E);
+  float mx = -INFINITY;
+  for (int64_t e = 0; e < E; ++e) mx = std::max(mx, scores_E[e] * tau);
+  float sum = 0.f;
+  for (int64_t e = 0; e < E; ++e) sum += (probs[e] = std::exp(scores_E[e] * tau - mx));
+  for (int64_t e = 0; e < E; ++e) probs[e] /= sum;
+  std::vector<int64_t> order(E);
+  std::iota(order.begin(), order.end(), 0);
+  std::stable_sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return probs[a] > probs[b]; });
+  float total = 0.f;
+  for (int64_t k = 0; k < K; ++k) total += probs[order[k]];
+  for (int64_t k = 0; k < K; ++k) {
+    ids_K[k] = order[k];
+    weights_K[k] = renorm ? probs[order[k]] / total : probs[order[k]];
+  }
+}
+
+}  // namespace
+
+// -- Policy -----------------------------------------------------------------------------------------------------
+std::string Policy::name() const {
+  if (kind == Kind::All) return "all";
+  if (kind == Kind::Swap) return "swap";
+  return "lru:" + std::to_string(capacity);
+}
+
+Policy Policy::parse(const std::string& text, int64_t top_k) {
+  Policy p;
+  if (text == "all") { p.kind = Kind::All; return p; }
+  if (text == "swap") { p.kind = Kind::Swap; return p; }
+  if (text.rfind("lru:", 0) == 0 && text.size() > 4 &&
+      std::all_of(text.begin() + 4, text.end(), [](char c) { return c >= '0' && c <= '9'; }) && text.size() < 14) {
+    p.kind = Kind::Lru;
+    p.capacity = std::stoll(text.substr(4));
+    if (p.capacity < top_k)
+      throw cosmoes::Error("expert cache policy " + text + ": lru needs N >= top_k = " + std::to_string(top_k) +
+                           " experts per layer");
+    return p;
+  }
+  throw cosmoes::Error("unknown expert cache policy '" + text + "': use all, swap or lru:N (e.g. lru:4)");
+}
+
+Policy Policy::from_budget(const BundleManifest& m, int64_t budget_bytes) {
+  Policy p;
+  if (!m.is_moe) { p.kind = Kind::All; return p; }
+  int64_t per_slot = m.n_layers * m.max_expert_bytes();  // one more expert resident in every layer
+  int64_t minimum = m.non_expert_total() + m.top_k * per_slot;
+  if (budget_bytes < minimum) {
+    char buf[256];
+    std::snprintf(buf, sizeof buf,
+                  "memory budget %.1f MB is below this bundle's minimum of %.1f MB (non-expert weights %.1f MB + "
+                  "top_k=%lld experts in each of %lld layers)",
+                  budget_bytes / 1e6, minimum / 1e6, m.non_expert_total() / 1e6, (long long)m.top_k,
+                  (long long)m.n_layers);
+    throw cosmoes::Error(buf);
+  }
+  int64_t n = (budget_bytes - m.non_expert_total()) / per_slot;
+  if (n >= m.num_experts) { p.kind = Kind::All; return p; }
+  p.kind = Kind::Lru;
+  p.capacity = n;
+  return p;
+}
+
+// -- ExpertCache ------------------------------------------------------------------------------------------------
+ExpertCache::ExpertCache(Module& program, const BundleManifest& m, Policy policy)
+    : program_(program), m_(m), policy_(policy), lru_(m.n_layers) {
+  stats_.selections.resize(m.n_layers);
+}
+
+int64_t ExpertCache::resident_count() const {
+  int64_t n = 0;
+  for (const auto& layer : lru_) n += static_cast<int64_t>(layer.size());
+  return n;
+}
+
+void ExpertCache::begin_step(int64_t layer, const std::vector<int64_t>& selected) {
+  if (policy_.kind != Policy::Kind::Swap) return;
+  std::vector<int64_t> leaving;
+  for (int64_t e : lru_[layer])
+    if (std::find(selected.begin(), selected.end(), e) == selected.end()) leaving.push_back(e);
+  for (int64_t e : leaving) evict(layer, e);
+  if (!leaving.empty()) release_heap();
+}
+
+const std::string& ExpertCache::acquire(int64_t layer, int64_t expert) {
+  auto& order = lru_[layer];
+  const std::string& method = m_.experts[layer][expert].method;
+  auto it = std::find(order.begin(), order.end(), expert);
+  if (it != order.end()) {
+    order.splice(order.end(), order, it);
+    return method;
+  }
+  if (policy_.kind == Policy::Kind::Lru && static_cast<int64_t>(order.size()) >= policy_.capacity) {
+    evict(layer, order.front());
+    release_heap();
+  }
+  auto t0 = Clock::now();
+  EtError err = program_.load_method(method);
+  if (err != EtError::Ok) throw cosmoes::Error("loading expert method " + method + " failed: " + et_error(err));
+  stats_.load_ms += ms_since(t0);
+  stats_.loads += 1;
+  order.push_back(expert);
+  stats_.resident_peak = std::max(stats_.resident_peak, resident_count());
+  return method;
+}
+
+void ExpertCache::evict(int64_t layer, int64_t expert) {
+  program_.unload_method(m_.experts[layer][expert].method);  // destroys the XNNPACK runtime + packed weights
+  lru_[layer].remove(expert);
+  stats_.evictions += 1;
+}
+
+std::vector<double> ExpertStats::exrep_per_layer(int64_t num_experts) const {
+  // Eq. 4-5: floor(H/2) / (K (T-1)), H = Σ_t |S_{t+1} Δ S_t| counted over expert membership.
+  std::vector<double> out;
+  for (const auto& tokens : selections) {
+    if (tokens.size() < 2) { out.push_back(0.0); continue; }
+    int64_t H = 0, K = static_cast<int64_t>(tokens[0].size());
+    for (size_t t = 1; t < tokens.size(); ++t) {
+      std::vector<int> member(num_experts, 0);
+      for (int64_t e : tokens[t - 1]) member[e] |= 1;
+      for (int64_t e : tokens[t]) member[e] |= 2;
+      for (int v : member) H += (v == 1 || v == 2);
+    }
+    out.push_back(static_cast<double>(H / 2) / static_cast<double>(K * (tokens.size() - 1)));
+  }
+  return out;
+}
+
+// -- Runtime ----------------------------------------------------------------------------------------------------
+Runtime::Runtime(const std::string& bundle_dir, const RuntimeOptions& options) {
+  auto t0 = Clock::now();
+  m_ = load_bundle_manifest(bundle_dir, options.check_sha);
+  verify_ms_ = ms_since(t0);
+  policy_ = options.budget_mb > 0 ? Policy::from_budget(m_, static_cast<int64_t>(options.budget_mb * 1e6))
+                                  : Policy::parse(options.policy, m_.top_k);
+  threads_ = options.threads > 0 ? options.threads : static_cast<int>(std::max<int64_t>(1, m_.threads));
+  auto* pool = executorch::extension::threadpool::get_threadpool();
+  if (pool && pool->get_thread_count() != static_cast<size_t>(threads_))
+    pool->_unsafe_reset_threadpool(static_cast<uint32_t>(threads_));
+  t0 = Clock::now();
+  open_programs();
+  load_ms_ = ms_since(t0);
+}
+
+Runtime::~Runtime() = default;
+
+void Runtime::open_programs() {
+  // Mmap: segments are paged in when a method's weights are packed and unmapped afterwards, so an unloaded expert
+  // costs no memory. Shared arenas: the KV caches are shared mutable buffers that every layer method must see.
+  auto open = [&](const ProgramFile& p) {
+    auto mod = std::make_unique<Module>(m_.path(p), Module::LoadMode::Mmap, nullptr, nullptr, nullptr, true);
+    EtError err = mod->load();
+    if (err != EtError::Ok) throw cosmoes::Error("ExecuTorch cannot open " + m_.path(p) + ": " + et_error(err));
+    auto names = mod->method_names();
+    if (!names.ok()) throw cosmoes::Error("cannot list the methods of " + m_.path(p));
+    for (const auto& method : p.methods)
+      if (!names.get().count(method))
+        throw cosmoes::Error("program " + m_.path(p) + " lacks method '" + method + "' listed in the manifest");
+    return mod;
+  };
+  backbone_ = open(m_.program("backbone"));
+  for (const auto& method : m_.program("backbone").methods) {
+    EtError err = backbone_->load_method(method);
+    if (err != EtError::Ok) throw cosmoes::Error("loading method " + method + " failed: " + et_error(err));
+  }
+  if (m_.is_moe) {
+    expert_program_ = open(m_.program("experts"));
+    experts_ = std::make_unique<ExpertCache>(*expert_program_, m_, policy_);
+  }
+}
+
+void Runtime::reset() {
+  pos_ = 0;
+  for (auto& layer : expert_stats().selections) layer.clear();
+}
+
+void Runtime::check_ids(const std::vector<int64_t>& ids, size_t first, size_t count) const {
+  if (count == 0) throw cosmoes::Error("no token ids to run");
+  for (size_t i = first; i < first + count; ++i)
+    if (ids[i] < 0 || ids[i] >= m_.vocab_size)
+      throw cosmoes::Error("token id " + std::to_string(ids[i]) + " outside [0, " + std::to_string(m_.vocab_size) +
+                           ")");
+  if (pos_ + static_cast<int64_t>(count) > m_.max_seq_len)
+    throw cosmoes::Error("sequence of " + std::to_string(pos_ + count) + " tokens exceeds the bundle's max_seq_len " +
+                         std::to_string(m_.max_seq_len));
+}
+
+std::vector<float> Runtime::prefill(const std::vector<int64_t>& ids) {
+  reset();
+  return feed(ids);
+}
+
+std::vector<float> Runtime::decode(int64_t token) { return feed(std::vector<int64_t>{token}); }
+
+std::vector<float> Runtime::feed(const std::vector<int64_t>& ids) {
+  check_ids(ids, 0, ids.size());
+  std::vector<float> logits;
+  int64_t chunk = std::max<int64_t>(1, std::min(m_.max_chunk, m_.max_seq_len));
+  for (size_t at = 0; at < ids.size(); at += chunk) {
+    int64_t T = std::min<int64_t>(chunk, ids.size() - at);
+    bool last = at + T >= ids.size();
+    run_chunk(ids.data() + at, T, last ? &logits : nullptr);
+  }
+  return logits;
+}
+
+void Runtime::run_chunk(const int64_t* ids, int64_t T, std::vector<float>* last_logits) {
+  const int64_t D = m_.dim;
+  std::vector<int64_t> ids_1T(ids, ids + T), start{pos_};
+  auto ids_t = from_blob(ids_1T.data(), {1, static_cast<int>(T)}, executorch::aten::ScalarType::Long);
+  auto start_t = from_blob(start.data(), {1}, executorch::aten::ScalarType::Long);
+  // Outputs alias the shared activation arena, so each is copied before the next method runs.
+  std::vector<float> h_TD = copy_floats(run(*backbone_, "embed", {EValue(ids_t)})[0]);
+  std::vector<float> ff_TD(T * D);
+  for (int64_t i = 0; i < m_.n_layers; ++i) {
+    auto h_t = from_blob(h_TD.data(), {1, static_cast<int>(T), static_cast<int>(D)});
+    auto outs = run(*backbone_, "layer_" + std::to_string(i), {EValue(h_t), EValue(start_t)});
+    std::vector<float> attn_TD = copy_floats(outs[0]), x_TD = copy_floats(outs[1]);
+    if (m_.is_moe) {
+      moe(i, x_TD, copy_floats(outs[2]), T, ff_TD);
+    } else {
+      auto x_t = from_blob(x_TD.data(), {static_cast<int>(T), static_cast<int>(D)});
+      ff_TD = copy_floats(run(*backbone_, "layer_" + std::to_string(i) + "_ffn", {EValue(x_t)})[0]);
+    }
+    for (int64_t j = 0; j < T * D; ++j) h_TD[j] = attn_TD[j] + ff_TD[j];
+  }
+  pos_ += T;
+  if (!last_logits) return;  // a prompt's earlier chunks only fill the KV caches
+  std::vector<float> last_D(h_TD.end() - D, h_TD.end());
+  auto last_t = from_blob(last_D.data(), {1, 1, static_cast<int>(D)});
+  *last_logits = copy_floats(run(*backbone_, "head", {EValue(last_t)})[0]);
+}
+
+void Runtime::moe(int64_t layer, const std::vector<float>& x_TD, const std::vector<float>& scores_TE, int64_t T,
+                  std::vector<float>& out_TD) {
+  const int64_t D = m_.dim, E = m_.num_experts, K = m_.top_k;
+  std::vector<int64_t> ids_TK(T * K);
+  std::vector<float> weights_TK(T * K);
+  auto& record = experts_->stats().selections[layer];
+  for (int64_t t = 0; t < T; ++t) {
+    route_token(&scores_TE[t * E], E, K, static_cast<float>(m_.router_temperature), m_.norm_topk_prob,
+                &ids_TK[t * K], &weights_TK[t * K]);
+    record.emplace_back(ids_TK.begin() + t * K, ids_TK.begin() + (t + 1) * K);
+  }
+  std::vector<int64_t> selected(ids_TK);
+  std::sort(selected.begin(), selected.end());
+  selected.erase(std::unique(selected.begin(), selected.end()), selected.end());
+  experts_->begin_step(layer, selected);
+  std::fill(out_TD.begin(), out_TD.end(), 0.f);
+  std::vector<float> x_ND;
+  std::vector<int64_t> token, slot;
+  for (int64_t e : selected) {  // ascending, as the eager model, so fp32 sums are added in the same order
+    token.clear(), slot.clear(), x_ND.clear();
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t k = 0; k < K; ++k)
+        if (ids_TK[t * K + k] == e) {
+          token.push_back(t), slot.push_back(k);
+          x_ND.insert(x_ND.end(), x_TD.begin() + t * D, x_TD.begin() + (t + 1) * D);
+        }
+    const std::string& method = experts_->acquire(layer, e);
+    auto x_t = from_blob(x_ND.data(), {static_cast<int>(token.size()), static_cast<int>(D)});
+    auto outs = run(*expert_program_, method, {EValue(x_t)});
+    const float* y_ND = outs[0].toTensor().const_data_ptr<float>();
+    for (size_t n = 0; n < token.size(); ++n) {
+      const float w = weights_TK[token[n] * K + slot[n]];
+      float* out = &out_TD[token[n] * D];
+      for (int64_t d = 0; d < D; ++d) {
+        const float product = y_ND[n * D + d] * w;  // rounded before the add, as torch's mul + index_add_
+        out[d] += product;
+      }
+    }
+  }
+}
+
+// -- Sampler ----------------------------------------------------------------------------------------------------
+Sampler::Sampler(double temperature, double top_p, uint64_t seed)
+    : temperature_(temperature), top_p_(top_p), rng_(seed) {
+  if (!(temperature >= 0)) throw cosmoes::Error("temperature must be >= 0");
+  if (!(top_p > 0 && top_p <= 1)) throw cosmoes::Error("top_p must be in (0, 1]");
+}
+
+int64_t Sampler::pick(const std::vector<float>& logits) {
+  if (temperature_ == 0)
+    return std::max_element(logits.begin(), logits.end()) - logits.begin();
+  const size_t V = logits.size();
+  std::vector<double> p(V);
+  double mx = *std::max_element(logits.begin(), logits.end()) / temperature_, sum = 0;
+  for (size_t v = 0; v < V; ++v) sum += (p[v] = std::exp(logits[v] / temperature_ - mx));
+  std::vector<int64_t> order(V);
+  std::iota(order.begin(), order.end(), 0);
+  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return p[a] > p[b]; });
+  // Nucleus: the most probable tokens whose mass reaches top_p (at least one), renormalised.
+  size_t keep = 0;
+  double mass = 0;
+  while (keep < V && (keep == 0 || mass < top_p_ * sum)) mass += p[order[keep++]];
+  double r = std::uniform_real_distribution<double>(0.0, mass)(rng_);
+  for (size_t k = 0; k < keep; ++k)
+    if ((r -= p[order[k]]) <= 0) return order[k];
+  return order[keep - 1];
+}
+
+void release_heap() {
+#if defined(__GLIBC__)
+  malloc_trim(0);  // glibc keeps freed packed-weight blocks in its arenas otherwise
+#endif
+}
+
+}  // namespace cosmoes

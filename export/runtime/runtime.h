@@ -1,0 +1,122 @@
+// The native CoSMoEs runtime: resident backbone, experts loaded when the router selects them (§3.4.2, Eq. 8).
+//
+// Mirrors cosmoes/export/runtime.py step for step (routing softmax(τR) + top-k in fp32, experts run over their
+// gathered tokens in ascending id order, weighted sums added in the same order) so both give the same tokens.
+#pragma once
+
+#include <chrono>
+#include <cstdint>
+#include <list>
+#include <memory>
+#include <random>
+#include <string>
+#include <vector>
+
+#include "bundle.h"
+
+namespace executorch::extension::module {
+class Module;
+}
+
+namespace cosmoes {
+
+// Which experts stay resident: all | swap (Eq. 8: exactly the current token's experts) | lru:N per layer.
+struct Policy {
+  enum class Kind { All, Swap, Lru };
+  Kind kind = Kind::Swap;
+  int64_t capacity = 0;  // N of lru:N
+  std::string name() const;
+  // Throws cosmoes::Error for an unknown policy or N < top_k.
+  static Policy parse(const std::string& text, int64_t top_k);
+  // The largest lru:N whose weights fit budget_bytes (non-expert weights + N experts per layer); `all` if every
+  // expert fits. Throws cosmoes::Error naming the minimum when not even top_k experts per layer fit.
+  static Policy from_budget(const BundleManifest& m, int64_t budget_bytes);
+};
+
+struct ExpertStats {
+  int64_t loads = 0, evictions = 0;
+  double load_ms = 0.0;
+  int64_t resident_peak = 0;
+  // per layer, the top-k expert ids of every token of the current sequence (for ExRep, Eq. 4-5)
+  std::vector<std::vector<std::vector<int64_t>>> selections;
+  std::vector<double> exrep_per_layer(int64_t num_experts) const;
+};
+
+// The loaded expert methods of one program, per layer in least-recently-used order.
+class ExpertCache {
+ public:
+  ExpertCache(executorch::extension::module::Module& program, const BundleManifest& m, Policy policy);
+  // A layer's FFN is about to run `selected`: under swap, evict the others before anything loads.
+  void begin_step(int64_t layer, const std::vector<int64_t>& selected);
+  // Makes the expert's method resident (lru evicts first, so N is never exceeded); returns its method name.
+  const std::string& acquire(int64_t layer, int64_t expert);
+  ExpertStats& stats() { return stats_; }
+  int64_t resident_count() const;
+
+ private:
+  executorch::extension::module::Module& program_;
+  const BundleManifest& m_;
+  Policy policy_;
+  std::vector<std::list<int64_t>> lru_;  // per layer, least recent first
+  ExpertStats stats_;
+  void evict(int64_t layer, int64_t expert);
+};
+
+struct RuntimeOptions {
+  std::string policy = "swap";
+  double budget_mb = 0.0;  // > 0: derive the policy from this weight budget instead
+  int threads = 0;         // 0 = the bundle's recipe
+  bool check_sha = true;
+};
+
+class Runtime {
+ public:
+  Runtime(const std::string& bundle_dir, const RuntimeOptions& options);
+  ~Runtime();
+
+  const BundleManifest& manifest() const { return m_; }
+  const Policy& policy() const { return policy_; }
+  ExpertStats& expert_stats() { return experts_ ? experts_->stats() : dense_stats_; }
+  double verify_ms() const { return verify_ms_; }
+  double load_ms() const { return load_ms_; }
+  int threads() const { return threads_; }
+
+  // Starts a new sequence with `ids`; logits (vocab) of its last position.
+  std::vector<float> prefill(const std::vector<int64_t>& ids);
+  // Feeds one more token; its logits.
+  std::vector<float> decode(int64_t token);
+  void reset();
+
+ private:
+  BundleManifest m_;
+  Policy policy_;
+  int threads_ = 1;
+  double verify_ms_ = 0.0, load_ms_ = 0.0;
+  int64_t pos_ = 0;
+  std::unique_ptr<executorch::extension::module::Module> backbone_, expert_program_;
+  std::unique_ptr<ExpertCache> experts_;  // null for a dense model
+  ExpertStats dense_stats_;
+
+  void open_programs();
+  void check_ids(const std::vector<int64_t>& ids, size_t first, size_t count) const;
+  std::vector<float> feed(const std::vector<int64_t>& ids);
+  void run_chunk(const int64_t* ids, int64_t T, std::vector<float>* last_logits);
+  void moe(int64_t layer, const std::vector<float>& x_TD, const std::vector<float>& scores_TE, int64_t T,
+           std::vector<float>& out_TD);
+};
+
+// Next-token choice: argmax at temperature 0, else temperature + top-p (nucleus) sampling from a seeded stream.
+class Sampler {
+ public:
+  Sampler(double temperature, double top_p, uint64_t seed);
+  int64_t pick(const std::vector<float>& logits);
+
+ private:
+  double temperature_, top_p_;
+  std::mt19937_64 rng_;
+};
+
+// Gives freed heap pages of evicted experts back to the OS where the C library allows it.
+void release_heap();
+
+}  // namespace cosmoes
