@@ -1,4 +1,4 @@
-"""Routing analysis of MoE checkpoints on held-out text: ExRep, ΔUniform and Figures 5–6 (§3.3, §3.4.2, Table 3).
+"""Routing of MoE checkpoints and bundles on held-out text: ExRep, ΔUni and Figures 5–6 (§3.3, §3.4.2, Table 3).
 
 The paper measures routing on a 100-sample subset of C4; offline, the default sample is the validation split of
 the embedded corpus — the very documents ``build_dataset`` holds out from training — so the routing is measured
@@ -8,15 +8,16 @@ on text the model never trained on. The metric definitions live in ``cosmoes.rou
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
 import torch
 
 from cosmoes.checkpoint import check_checkpoint_dir, load_model, load_tokenizer_of, resolve_checkpoint
-from cosmoes.config import load_model_config
+from cosmoes.config import ModelConfig, load_model_config
 from cosmoes.data import DataConfig, iter_documents, split_documents, tokenize_documents
 from cosmoes.errors import CosmoesError
 from cosmoes.routing import count_replacements, delta_uniform, expert_replacement_rate, selected_experts
@@ -88,37 +89,51 @@ def pooled_stats(selected_per_layer: Sequence[Sequence[torch.Tensor]], num_exper
     return {"exrep": exrep, "delta_uniform": delta, "delta_uniform_seq": delta_seq}
 
 
+@dataclasses.dataclass
+class RoutedModel:
+    """What ``routing_report`` measures: a checkpoint run eagerly in fp32, or an exported bundle run by ExecuTorch."""
+
+    path: Path
+    config: ModelConfig
+    tokenizer: object
+    split: DataConfig  # the held-out documents come from this split's validation side
+    collect: Callable[[Sequence[torch.Tensor]], list[list[torch.Tensor]]]  # token rows -> [layer][sample] (T, K)
+    format: str = "checkpoint"
+    quant: str | None = None
+
+
 def routing_report(checkpoint: str | Path, data_sources: list[str] | None = None, samples: int = 100,
                    max_tokens: int = 256) -> dict:
-    """ExRep and ΔUni (in percent) of an MoE checkpoint per MoE layer and averaged, on held-out documents.
+    """ExRep and ΔUni (in percent) of an MoE checkpoint or exported bundle per MoE layer and averaged, on held-out
+    documents.
 
     Each sample is [bos] + the first tokens of one validation document, at most ``max_tokens`` long (and at most
-    the model's max_seq_len). ``selected`` holds the selections for plots: [layer][sample] -> (T, K) expert ids.
+    the model's max_seq_len). ``selected`` holds the selections for plots: [layer][sample] -> (T, K) expert ids;
+    a bundle's are the experts its runtime ran (``BundleRuntime.stats``), so quantisation effects show.
     """
     if samples < 1:
         raise CosmoesError(f"samples must be positive, got {samples}")
     if max_tokens < 2:
         raise CosmoesError(f"max_tokens must be at least 2 (replacements need consecutive tokens), got {max_tokens}")
     if Path(checkpoint).suffix == ".pte":
-        raise CosmoesError(f"{checkpoint}: routing of exported bundles is not supported; pass the checkpoint directory")
-    path = check_checkpoint_dir(checkpoint)
-    model_cfg = load_model_config(path)
-    if not model_cfg.is_moe:
-        raise CosmoesError(f"{checkpoint} is a dense model ({model_cfg.name}): it has no routing to analyse")
-    model = load_model(path).eval()
-    tokenizer = load_tokenizer_of(path)
-    split = split_config(path, data_sources)
+        raise CosmoesError(f"{checkpoint}: pass the exported bundle's directory, not one of its programs")
+    from cosmoes.eval_bundle import model_format
+
+    routed = (bundle_routed(checkpoint, data_sources) if model_format(checkpoint) == "bundle"
+              else checkpoint_routed(checkpoint, data_sources))
+    model_cfg, split = routed.config, routed.split
     docs = held_out_documents(split, samples)
     limit = min(max_tokens, model_cfg.max_seq_len)
-    rows = [torch.from_numpy(tokenize_documents([doc], tokenizer)[:limit]) for doc in docs]
+    rows = [torch.from_numpy(tokenize_documents([doc], routed.tokenizer)[:limit]) for doc in docs]
     rows = [row for row in rows if len(row) >= 2]
     if not rows:
         raise CosmoesError("the held-out documents are too short to measure routing (need at least 2 tokens)")
-    selected = collect_selections(model, rows)
+    selected = routed.collect(rows)
     stats = pooled_stats(selected, model_cfg.num_experts)
     pct = {k: [100.0 * v for v in vals] for k, vals in stats.items()}
     return {
-        "checkpoint": str(path), "model": model_cfg.name, "kind": model_cfg.kind,
+        "checkpoint": str(routed.path), "format": routed.format, "quant": routed.quant,
+        "model": model_cfg.name, "kind": model_cfg.kind,
         "num_experts": model_cfg.num_experts, "top_k": model_cfg.top_k, "moe_layers": len(selected),
         "data": split.sources or "embedded corpus", "split": {"val_fraction": split.val_fraction, "seed": split.seed},
         "samples": len(rows), "tokens": sum(len(r) for r in rows), "max_tokens": limit,
@@ -128,6 +143,52 @@ def routing_report(checkpoint: str | Path, data_sources: list[str] | None = None
         "delta_uniform_seq_pct_per_layer": pct["delta_uniform_seq"],
         "selected": selected,
     }
+
+
+def _require_moe(cfg: ModelConfig, where: str | Path) -> None:
+    if not cfg.is_moe:
+        raise CosmoesError(f"{where} is a dense model ({cfg.name}): it has no routing to analyse")
+
+
+def checkpoint_routed(checkpoint: str | Path, data_sources: Sequence[str] | None) -> RoutedModel:
+    """A checkpoint's eager model, measured on the validation split it was trained with (``split_config``)."""
+    path = check_checkpoint_dir(checkpoint)
+    model_cfg = load_model_config(path)
+    _require_moe(model_cfg, checkpoint)
+    model = load_model(path).eval()
+    return RoutedModel(path, model_cfg, load_tokenizer_of(path), split_config(path, data_sources),
+                       functools.partial(collect_selections, model))
+
+
+def bundle_routed(bundle: str | Path, data_sources: Sequence[str] | None) -> RoutedModel:
+    """An exported bundle under ``BundleRuntime(policy="all")``, measured with its own tokenizer.
+
+    The split is its source checkpoint's (``split_config``) when the manifest records one that is still on disk,
+    else the training defaults — the same documents a default training run held out.
+    """
+    from cosmoes.eval_bundle import bundle_tokenizer_check
+    from cosmoes.export.runtime import BundleRuntime
+
+    manifest = bundle_tokenizer_check(bundle)  # cheap checks (no tokenizer, missing files) before the runtime opens
+    model_cfg = manifest.model_config()
+    _require_moe(model_cfg, bundle)
+    runtime = BundleRuntime(bundle, policy="all")
+    source = (getattr(manifest, "source", None) or {}).get("checkpoint")
+    if source and (resolve_checkpoint(source) / "config.json").is_file():
+        split = split_config(source, data_sources)
+    else:
+        split = dataclasses.replace(DataConfig(), sources=list(data_sources or []))
+    return RoutedModel(Path(bundle), model_cfg, runtime.tokenizer(), split,
+                       functools.partial(bundle_selections, runtime), "bundle", manifest.quant)
+
+
+def bundle_selections(runtime, token_rows: Sequence[torch.Tensor]) -> list[list[torch.Tensor]]:
+    """Run each row of token ids through a ``BundleRuntime``; the experts it ran as [layer][sample] -> (T, K)."""
+    per_sample = []
+    for row in token_rows:
+        runtime.logits(row)  # a new sequence: the runtime records this row's selections only
+        per_sample.append([runtime.stats.selected(layer) for layer in range(len(runtime.stats.selections))])
+    return [list(layer) for layer in zip(*per_sample)]
 
 
 def _mean(values: Sequence[float]) -> float:
@@ -142,7 +203,7 @@ def model_label(checkpoint: str | Path) -> str:
 
 def routing_reports(checkpoints: Iterable[str | Path], data_sources: list[str] | None = None, samples: int = 100,
                     max_tokens: int = 256, names: Sequence[str] | None = None) -> dict[str, dict]:
-    """``routing_report`` of several checkpoints, keyed by unique model labels (or ``names``)."""
+    """``routing_report`` of several checkpoints or bundles, keyed by unique model labels (or ``names``)."""
     checkpoints = list(checkpoints)
     if not checkpoints:
         raise CosmoesError("give at least one checkpoint")

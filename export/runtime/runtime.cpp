@@ -4,6 +4,7 @@
 #include <algorithm>
 #include <cmath>
 #include <numeric>
+#include <thread>
 #include <unordered_set>
 
 #include <executorch/extension/module/module.h>
@@ -196,7 +197,9 @@ Runtime::Runtime(const std::string& bundle_dir, const RuntimeOptions& options) {
   verify_ms_ = ms_since(t0);
   policy_ = options.budget_mb > 0 ? Policy::from_budget(m_, static_cast<int64_t>(options.budget_mb * 1e6))
                                   : Policy::parse(options.policy, m_.top_k);
-  threads_ = options.threads > 0 ? options.threads : static_cast<int>(std::max<int64_t>(1, m_.threads));
+  // 0 (from the option or the recipe) means one thread per core, as in the Python runtime
+  threads_ = options.threads > 0 ? options.threads : static_cast<int>(m_.threads);
+  if (threads_ <= 0) threads_ = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
   auto* pool = executorch::extension::threadpool::get_threadpool();
   if (pool && pool->get_thread_count() != static_cast<size_t>(threads_))
     pool->_unsafe_reset_threadpool(static_cast<uint32_t>(threads_));

@@ -1,0 +1,270 @@
+"""On-device benchmark harness: the native runner per expert-cache policy, locally or over adb (§3.4.3, Table 4).
+
+`run_bench` runs ``cosmoes_runner`` once per policy (all, swap, lru:N, or a memory budget) on real held-out text,
+collects its JSON statistics (latency, peak RSS, expert loads, ExRep), optionally runs Hugging Face transformers'
+eager ``generate`` on the same weights for ratios, and writes bench.json, bench.csv and a decode-speed-vs-memory
+plot. A failed run is recorded with its error and the others go on.
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+import json
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from cosmoes.errors import CosmoesError
+from cosmoes.export.manifest import Manifest, load_manifest
+
+
+@dataclass
+class BenchConfig:
+    """What to benchmark and how: device, policies, prompt/generation lengths, repeats, comparison."""
+
+    device: str = "local"  # local | adb | adb:SERIAL
+    policies: list[str] = field(default_factory=lambda: ["all", "swap"])
+    sweep: bool = False  # swap, every lru:N from top_k up, and all
+    budgets_mb: list[float] = field(default_factory=list)  # extra runs with --budget-mb
+    prompt_len: int = 64
+    gen: int = 64
+    warmup: int = 1
+    repeats: int = 3
+    threads: int | None = None  # None: the bundle's recipe
+    compare: bool = False  # add transformers eager generate (fp32) on the same weights
+    probe: bool = True  # measure memory bandwidth and file read speed for the roofline / I/O columns
+    runner: str | None = None  # runner binary for the device (adb: an Android build); local: built on first use
+    timeout_s: float = 1800.0
+
+    def validate(self) -> None:
+        for name in ("prompt_len", "gen", "repeats"):
+            if getattr(self, name) < 1:
+                raise CosmoesError(f"--{name.replace('_', '-')} must be at least 1")
+        if self.warmup < 0:
+            raise CosmoesError("--warmup must be >= 0")
+        if self.device != "local" and not self.device.startswith("adb"):
+            raise CosmoesError(f"unknown device {self.device!r}: use local, adb or adb:SERIAL")
+
+
+def sweep_policies(top_k: int, num_experts: int) -> list[str]:
+    """swap, lru:N for N = top_k .. num_experts-1 in steps of top_k, then all."""
+    return ["swap", *[f"lru:{n}" for n in range(top_k, num_experts, top_k)], "all"]
+
+
+def bench_prompt(bundle: Path, manifest: Manifest, prompt_len: int) -> list[int]:
+    """The first ``prompt_len`` tokens of held-out real text (the embedded corpus' validation split)."""
+    from cosmoes.analysis import held_out_documents
+    from cosmoes.data import DataConfig
+    from cosmoes.tokenizer import load_tokenizer
+
+    if not manifest.tokenizer:
+        raise CosmoesError(f"bundle {bundle} has no tokenizer, so there is no text prompt; re-export it with one")
+    tokenizer = load_tokenizer(bundle / manifest.tokenizer)
+    ids: list[int] = []
+    for doc in held_out_documents(DataConfig(), samples=50):
+        ids += tokenizer.encode(doc, add_special_tokens=False)
+        if len(ids) >= prompt_len:
+            return ids[:prompt_len]
+    raise CosmoesError(f"held-out text has only {len(ids)} tokens; use a shorter --prompt-len")
+
+
+def runner_args(cfg: BenchConfig, policy: str | None, budget_mb: float | None, prompt_file: str) -> list[str]:
+    args = ["--prompt-file", prompt_file, "--gen", str(cfg.gen), "--warmup", str(cfg.warmup),
+            "--repeats", str(cfg.repeats)]
+    args += ["--budget-mb", str(budget_mb)] if budget_mb is not None else ["--policy", str(policy)]
+    if cfg.threads is not None:
+        args += ["--threads", str(cfg.threads)]
+    if cfg.probe:
+        args.append("--probe")
+    return args
+
+
+def derived(stats: dict, manifest: Manifest) -> dict:
+    """Roofline and I/O figures from one run's statistics (bytes from the manifest, bandwidth from the probe)."""
+    cfg = manifest.config
+    embedding = manifest.non_expert_bytes.get("embedding", 0)
+    # decode reads every weight once per token except the embedding table (one row) and the unselected experts
+    weights = manifest.non_expert_total() - embedding + stats["active_expert_mb"] * 1e6
+    head_dim = cfg["dim"] // cfg["n_heads"]
+    kv = 2 * cfg["n_layers"] * (cfg.get("n_kv_heads") or cfg["n_heads"]) * head_dim * manifest.max_seq_len * 4  # the static fp32 caches
+    out = {"weights_mb_per_token": weights / 1e6, "kv_mb_per_token": kv / 1e6}
+    bw = stats.get("mem_read_gb_s") or 0
+    if bw:
+        out["roofline_tok_s"] = bw * 1e9 / weights
+        out["roofline_fraction"] = stats["decode_tok_s"] / out["roofline_tok_s"]
+        out["roofline_fraction_with_kv"] = stats["decode_tok_s"] * (weights + kv) / (bw * 1e9)
+    return out
+
+
+@dataclass
+class BenchReport:
+    bundle: str
+    device: dict
+    config: dict
+    prompt_tokens: int
+    rows: list[dict] = field(default_factory=list)  # one per policy: runner stats + derived, or {"error": ...}
+    eager: dict | None = None
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def run_bench(bundle: str | Path, cfg: BenchConfig, out: str | Path,
+              log: Callable[[str], None] = print) -> BenchReport:
+    """Benchmark ``bundle`` per policy on the configured device; results are rewritten to ``out`` after each run."""
+    from cosmoes.devices import open_device
+
+    cfg.validate()
+    bundle, out = Path(bundle), Path(out)
+    manifest = load_manifest(bundle)
+    prompt = bench_prompt(bundle, manifest, cfg.prompt_len)
+    if cfg.prompt_len + cfg.gen - 1 > manifest.max_seq_len:
+        raise CosmoesError(f"--prompt-len {cfg.prompt_len} + --gen {cfg.gen} exceed the bundle's max_seq_len "
+                           f"{manifest.max_seq_len}")
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "prompt.txt").write_text(" ".join(map(str, prompt)) + "\n")
+    device = open_device(cfg.device, cfg.runner, log)
+    report = BenchReport(str(bundle), device.info(), dataclasses.asdict(cfg), len(prompt))
+    device.prepare(bundle, out / "prompt.txt")
+    cfg_top_k, experts = manifest.config["top_k"], manifest.config["num_experts"]
+    runs = [(p, None) for p in (sweep_policies(cfg_top_k, experts) if cfg.sweep else cfg.policies)]
+    runs += [(None, b) for b in cfg.budgets_mb]
+    for i, (policy, budget) in enumerate(runs, 1):
+        label = policy or f"budget {budget:g} MB"
+        log(f"[{i}/{len(runs)}] {label}: {cfg.warmup} warm-up + {cfg.repeats} runs of {len(prompt)} + {cfg.gen} tokens")
+        t0 = time.time()
+        try:
+            stats = device.run(runner_args(cfg, policy, budget, device.prompt_path), cfg.timeout_s)
+            stats.update(derived(stats, manifest))
+            if budget is not None:
+                stats["policy"] = f"budget:{budget:g}MB={stats['policy']}"
+        except CosmoesError as exc:
+            stats = {"policy": label, "error": str(exc)}
+            log(f"    failed: {exc}")
+        stats["wall_s"] = round(time.time() - t0, 1)
+        report.rows.append(stats)
+        write_outputs(report, out)
+    if cfg.compare:
+        report.eager = eager_baseline(manifest, prompt, cfg, log)
+        write_outputs(report, out)
+    return report
+
+
+def eager_baseline(manifest: Manifest, prompt: list[int], cfg: BenchConfig, log) -> dict:
+    """transformers eager fp32 ``generate`` on the bundle's source weights, in a fresh process (its own RSS)."""
+    import subprocess
+    import sys
+
+    if not manifest.source:
+        raise CosmoesError("this bundle does not record its source weights (exported before cosmoes 0.2); "
+                           "re-export it to use --compare")
+    threads = cfg.threads if cfg.threads is not None else manifest.threads
+    threads = threads or len(os.sched_getaffinity(0))  # 0 = every core, as the runner reads it
+    request = {"source": manifest.source, "prompt": prompt, "gen": cfg.gen, "repeats": cfg.repeats,
+               "warmup": cfg.warmup, "threads": threads, "max_seq_len": manifest.max_seq_len}
+    log(f"[compare] transformers eager fp32 generate, {threads} thread(s)")
+    proc = subprocess.run([sys.executable, "-m", "cosmoes.eager_bench"], input=json.dumps(request),
+                          capture_output=True, text=True, timeout=cfg.timeout_s)
+    if proc.returncode != 0:
+        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+        return {"error": (lines or ["failed"])[-1]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+COLUMNS = [("policy", "policy", "{}"), ("decode_tok_s", "decode tok/s", "{:.1f}"), ("ttft_ms", "TTFT ms", "{:.1f}"),
+           ("prefill_tok_s", "prefill tok/s", "{:.0f}"), ("peak_rss_mb", "peak RSS MB", "{:.1f}"),
+           ("expert_loads", "loads", "{:.0f}"), ("expert_loads_decode", "loads/decode", "{:.0f}"),
+           ("expert_load_ms_mean", "ms/load", "{:.2f}"), ("expert_read_ms", "read ms", "{:.2f}"),
+           ("exrep_mean", "ExRep", "{:.3f}"), ("roofline_fraction", "roofline", "{:.2f}")]
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    value = row.get(key)
+    return "-" if value is None else fmt.format(value)
+
+
+def format_table(report: BenchReport) -> str:
+    """One line per policy (and the eager baseline), with decode speed as a ratio to eager when compared."""
+    eager = report.eager if report.eager and "error" not in report.eager else None
+    head = [title for _, title, _ in COLUMNS] + (["× eager"] if eager else [])
+    lines = []
+    for row in report.rows:
+        if "error" in row:
+            lines.append([row.get("policy", "?"), f"FAILED: {row['error']}"])
+            continue
+        cells = [_cell(row, key, fmt) for key, _, fmt in COLUMNS]
+        if eager:
+            cells.append(f"{row['decode_tok_s'] / eager['decode_tok_s']:.2f}")
+        lines.append(cells)
+    if report.eager:
+        e = report.eager
+        lines.append(["eager fp32", f"FAILED: {e['error']}"] if "error" in e else
+                     ["eager fp32", f"{e['decode_tok_s']:.1f}", f"{e['ttft_ms']:.1f}", f"{e['prefill_tok_s']:.0f}",
+                      f"{e['peak_rss_mb']:.1f}"] + ["-"] * (len(head) - 6) + ["1.00"])
+    widths = [max(len(str(r[i])) for r in [head, *lines] if i < len(r) and not str(r[1]).startswith("FAILED"))
+              for i in range(len(head))]
+    fmt_row = lambda r: "  ".join(str(c).rjust(w) if j else str(c).ljust(w)  # noqa: E731
+                                  for j, (c, w) in enumerate(zip(r, widths)))
+    text = [fmt_row(head)]
+    text += [fmt_row(r) if not str(r[1]).startswith("FAILED") else "  ".join(r) for r in lines]
+    return "\n".join(text)
+
+
+def write_outputs(report: BenchReport, out: Path) -> list[Path]:
+    """bench.json (everything), bench.csv (one row per run) and bench.png, each written atomically."""
+    out.mkdir(parents=True, exist_ok=True)
+    paths = [_atomic_text(out / "bench.json", json.dumps(report.to_dict(), indent=2) + "\n")]
+    rows = [dict(r, device=report.device.get("model") or report.device.get("kind")) for r in report.rows]
+    if report.eager:
+        rows.append(dict(report.eager, policy="eager-fp32"))
+    keys = ["policy"] + sorted({k for r in rows for k in r if k != "policy" and not isinstance(r[k], (list, dict))})
+    tmp = out / "bench.csv.tmp"
+    with open(tmp, "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        writer.writeheader()
+        writer.writerows(rows)
+    tmp.replace(out / "bench.csv")
+    paths.append(out / "bench.csv")
+    if any("error" not in r for r in report.rows):
+        paths.append(plot_tradeoff(report, out / "bench.png"))
+    return paths
+
+
+def _atomic_text(path: Path, text: str) -> Path:
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+    return path
+
+
+def plot_tradeoff(report: BenchReport, path: Path) -> Path:
+    """Decode tokens/s against peak RSS, one point per policy: the memory/latency trade-off of §3.4.3."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
+    ok = [r for r in report.rows if "error" not in r]
+    ax.plot([r["peak_rss_mb"] for r in ok], [r["decode_tok_s"] for r in ok], "o", color="tab:blue")
+    for r in ok:
+        ax.annotate(r["policy"], (r["peak_rss_mb"], r["decode_tok_s"]), textcoords="offset points", xytext=(4, 4))
+    if report.eager and "error" not in report.eager:
+        e = report.eager
+        ax.plot([e["peak_rss_mb"]], [e["decode_tok_s"]], "s", color="tab:red")
+        ax.annotate("transformers eager fp32", (e["peak_rss_mb"], e["decode_tok_s"]), textcoords="offset points",
+                    xytext=(4, -12))
+    ax.set_xlabel("peak RSS (MB)")
+    ax.set_ylabel("decode tokens/s")
+    ax.set_title(f"{Path(report.bundle).name} on {report.device.get('model') or report.device.get('cpu', 'host')}",
+                 fontsize=9)
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    tmp = path.with_name(path.stem + ".tmp.png")
+    fig.savefig(tmp)
+    plt.close(fig)
+    tmp.replace(path)
+    return path

@@ -1,0 +1,160 @@
+"""Where `cosmoes bench` runs the native runner: this machine, or an Android phone over adb (§3.4.3, Table 4).
+
+Both devices take runner flags and return the runner's JSON statistics. The adb device pushes the runner, its
+shared libraries, the bundle and the prompt under /data/local/tmp/cosmoes/ (skipping files whose sha256 already
+matches on the phone), runs it over `adb shell` and pulls the statistics back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from cosmoes.errors import CosmoesError
+from cosmoes.export.manifest import MANIFEST_NAME, load_manifest, sha256_file
+from cosmoes.export.native import build_runner, run_local, runner_error
+
+REMOTE_ROOT = "/data/local/tmp/cosmoes"
+
+
+def open_device(spec: str, runner: str | None, log: Callable[[str], None]):
+    """``local`` | ``adb`` | ``adb:SERIAL``."""
+    if spec == "local":
+        return LocalDevice(runner, log)
+    if spec == "adb" or spec.startswith("adb:"):
+        return AdbDevice(spec.partition(":")[2] or None, runner, log)
+    raise CosmoesError(f"unknown device {spec!r}: use local, adb or adb:SERIAL")
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
+class LocalDevice:
+    """This machine: the host runner, built on first use (or the binary given)."""
+
+    def __init__(self, runner: str | None, log: Callable[[str], None]):
+        self.runner = Path(runner) if runner else build_runner(log)
+        if not self.runner.is_file():
+            raise CosmoesError(f"runner not found: {self.runner}")
+        self.bundle: Path | None = None
+        self.prompt_path = ""
+
+    def info(self) -> dict:
+        cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+        return {"kind": "local", "host": platform.node(), "cpu": _cpu_name(), "cores": cores,
+                "os": platform.platform()}
+
+    def prepare(self, bundle: Path, prompt_file: Path) -> None:
+        self.bundle, self.prompt_path = bundle, str(prompt_file)
+
+    def run(self, args: list[str], timeout: float) -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            return run_local(self.bundle, args, Path(tmp) / "stats.json", exe=self.runner, timeout=timeout).stats
+
+
+class AdbDevice:
+    """An Android device over adb (the `adb` on PATH, or $COSMOES_ADB)."""
+
+    def __init__(self, serial: str | None, runner: str | None, log: Callable[[str], None]):
+        self.serial, self.log = serial, log
+        self.adb = os.environ.get("COSMOES_ADB") or shutil.which("adb")
+        if not self.adb:
+            raise CosmoesError("adb not found: install Android platform-tools or set COSMOES_ADB")
+        if not runner:
+            raise CosmoesError("--device adb needs --runner PATH: cosmoes_runner built for Android arm64-v8a "
+                               "(see export/README.md)")
+        self.runner = Path(runner)
+        if not self.runner.is_file():
+            raise CosmoesError(f"runner not found: {self.runner}")
+        self._check_state()
+        self.bundle_dir = ""
+        self.prompt_path = f"{REMOTE_ROOT}/prompt.txt"
+
+    # -- adb plumbing -------------------------------------------------------------------------------------------
+    def _name(self) -> str:
+        return f"adb device {self.serial}" if self.serial else "the adb device"
+
+    def _adb(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+        cmd = [self.adb, *(["-s", self.serial] if self.serial else []), *args]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise CosmoesError(f"{self._name()} did not answer `adb {args[0]}` within {timeout:.0f} s") from None
+        if check and proc.returncode != 0:
+            raise CosmoesError(f"adb {args[0]} failed on {self._name()}: {_last_line(proc.stderr or proc.stdout)}")
+        return proc
+
+    def _check_state(self) -> None:
+        proc = self._adb("get-state", timeout=30, check=False)
+        state = proc.stdout.strip()
+        if proc.returncode == 0 and state == "device":
+            return
+        text = f"{proc.stdout} {proc.stderr}".lower()
+        if "unauthorized" in text:
+            raise CosmoesError(f"{self._name()} is unauthorized: accept the USB-debugging prompt on the phone")
+        if "offline" in text:
+            raise CosmoesError(f"{self._name()} is offline: reconnect it (adb reconnect)")
+        raise CosmoesError(f"{self._name()} is not reachable: {_last_line(proc.stderr or proc.stdout)}")
+
+    def shell(self, command: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+        return self._adb("shell", command, timeout=timeout, check=check)
+
+    def info(self) -> dict:
+        props = {"model": "ro.product.model", "soc": "ro.soc.model", "board": "ro.board.platform",
+                 "android": "ro.build.version.release", "abi": "ro.product.cpu.abi"}
+        out = {"kind": "adb", "serial": self.serial}
+        for key, prop in props.items():
+            out[key] = self.shell(f"getprop {prop}", timeout=30, check=False).stdout.strip()
+        return out
+
+    # -- files --------------------------------------------------------------------------------------------------
+    def push(self, local: Path, remote: str) -> bool:
+        """Push unless the device already has the same bytes; True if pushed."""
+        have = self.shell(f"sha256sum {shlex.quote(remote)} 2>/dev/null", check=False).stdout.split()
+        if have and have[0] == sha256_file(local):
+            return False
+        self.shell(f"mkdir -p {shlex.quote(remote.rsplit('/', 1)[0])}")
+        self._adb("push", str(local), remote, timeout=3600)
+        return True
+
+    def prepare(self, bundle: Path, prompt_file: Path) -> None:
+        manifest = load_manifest(bundle)
+        self.bundle_dir = f"{REMOTE_ROOT}/bundles/{bundle.resolve().name}"
+        files = [(self.runner, f"{REMOTE_ROOT}/bin/{self.runner.name}"), (prompt_file, self.prompt_path),
+                 (bundle / MANIFEST_NAME, f"{self.bundle_dir}/{MANIFEST_NAME}")]
+        files += [(lib, f"{REMOTE_ROOT}/lib/{lib.name}") for lib in sorted(self.runner.parent.glob("*.so"))]
+        files += [(bundle / p["file"], f"{self.bundle_dir}/{p['file']}") for p in manifest.programs.values()]
+        pushed = [remote for local, remote in files if self.push(local, remote)]
+        self.log(f"adb: pushed {len(pushed)} of {len(files)} files ({len(files) - len(pushed)} already on the device)")
+        self.shell(f"chmod 755 {REMOTE_ROOT}/bin/{self.runner.name}")
+
+    def run(self, args: list[str], timeout: float) -> dict:
+        stats = f"{REMOTE_ROOT}/out/stats.json"
+        command = (f"mkdir -p {REMOTE_ROOT}/out && rm -f {stats} && cd {REMOTE_ROOT} && "
+                   f"LD_LIBRARY_PATH={REMOTE_ROOT}/lib {REMOTE_ROOT}/bin/{self.runner.name} "
+                   f"{shlex.join([self.bundle_dir, *args, '--stats-json', stats])}")
+        proc = self.shell(command, timeout=timeout, check=False)
+        if proc.returncode != 0:
+            raise CosmoesError(f"on {self._name()}: {runner_error(proc.returncode, proc.stderr + proc.stdout)}")
+        with tempfile.TemporaryDirectory() as tmp:
+            self._adb("pull", stats, f"{tmp}/stats.json", timeout=120)
+            return json.loads(Path(f"{tmp}/stats.json").read_text())
+
+
+def _last_line(text: str) -> str:
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
+    return lines[-1] if lines else "no output"

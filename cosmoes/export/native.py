@@ -1,0 +1,149 @@
+"""Build (cached) and run the native runner in export/ — the C++ runtime that offloads experts on device (§3.4.2).
+
+The runner is compiled with CMake against the installed `executorch` wheel's headers and libraries on first use,
+into a cache directory keyed by a hash of its sources and the ExecuTorch version, so editing the C++ rebuilds it
+and everything else reuses it.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+from cosmoes.errors import CosmoesError
+
+RUNNER_NAME = "cosmoes_runner"
+_SOURCE_GLOBS = ("CMakeLists.txt", "runtime/*.h", "runtime/*.cpp", "runner/*.cpp")
+
+
+def source_dir() -> Path:
+    """export/ of the source checkout this package runs from."""
+    path = Path(__file__).resolve().parents[2] / "export"
+    if not (path / "CMakeLists.txt").is_file():
+        raise CosmoesError(f"the native runner's sources are not at {path}; run cosmoes from a source checkout "
+                           "(pip install -e .) to build it")
+    return path
+
+
+def executorch_prefix() -> Path:
+    """The executorch wheel's package directory: its CMake package, include/ and lib/ live under it."""
+    import executorch
+
+    return Path(list(executorch.__path__)[0])
+
+
+def source_hash() -> str:
+    import executorch.version
+
+    h = hashlib.sha256()
+    src = source_dir()
+    for pattern in _SOURCE_GLOBS:
+        for path in sorted(src.glob(pattern)):
+            h.update(path.relative_to(src).as_posix().encode() + b"\0" + path.read_bytes())
+    h.update(f"{executorch.version.__version__} {platform.machine()} {sys.platform}".encode())
+    return h.hexdigest()[:16]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("COSMOES_CACHE", Path.home() / ".cache" / "cosmoes"))
+
+
+def _check_toolchain() -> None:
+    if shutil.which("cmake") is None:
+        raise CosmoesError("cannot build the native runner: cmake is not on PATH (install CMake >= 3.19, "
+                           "e.g. `apt-get install cmake` or `pip install cmake`)")
+    compilers = [os.environ.get("CXX", ""), "c++", "g++", "clang++"]
+    if not any(c and shutil.which(c) for c in compilers):
+        raise CosmoesError("cannot build the native runner: no C++17 compiler found (install g++ or clang++, "
+                           "or set CXX)")
+
+
+def build_runner(progress=None) -> Path:
+    """Path of the host runner, building it first if its sources or ExecuTorch changed (CosmoesError on failure)."""
+    build = cache_root() / f"runner-{source_hash()}"
+    exe = build / RUNNER_NAME
+    if exe.is_file():
+        return exe
+    _check_toolchain()
+    build.mkdir(parents=True, exist_ok=True)
+    with open(build / ".lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # two processes building at once would clobber each other
+        if exe.is_file():
+            return exe
+        if progress:
+            progress(f"building the native runner in {build} (once; about a minute)")
+        log = build / "build.log"
+        steps = [["cmake", "-S", str(source_dir()), "-B", str(build / "cmake"), "-DCMAKE_BUILD_TYPE=Release",
+                  f"-DCMAKE_PREFIX_PATH={executorch_prefix()}"],
+                 ["cmake", "--build", str(build / "cmake"), "-j", str(os.cpu_count() or 1)]]
+        with open(log, "w") as out:
+            for cmd in steps:
+                if subprocess.run(cmd, stdout=out, stderr=subprocess.STDOUT).returncode != 0:
+                    raise CosmoesError(f"building the native runner failed: {_first_error(log)} (full log: {log})")
+        shutil.copy2(build / "cmake" / RUNNER_NAME, exe.with_suffix(".tmp"))
+        os.replace(exe.with_suffix(".tmp"), exe)
+    return exe
+
+
+def _first_error(log: Path) -> str:
+    lines = log.read_text(errors="replace").splitlines()
+    errors = [ln.strip() for ln in lines if "error" in ln.lower()]
+    return (errors or lines or ["no output"])[0][:300]
+
+
+@dataclass
+class RunnerResult:
+    tokens: list[int]
+    stats: dict
+
+
+def runner_error(returncode: int, stderr: str) -> str:
+    """The runner's one-line error, or what killed it."""
+    lines = [ln for ln in stderr.splitlines() if ln.startswith("error:")]
+    if lines:
+        return lines[-1][len("error:"):].strip()
+    if returncode < 0 or returncode > 128:
+        sig = -returncode if returncode < 0 else returncode - 128
+        return f"the runner crashed (signal {sig}); last output: {_tail(stderr)}"
+    return f"the runner failed (exit {returncode}): {_tail(stderr)}"
+
+
+def _tail(text: str) -> str:
+    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+    return lines[-1][:300] if lines else "no output"
+
+
+def run_local(bundle: str | Path, args: list[str], stats_path: Path, exe: Path | None = None,
+              timeout: float | None = None) -> RunnerResult:
+    """Run the host runner on a bundle with runner flags ``args``; its stats JSON lands in ``stats_path``."""
+    exe = exe or build_runner()
+    cmd = [str(exe), str(bundle), *args, "--stats-json", str(stats_path)]
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        raise CosmoesError(f"the runner did not finish within {timeout:.0f} s") from None
+    if proc.returncode != 0:
+        raise CosmoesError(runner_error(proc.returncode, proc.stderr))
+    stats = json.loads(Path(stats_path).read_text())
+    return RunnerResult(tokens=list(stats["tokens"]), stats=stats)
+
+
+def generate_native(bundle: str | Path, prompt_ids: list[int], max_new_tokens: int, policy: str = "swap",
+                    threads: int = 1, temperature: float = 0.0, top_p: float = 1.0, seed: int = 0,
+                    work_dir: str | Path | None = None) -> RunnerResult:
+    """Generate with the native runner (same tokens as ``BundleRuntime.generate`` for greedy decoding)."""
+    import tempfile
+
+    with tempfile.TemporaryDirectory(dir=work_dir) as tmp:
+        args = ["--policy", policy, "--threads", str(threads), "--gen", str(max_new_tokens),
+                "--prompt-ids", ",".join(str(int(i)) for i in prompt_ids), "--temperature", str(temperature),
+                "--top-p", str(top_p), "--seed", str(seed)]
+        return run_local(bundle, args, Path(tmp) / "stats.json")
