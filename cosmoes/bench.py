@@ -91,6 +91,12 @@ def derived(stats: dict, manifest: Manifest) -> dict:
     head_dim = cfg["dim"] // cfg["n_heads"]
     kv = 2 * cfg["n_layers"] * (cfg.get("n_kv_heads") or cfg["n_heads"]) * head_dim * manifest.max_seq_len * 4  # the static fp32 caches
     out = {"weights_mb_per_token": weights / 1e6, "kv_mb_per_token": kv / 1e6}
+    if "arena_mb" in stats:
+        # what the runtime holds besides weights: the process before loading plus the planned arenas (KV caches,
+        # activations); peak RSS is compared with that plus the stored bytes of the active weights
+        out["fixed_overhead_mb"] = stats["rss_baseline_mb"] + stats["arena_mb"]
+        active = manifest.non_expert_total() / 1e6 + stats["active_expert_mb"]
+        out["peak_rss_vs_active"] = stats["peak_rss_mb"] / (active + out["fixed_overhead_mb"])
     bw = stats.get("mem_read_gb_s") or 0
     if bw:
         out["roofline_tok_s"] = bw * 1e9 / weights
@@ -178,7 +184,8 @@ COLUMNS = [("policy", "policy", "{}"), ("decode_tok_s", "decode tok/s", "{:.1f}"
            ("prefill_tok_s", "prefill tok/s", "{:.0f}"), ("peak_rss_mb", "peak RSS MB", "{:.1f}"),
            ("expert_loads", "loads", "{:.0f}"), ("expert_loads_decode", "loads/decode", "{:.0f}"),
            ("expert_load_ms_mean", "ms/load", "{:.2f}"), ("expert_read_ms", "read ms", "{:.2f}"),
-           ("exrep_mean", "ExRep", "{:.3f}"), ("roofline_fraction", "roofline", "{:.2f}")]
+           ("exrep_mean", "ExRep", "{:.3f}"), ("peak_rss_vs_active", "RSS/active", "{:.2f}"),
+           ("roofline_fraction", "roofline", "{:.2f}")]
 
 
 def _cell(row: dict, key: str, fmt: str) -> str:

@@ -290,6 +290,8 @@ def reproduce(steps: int = typer.Option(2000, help="training steps per model"),
               max_tokens: int = typer.Option(256, help="tokens per held-out document for the routing metrics"),
               eval_blocks: Optional[int] = typer.Option(None, help="validation blocks per model (default: all)"),
               threads: Optional[int] = typer.Option(None, help="torch threads (1 is faster on a shared machine)"),
+              offload: bool = typer.Option(True, help="export the MoE models (8da4w) and time offloaded decoding "
+                                                       "with the native runner"),
               seed: int = typer.Option(0)):
     """Train FA dense, MoE, MoE+BlES, WD-MoE and PA dense alike; write their comparison to docs/results/."""
     from cosmoes.reproduce import (ALL_MODELS, DEFAULT_BLES_COEF, DEFAULT_BLES_TEMPERATURE, ReproduceConfig,
@@ -301,7 +303,7 @@ def reproduce(steps: int = typer.Option(2000, help="training steps per model"),
                           bles_temperature=DEFAULT_BLES_TEMPERATURE if bles_temperature is None else bles_temperature,
                           models=tuple(m.strip() for m in models.split(",") if m.strip()) if models else ALL_MODELS,
                           data=list(data or []), routing_samples=samples, routing_tokens=max_tokens,
-                          eval_blocks=eval_blocks, threads=threads)
+                          eval_blocks=eval_blocks, threads=threads, offload=offload)
     typer.echo(results_table(run_reproduction(cfg)))
 
 

@@ -61,6 +61,7 @@ class ReproduceConfig:
     routing_samples: int = 100
     routing_tokens: int = 256
     threads: int | None = None  # torch intra-op threads; None = torch's default (1 is faster on a busy machine)
+    offload: bool = True  # export the sparse models (8da4w) and time decoding under swap / lru:2k / all (native)
     progress: bool = True
 
     def command(self) -> str:
@@ -80,6 +81,8 @@ class ReproduceConfig:
         for name, flag in extras.items():
             if getattr(self, name) != getattr(defaults, name):
                 args += [flag, str(getattr(self, name))]
+        if not self.offload:
+            args.append("--no-offload")
         return shlex.join(args)
 
 
@@ -193,6 +196,48 @@ def evaluate_models(cfg: ReproduceConfig, summaries: dict[str, dict], log: Calla
     return {"val_blocks": len(val), "val_tokens": int(val[:, 1:].numel()), "routing": reports}
 
 
+OFFLOAD_PROMPT, OFFLOAD_GEN = 64, 128  # held-out prompt tokens, then decode steps timed per policy
+
+
+def export_sparse_models(cfg: ReproduceConfig, summaries: dict[str, dict], log) -> dict[str, Path]:
+    """An 8da4w host bundle of every sparse model (OUT/<model>/bundle-8da4w), exported once and then reused."""
+    from cosmoes.export.bundle import ExportConfig, export_bundle
+    from cosmoes.export.manifest import MANIFEST_NAME
+
+    bundles = {}
+    for key, summary in summaries.items():
+        if summary["kind"] == "dense":
+            continue
+        bundle = Path(cfg.out) / key / "bundle-8da4w"
+        source = str(Path(summary["checkpoint"]).resolve())
+        manifest = bundle / MANIFEST_NAME
+        if not manifest.is_file() or json.loads(manifest.read_text()).get("source", {}).get("checkpoint") != source:
+            log(f"export {key} (8da4w) -> {bundle}")
+            export_bundle(summary["checkpoint"], bundle, ExportConfig(target="host", quant="8da4w"), progress=None)
+        bundles[key] = bundle
+    return bundles
+
+
+def offload_speeds(bundles: dict[str, Path], out: Path, log, prompt_len: int = OFFLOAD_PROMPT,
+                   gen: int = OFFLOAD_GEN) -> dict[str, dict]:
+    """Decode speed and expert loads per decoded token of each bundle under swap, lru:2k and all (native runner)."""
+    from cosmoes.bench import BenchConfig, run_bench
+    from cosmoes.export.manifest import load_manifest
+
+    speeds = {}
+    for key, bundle in bundles.items():
+        k = load_manifest(bundle, verify=False).config["top_k"]
+        policies = ["swap", f"lru:{2 * k}", "all"]
+        log(f"offloaded decoding of {key}: {', '.join(policies)}, {prompt_len} + {gen} tokens, 1 thread")
+        bench = BenchConfig(policies=policies, prompt_len=prompt_len, gen=gen, warmup=1, repeats=3, threads=1,
+                            probe=False)
+        report = run_bench(bundle, bench, out / key, log=lambda _: None)
+        speeds[key] = {row["policy"]: {"decode_tok_s": row["decode_tok_s"], "exrep": row["exrep_mean"],
+                                       "loads_per_token": row["expert_loads_decode"] / (gen - 1)}
+                       for row in report.rows if "error" not in row}
+    return speeds
+
+
 def git_commit() -> str:
     """Short HEAD commit of the checkout, with '-dirty' when tracked files differ from it."""
     def git(*args: str) -> str:
@@ -219,12 +264,15 @@ def run_reproduction(cfg: ReproduceConfig, log: Callable[[str], None] | None = N
     started = time.perf_counter()
     summaries = train_models(cfg, log)
     evaluation = evaluate_models(cfg, summaries, log)
+    offload = {}
+    if cfg.offload:
+        offload = offload_speeds(export_sparse_models(cfg, summaries, log), Path(cfg.out) / "bench", log)
     results = {
         "command": cfg.command(), "commit": git_commit(), "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, torch {torch.__version__}, intra-op threads: {torch.get_num_threads()}",
         "config": dataclasses.asdict(cfg), "val_blocks": evaluation["val_blocks"],
         "val_tokens": evaluation["val_tokens"], "models": summaries,
-        "routing": {k: report_json(r) for k, r in evaluation["routing"].items()},
+        "routing": {k: report_json(r) for k, r in evaluation["routing"].items()}, "offload": offload,
         "wall_s": time.perf_counter() - started,
     }
     for path in write_report(cfg, results, evaluation["routing"]):
@@ -290,6 +338,23 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+def offload_table(offload: dict) -> str:
+    """Offloaded decoding (§3.4.2): tokens/s per policy and expert loads per decoded token under swap."""
+    if not offload:
+        return ""
+    policies = list(next(iter(offload.values())))
+    lines = ["| Model | " + " | ".join(f"{p} tok/s" for p in policies) + " | loads/token (swap) | "
+             "decode ExRep % | lru ÷ all |", "|---|" + "---|" * (len(policies) + 3)]
+    for key, rows in offload.items():
+        cells = [_fmt(rows.get(p, {}).get("decode_tok_s"), ".1f") for p in policies]
+        swap, lru, every = rows.get("swap", {}), rows.get(policies[1], {}), rows.get("all", {})
+        ratio = lru["decode_tok_s"] / every["decode_tok_s"] if lru and every else None
+        lines.append(f"| {LABELS.get(key, key)} | " + " | ".join(cells) +
+                     f" | {_fmt(swap.get('loads_per_token'), '.2f')} | "
+                     f"{_fmt(100 * swap['exrep'] if swap else None, '.1f')} | {_fmt(ratio, '.2f')} |")
+    return "\n".join(lines)
+
+
 def format_report(cfg: ReproduceConfig, results: dict) -> str:
     """The Markdown report: provenance, set-up, the results table and the figures."""
     tokens = cfg.steps * cfg.batch_size * cfg.seq_len
@@ -308,6 +373,12 @@ def format_report(cfg: ReproduceConfig, results: dict) -> str:
         "each); definitions in [docs/routing-metrics.md](../routing-metrics.md).", "",
         results_table(results),
     ]
+    if results.get("offload"):
+        lines += ["", f"Offloaded decoding with the native runner (`cosmoes bench`, 8da4w bundles, 1 thread, "
+                  f"{OFFLOAD_PROMPT} held-out prompt tokens then {OFFLOAD_GEN} greedy tokens, median of 3): "
+                  "tokens/s per expert-cache policy, expert loads per decoded token under swap (Eq. 8), the "
+                  "routing's ExRep over that sequence, and lru:2k's speed as a fraction of all's.", "",
+                  offload_table(results["offload"])]
     lines += ["", "Paper, Table 3 (phone-sized MoE, 100 C4 samples): MoE ExRep 43.82 %, ΔUni 9.60 %; "
               "+ BlES ExRep 6.55 %, ΔUni 9.67 %.", "",
               "s/step: wall time per training step on the machine above, periodic validation and checkpoints "

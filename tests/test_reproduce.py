@@ -19,7 +19,7 @@ PERSUASION = str(REPO / "cosmoes/corpus/austen-persuasion.txt.gz")
 def micro_cfg(tmp: Path, **kw) -> ReproduceConfig:
     base = dict(out=str(tmp / "runs"), results=str(tmp / "results"), steps=3, batch_size=2, seq_len=32,
                 models=("moe", "dense-pa"), data=[PERSUASION], eval_blocks=4, routing_samples=3, routing_tokens=32,
-                progress=False)
+                progress=False, offload=False)
     base.update(kw)
     return ReproduceConfig(**base)
 
@@ -107,3 +107,18 @@ def test_recorded_command_reruns_through_the_cli(micro):
     assert result.exit_code == 0, result.output
     assert result.output.count("already trained") == 2
     assert "| MoE | tiny-moe |" in result.stdout and "| Dense (PA) |" in result.stdout
+
+
+def test_offload_speeds_and_table_from_a_bundle(micro_bundle_8da4w, tmp_path):
+    from cosmoes.reproduce import offload_speeds, offload_table
+
+    speeds = offload_speeds({"moe": micro_bundle_8da4w}, tmp_path, log=lambda _: None, prompt_len=16, gen=12)
+    rows = speeds["moe"]
+    assert list(rows) == ["swap", "lru:4", "all"]  # lru:2k with k = 2
+    assert rows["all"]["loads_per_token"] == 0  # every expert the prompt touched stays resident
+    assert rows["swap"]["loads_per_token"] > 0 and all(r["decode_tok_s"] > 0 for r in rows.values())
+    assert rows["swap"]["exrep"] == rows["all"]["exrep"]  # the policy never changes the routing
+    table = offload_table(speeds)
+    assert table.splitlines()[0].startswith("| Model | swap tok/s | lru:4 tok/s | all tok/s | loads/token (swap)")
+    assert f"| {rows['swap']['loads_per_token']:.2f} |" in table.splitlines()[2]
+    assert (tmp_path / "moe" / "bench.json").is_file()

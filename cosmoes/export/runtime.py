@@ -6,7 +6,8 @@ router first selects it, and released according to the cache policy:
 
   all    every expert stays resident once loaded (nothing is ever evicted)
   swap   Eq. 8: per layer exactly the currently selected experts S are resident; when S != S_prev the experts
-         N = S_prev minus S are evicted first, then the missing members of S are loaded
+         N = S_prev minus S are evicted first, then the missing members of S are loaded. A prefill chunk runs
+         each of its experts in turn and keeps only the last token's set, so at most top_k + 1 are ever resident
   lru:N  at most N experts per layer (N >= top_k); the least recently used one is evicted first
 """
 
@@ -183,6 +184,12 @@ class ExpertCache:
         self.stats.resident_peak = max(self.stats.resident_peak, sum(len(x) for x in self.layers))
         return lay[expert]
 
+    def release(self, layer: int, expert: int, keep: Sequence[int]) -> None:
+        """The expert has run. Under swap, a multi-token step (prefill) keeps only its last token's experts, so
+        one outside ``keep`` goes now: at most top_k + 1 experts per layer are resident at any time."""
+        if self.policy.kind == "swap" and expert not in keep:
+            self._evict(layer, [expert])
+
     def _evict(self, layer: int, experts: list[int]) -> None:
         if not experts:
             return
@@ -335,10 +342,12 @@ class BundleRuntime:
         selected = sorted(set(experts_TK.flatten().tolist()))
         self._experts.begin_step(layer, selected)
         out_TD = torch.zeros_like(x_TD)
+        last = experts_TK[-1].tolist()
         for e in selected:  # ascending, as the eager model, so the fp32 sums are added in the same order
             token_idx, slot = torch.where(experts_TK == e)
             y_ND = self._experts.get(layer, e)([x_TD[token_idx].contiguous()])[0]
             out_TD.index_add_(0, token_idx, y_ND * weights_TK[token_idx, slot, None].to(x_TD.dtype))
+            self._experts.release(layer, e, last)
         return out_TD
 
 

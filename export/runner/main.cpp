@@ -165,7 +165,7 @@ namespace {
 
 struct Measured {
   std::vector<Run> runs;
-  cosmoes::Memory after_load, end;
+  cosmoes::Memory baseline, after_load, end;
   int64_t loads = 0, evictions = 0;
   double load_ms = 0;
   double mem_gbps = 0, io_mbps = 0;
@@ -191,6 +191,7 @@ std::string stats_json(const Args& a, cosmoes::Runtime& rt, const std::vector<in
      << ", \"verify_ms\": " << rt.verify_ms() << ", \"model_load_ms\": " << rt.load_ms()
      << ", \"ttft_ms\": " << median(ttft) << ", \"prefill_tok_s\": " << median(prefill)
      << ", \"decode_tok_s\": " << median(decode) << ", \"decode_tok_s_runs\": " << list(decode)
+     << ", \"rss_baseline_mb\": " << m.baseline.rss_mb << ", \"arena_mb\": " << rt.arena_mb()
      << ", \"rss_after_load_mb\": " << m.after_load.rss_mb << ", \"rss_end_mb\": " << m.end.rss_mb
      << ", \"peak_rss_mb\": " << m.end.peak_mb << ", \"expert_loads\": " << m.loads
      << ", \"expert_evictions\": " << m.evictions << ", \"expert_load_ms\": " << m.load_ms
@@ -226,12 +227,14 @@ Measured measure(cosmoes::Runtime& rt, const std::vector<int64_t>& prompt, const
 
 int run_main(int argc, char** argv) {
   Args a = parse_args(argc, argv);
+  cosmoes::Memory baseline = cosmoes::process_memory();  // the process before any program: libraries, heap
   cosmoes::Runtime rt(a.bundle, a.runtime);
   std::vector<int64_t> prompt = make_prompt(a, rt.manifest().vocab_size);
   if (static_cast<int64_t>(prompt.size()) + a.gen - 1 > rt.manifest().max_seq_len)
     throw Error("prompt (" + std::to_string(prompt.size()) + " tokens) + " + std::to_string(a.gen) +
                 " new tokens exceed the bundle's max_seq_len " + std::to_string(rt.manifest().max_seq_len));
   Measured m = measure(rt, prompt, a);
+  m.baseline = baseline;
   std::printf("%s\n", list(m.runs.back().tokens).c_str());
   if (!a.stats_json.empty()) {
     std::string text = stats_json(a, rt, prompt, m) + "\n";

@@ -167,6 +167,12 @@ const std::string& ExpertCache::acquire(int64_t layer, int64_t expert) {
   return method;
 }
 
+void ExpertCache::release(int64_t layer, int64_t expert, const std::vector<int64_t>& keep) {
+  if (policy_.kind != Policy::Kind::Swap || std::find(keep.begin(), keep.end(), expert) != keep.end()) return;
+  evict(layer, expert);
+  release_heap();
+}
+
 void ExpertCache::evict(int64_t layer, int64_t expert) {
   program_.unload_method(m_.experts[layer][expert].method);  // destroys the XNNPACK runtime + packed weights
   lru_[layer].remove(expert);
@@ -224,13 +230,27 @@ void Runtime::open_programs() {
         throw cosmoes::Error("program " + m_.path(p) + " lacks method '" + method + "' listed in the manifest");
     return mod;
   };
+  auto planned = [&](Module& mod, const ProgramFile& p) {
+    std::vector<int64_t> largest;
+    for (const auto& method : p.methods) {
+      auto meta = mod.method_meta(method);
+      if (!meta.ok()) continue;
+      for (size_t i = 0; i < meta->num_memory_planned_buffers(); ++i) {
+        if (largest.size() <= i) largest.resize(i + 1, 0);
+        largest[i] = std::max<int64_t>(largest[i], meta->memory_planned_buffer_size(i).get());
+      }
+    }
+    for (int64_t b : largest) arena_bytes_ += b;
+  };
   backbone_ = open(m_.program("backbone"));
+  planned(*backbone_, m_.program("backbone"));
   for (const auto& method : m_.program("backbone").methods) {
     EtError err = backbone_->load_method(method);
     if (err != EtError::Ok) throw cosmoes::Error("loading method " + method + " failed: " + et_error(err));
   }
   if (m_.is_moe) {
     expert_program_ = open(m_.program("experts"));
+    planned(*expert_program_, m_.program("experts"));
     experts_ = std::make_unique<ExpertCache>(*expert_program_, m_, policy_);
   }
 }
@@ -313,6 +333,7 @@ void Runtime::moe(int64_t layer, const std::vector<float>& x_TD, const std::vect
   selected.erase(std::unique(selected.begin(), selected.end()), selected.end());
   experts_->begin_step(layer, selected);
   std::fill(out_TD.begin(), out_TD.end(), 0.f);
+  const std::vector<int64_t> last(ids_TK.end() - K, ids_TK.end());
   std::vector<float> x_ND;
   std::vector<int64_t> token, slot;
   for (int64_t e : selected) {  // ascending, as the eager model, so fp32 sums are added in the same order
@@ -335,6 +356,7 @@ void Runtime::moe(int64_t layer, const std::vector<float>& x_TD, const std::vect
         out[d] += product;
       }
     }
+    experts_->release(layer, e, last);
   }
 }
 

@@ -50,6 +50,9 @@ class ExpertCache {
   void begin_step(int64_t layer, const std::vector<int64_t>& selected);
   // Makes the expert's method resident (lru evicts first, so N is never exceeded); returns its method name.
   const std::string& acquire(int64_t layer, int64_t expert);
+  // The expert has run over its tokens. Under swap, a multi-token step (prefill) keeps only the last token's
+  // experts resident, so an expert outside `keep` goes now: at most top_k + 1 experts per layer at any time.
+  void release(int64_t layer, int64_t expert, const std::vector<int64_t>& keep);
   ExpertStats& stats() { return stats_; }
   int64_t resident_count() const;
 
@@ -79,6 +82,8 @@ class Runtime {
   ExpertStats& expert_stats() { return experts_ ? experts_->stats() : dense_stats_; }
   double verify_ms() const { return verify_ms_; }
   double load_ms() const { return load_ms_; }
+  // Memory-planned buffers (activations, KV caches) of both programs, each shared arena sized to its largest user.
+  double arena_mb() const { return arena_bytes_ / 1e6; }
   int threads() const { return threads_; }
 
   // Starts a new sequence with `ids`; logits (vocab) of its last position.
@@ -93,6 +98,7 @@ class Runtime {
   int threads_ = 1;
   double verify_ms_ = 0.0, load_ms_ = 0.0;
   int64_t pos_ = 0;
+  int64_t arena_bytes_ = 0;
   std::unique_ptr<executorch::extension::module::Module> backbone_, expert_program_;
   std::unique_ptr<ExpertCache> experts_;  // null for a dense model
   ExpertStats dense_stats_;

@@ -51,9 +51,9 @@ def test_policies_bound_resident_experts(runner, micro_bundle_8da4w, prompt_ids)
     layers, experts = 2, 4
     assert stats["all"]["expert_evictions"] == 0 and stats["all"]["expert_loads"] <= layers * experts
     assert stats["lru:3"]["expert_resident_peak"] <= 3 * layers
-    assert stats["swap"]["expert_loads"] >= stats["lru:3"]["expert_loads"] >= stats["all"]["expert_loads"]
-    # decode under swap keeps exactly the current token's experts: after the prompt, at most k per layer
-    assert stats["swap"]["expert_evictions"] > 0
+    assert stats["swap"]["expert_loads"] > stats["all"]["expert_loads"] < stats["lru:3"]["expert_loads"]
+    # swap keeps the current token's experts, plus the one a prefill chunk is running: at most k + 1 per layer
+    assert stats["swap"]["expert_evictions"] > 0 and stats["swap"]["expert_resident_peak"] <= (2 + 1) * layers
 
 
 def test_budget_picks_the_cache_size_and_names_the_minimum(runner, micro_bundle_8da4w, prompt_ids, tmp_path):
