@@ -28,7 +28,7 @@ class DemoConfig:
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     """Train → export → verify → benchmark; returns one flat summary."""
     from cosmoes.export.bundle import ExportConfig, export_bundle
-    from cosmoes.export.pybench import PyBenchConfig, bench_policies, format_rows
+    from cosmoes.bench import BenchConfig, format_table, run_bench
     from cosmoes.export.verify import verify
 
     out = Path(cfg.out)
@@ -42,10 +42,11 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     manifest = export_bundle(checkpoint, bundle, ExportConfig(target=cfg.target, quant=cfg.quant))
     log("[3/4] verifying the bundle against the checkpoint on held-out text")
     check = verify(bundle, checkpoint)
-    log("[4/4] benchmarking decode under the expert cache policies")
-    rows = bench_policies(bundle, PyBenchConfig(policies=["all", "swap", "lru:4"], gen=cfg.gen))
-    log(format_rows(rows))
-    by_policy = {r["policy"]: r for r in rows}
+    log("[4/4] benchmarking decode with the native runner under the expert cache policies")
+    report = run_bench(bundle, BenchConfig(policies=["all", "swap", "lru:4"], gen=cfg.gen, repeats=2, threads=1),
+                       out / "bench", log=log)
+    log(format_table(report))
+    by_policy = {r["policy"]: r for r in report.rows if "error" not in r}
     return {
         "model": trained["model"], "steps": trained["steps"], "val_loss": trained["val_loss"],
         "val_ppl": trained["val_ppl"], "train_exrep": trained["exrep"], "checkpoint": checkpoint,
@@ -54,4 +55,5 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
         "top1_agreement": check["top1_agreement"], "greedy_agreement": check["greedy_agreement"],
         **{f"decode_tok_s[{p}]": r["decode_tok_s"] for p, r in by_policy.items()},
         **{f"expert_loads[{p}]": r["expert_loads"] for p, r in by_policy.items()},
+        **{f"peak_rss_mb[{p}]": r["peak_rss_mb"] for p, r in by_policy.items()},
     }
