@@ -173,7 +173,7 @@ def bundle_routed(bundle: str | Path, data_sources: Sequence[str] | None) -> Rou
     model_cfg = manifest.model_config()
     _require_moe(model_cfg, bundle)
     runtime = BundleRuntime(bundle, policy="all")
-    source = (getattr(manifest, "source", None) or {}).get("checkpoint")
+    source = manifest.source.get("checkpoint")
     if source and (resolve_checkpoint(source) / "config.json").is_file():
         split = split_config(source, data_sources)
     else:

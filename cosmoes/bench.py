@@ -134,7 +134,7 @@ def run_bench(bundle: str | Path, cfg: BenchConfig, out: str | Path,
     (out / "prompt.txt").write_text(" ".join(map(str, prompt)) + "\n")
     device = open_device(cfg.device, cfg.runner, log)
     report = BenchReport(str(bundle), device.info(), dataclasses.asdict(cfg), len(prompt))
-    device.prepare(bundle, out / "prompt.txt")
+    device.prepare(bundle, manifest, out / "prompt.txt")
     cfg_top_k, experts = manifest.config["top_k"], manifest.config["num_experts"]
     runs = [(p, None) for p in (sweep_policies(cfg_top_k, experts) if cfg.sweep else cfg.policies)]
     runs += [(None, b) for b in cfg.budgets_mb]

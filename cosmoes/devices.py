@@ -18,8 +18,8 @@ from pathlib import Path
 from typing import Callable
 
 from cosmoes.errors import CosmoesError
-from cosmoes.export.manifest import MANIFEST_NAME, load_manifest, sha256_file
-from cosmoes.export.native import build_runner, run_local, runner_error
+from cosmoes.export.manifest import MANIFEST_NAME, Manifest, sha256_file
+from cosmoes.export.native import build_runner, last_line, run_local, runner_error
 
 REMOTE_ROOT = "/data/local/tmp/cosmoes"
 
@@ -58,7 +58,7 @@ class LocalDevice:
         return {"kind": "local", "host": platform.node(), "cpu": _cpu_name(), "cores": cores,
                 "os": platform.platform()}
 
-    def prepare(self, bundle: Path, prompt_file: Path) -> None:
+    def prepare(self, bundle: Path, manifest: Manifest, prompt_file: Path) -> None:
         self.bundle, self.prompt_path = bundle, str(prompt_file)
 
     def run(self, args: list[str], timeout: float) -> dict:
@@ -95,7 +95,7 @@ class AdbDevice:
         except subprocess.TimeoutExpired:
             raise CosmoesError(f"{self._name()} did not answer `adb {args[0]}` within {timeout:.0f} s") from None
         if check and proc.returncode != 0:
-            raise CosmoesError(f"adb {args[0]} failed on {self._name()}: {_last_line(proc.stderr or proc.stdout)}")
+            raise CosmoesError(f"adb {args[0]} failed on {self._name()}: {last_line(proc.stderr or proc.stdout)}")
         return proc
 
     def _check_state(self) -> None:
@@ -108,7 +108,7 @@ class AdbDevice:
             raise CosmoesError(f"{self._name()} is unauthorized: accept the USB-debugging prompt on the phone")
         if "offline" in text:
             raise CosmoesError(f"{self._name()} is offline: reconnect it (adb reconnect)")
-        raise CosmoesError(f"{self._name()} is not reachable: {_last_line(proc.stderr or proc.stdout)}")
+        raise CosmoesError(f"{self._name()} is not reachable: {last_line(proc.stderr or proc.stdout)}")
 
     def shell(self, command: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
         return self._adb("shell", command, timeout=timeout, check=check)
@@ -122,23 +122,26 @@ class AdbDevice:
         return out
 
     # -- files --------------------------------------------------------------------------------------------------
-    def push(self, local: Path, remote: str) -> bool:
-        """Push unless the device already has the same bytes; True if pushed."""
+    def push(self, local: Path, remote: str, sha256: str | None = None) -> bool:
+        """Push unless the device already has the same bytes (``sha256``: the local file's, if already known)."""
         have = self.shell(f"sha256sum {shlex.quote(remote)} 2>/dev/null", check=False).stdout.split()
-        if have and have[0] == sha256_file(local):
+        if have and have[0] == (sha256 or sha256_file(local)):
             return False
         self.shell(f"mkdir -p {shlex.quote(remote.rsplit('/', 1)[0])}")
         self._adb("push", str(local), remote, timeout=3600)
         return True
 
-    def prepare(self, bundle: Path, prompt_file: Path) -> None:
-        manifest = load_manifest(bundle)
+    def prepare(self, bundle: Path, manifest: Manifest, prompt_file: Path) -> None:
+        """Push what the run needs; ``manifest`` was loaded (and its programs verified) by the caller."""
         self.bundle_dir = f"{REMOTE_ROOT}/bundles/{bundle.resolve().name}"
-        files = [(self.runner, f"{REMOTE_ROOT}/bin/{self.runner.name}"), (prompt_file, self.prompt_path),
-                 (bundle / MANIFEST_NAME, f"{self.bundle_dir}/{MANIFEST_NAME}")]
-        files += [(lib, f"{REMOTE_ROOT}/lib/{lib.name}") for lib in sorted(self.runner.parent.glob("*.so"))]
-        files += [(bundle / p["file"], f"{self.bundle_dir}/{p['file']}") for p in manifest.programs.values()]
-        pushed = [remote for local, remote in files if self.push(local, remote)]
+        files = [(self.runner, f"{REMOTE_ROOT}/bin/{self.runner.name}", None),
+                 (prompt_file, self.prompt_path, None),
+                 (bundle / MANIFEST_NAME, f"{self.bundle_dir}/{MANIFEST_NAME}", None)]
+        files += [(lib, f"{REMOTE_ROOT}/lib/{lib.name}", None) for lib in sorted(self.runner.parent.glob("*.so"))]
+        # the programs' hashes are in the verified manifest: no need to hash hundreds of MB again
+        files += [(bundle / p["file"], f"{self.bundle_dir}/{p['file']}", p["sha256"])
+                  for p in manifest.programs.values()]
+        pushed = [remote for local, remote, sha in files if self.push(local, remote, sha)]
         self.log(f"adb: pushed {len(pushed)} of {len(files)} files ({len(files) - len(pushed)} already on the device)")
         self.shell(f"chmod 755 {REMOTE_ROOT}/bin/{self.runner.name}")
 
@@ -153,8 +156,3 @@ class AdbDevice:
         with tempfile.TemporaryDirectory() as tmp:
             self._adb("pull", stats, f"{tmp}/stats.json", timeout=120)
             return json.loads(Path(f"{tmp}/stats.json").read_text())
-
-
-def _last_line(text: str) -> str:
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    return lines[-1] if lines else "no output"

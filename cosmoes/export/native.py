@@ -112,12 +112,13 @@ def runner_error(returncode: int, stderr: str) -> str:
         return lines[-1][len("error:"):].strip()
     if returncode < 0 or returncode > 128:
         sig = -returncode if returncode < 0 else returncode - 128
-        return f"the runner crashed (signal {sig}); last output: {_tail(stderr)}"
-    return f"the runner failed (exit {returncode}): {_tail(stderr)}"
+        return f"the runner crashed (signal {sig}); last output: {last_line(stderr)}"
+    return f"the runner failed (exit {returncode}): {last_line(stderr)}"
 
 
-def _tail(text: str) -> str:
-    lines = [ln for ln in text.strip().splitlines() if ln.strip()]
+def last_line(text: str) -> str:
+    """The last non-blank line of a tool's output (at most 300 characters), for one-line error messages."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
     return lines[-1][:300] if lines else "no output"
 
 

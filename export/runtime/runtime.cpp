@@ -260,15 +260,14 @@ void Runtime::reset() {
   for (auto& layer : expert_stats().selections) layer.clear();
 }
 
-void Runtime::check_ids(const std::vector<int64_t>& ids, size_t first, size_t count) const {
-  if (count == 0) throw cosmoes::Error("no token ids to run");
-  for (size_t i = first; i < first + count; ++i)
-    if (ids[i] < 0 || ids[i] >= m_.vocab_size)
-      throw cosmoes::Error("token id " + std::to_string(ids[i]) + " outside [0, " + std::to_string(m_.vocab_size) +
-                           ")");
-  if (pos_ + static_cast<int64_t>(count) > m_.max_seq_len)
-    throw cosmoes::Error("sequence of " + std::to_string(pos_ + count) + " tokens exceeds the bundle's max_seq_len " +
-                         std::to_string(m_.max_seq_len));
+void Runtime::check_ids(const std::vector<int64_t>& ids) const {
+  if (ids.empty()) throw cosmoes::Error("no token ids to run");
+  for (int64_t id : ids)
+    if (id < 0 || id >= m_.vocab_size)
+      throw cosmoes::Error("token id " + std::to_string(id) + " outside [0, " + std::to_string(m_.vocab_size) + ")");
+  if (pos_ + static_cast<int64_t>(ids.size()) > m_.max_seq_len)
+    throw cosmoes::Error("sequence of " + std::to_string(pos_ + ids.size()) +
+                         " tokens exceeds the bundle's max_seq_len " + std::to_string(m_.max_seq_len));
 }
 
 std::vector<float> Runtime::prefill(const std::vector<int64_t>& ids) {
@@ -279,7 +278,7 @@ std::vector<float> Runtime::prefill(const std::vector<int64_t>& ids) {
 std::vector<float> Runtime::decode(int64_t token) { return feed(std::vector<int64_t>{token}); }
 
 std::vector<float> Runtime::feed(const std::vector<int64_t>& ids) {
-  check_ids(ids, 0, ids.size());
+  check_ids(ids);
   std::vector<float> logits;
   int64_t chunk = std::max<int64_t>(1, std::min(m_.max_chunk, m_.max_seq_len));
   for (size_t at = 0; at < ids.size(); at += chunk) {

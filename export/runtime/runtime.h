@@ -104,7 +104,7 @@ class Runtime {
   ExpertStats dense_stats_;
 
   void open_programs();
-  void check_ids(const std::vector<int64_t>& ids, size_t first, size_t count) const;
+  void check_ids(const std::vector<int64_t>& ids) const;
   std::vector<float> feed(const std::vector<int64_t>& ids);
   void run_chunk(const int64_t* ids, int64_t T, std::vector<float>* last_logits);
   void moe(int64_t layer, const std::vector<float>& x_TD, const std::vector<float>& scores_TE, int64_t T,
