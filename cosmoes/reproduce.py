@@ -202,20 +202,34 @@ OFFLOAD_PROMPT, OFFLOAD_GEN = 64, 128  # held-out prompt tokens, then decode ste
 def export_sparse_models(cfg: ReproduceConfig, summaries: dict[str, dict], log) -> dict[str, Path]:
     """An 8da4w host bundle of every sparse model (OUT/<model>/bundle-8da4w), exported once and then reused."""
     from cosmoes.export.bundle import ExportConfig, export_bundle
-    from cosmoes.export.manifest import MANIFEST_NAME
 
     bundles = {}
     for key, summary in summaries.items():
         if summary["kind"] == "dense":
             continue
         bundle = Path(cfg.out) / key / "bundle-8da4w"
-        source = str(Path(summary["checkpoint"]).resolve())
-        manifest = bundle / MANIFEST_NAME
-        if not manifest.is_file() or json.loads(manifest.read_text()).get("source", {}).get("checkpoint") != source:
+        if not bundle_is_current(bundle, summary["checkpoint"]):
             log(f"export {key} (8da4w) -> {bundle}")
             export_bundle(summary["checkpoint"], bundle, ExportConfig(target="host", quant="8da4w"), progress=None)
         bundles[key] = bundle
     return bundles
+
+
+def bundle_is_current(bundle: Path, checkpoint: str | Path) -> bool:
+    """True if ``bundle`` was exported from ``checkpoint`` after its weights were last written.
+
+    A model retrained with changed settings keeps its run directory, so the recorded source path alone would let a
+    stale bundle through.
+    """
+    from cosmoes.checkpoint import resolve_checkpoint
+    from cosmoes.export.manifest import MANIFEST_NAME
+
+    manifest, ckpt = bundle / MANIFEST_NAME, resolve_checkpoint(checkpoint)
+    weights = [p.stat().st_mtime for p in ckpt.glob("*.safetensors")]
+    if not manifest.is_file() or not weights:
+        return False
+    source = json.loads(manifest.read_text()).get("source", {}).get("checkpoint")
+    return source == str(Path(checkpoint).resolve()) and manifest.stat().st_mtime > max(weights)
 
 
 def offload_speeds(bundles: dict[str, Path], out: Path, log, prompt_len: int = OFFLOAD_PROMPT,

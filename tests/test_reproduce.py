@@ -122,3 +122,27 @@ def test_offload_speeds_and_table_from_a_bundle(micro_bundle_8da4w, tmp_path):
     assert table.splitlines()[0].startswith("| Model | swap tok/s | lru:4 tok/s | all tok/s | loads/token (swap)")
     assert f"| {rows['swap']['loads_per_token']:.2f} |" in table.splitlines()[2]
     assert (tmp_path / "moe" / "bench.json").is_file()
+
+
+def test_a_bundle_is_reexported_after_its_checkpoint_is_retrained(tmp_path):
+    import os
+
+    from cosmoes.reproduce import bundle_is_current
+
+    ckpt, bundle = tmp_path / "run" / "checkpoint", tmp_path / "bundle"
+    ckpt.mkdir(parents=True)
+    bundle.mkdir()
+    (ckpt / "config.json").write_text("{}")
+    (ckpt / "model.safetensors").write_bytes(b"old weights")
+    assert not bundle_is_current(bundle, ckpt)  # never exported
+    (bundle / "manifest.json").write_text(json.dumps({"source": {"checkpoint": str(ckpt.resolve())}}))
+    os.utime(ckpt / "model.safetensors", (1_000, 1_000))
+    assert bundle_is_current(bundle, ckpt)
+    os.utime(ckpt / "model.safetensors", None)  # retrained in place, after the export
+    os.utime(bundle / "manifest.json", (2_000, 2_000))
+    assert not bundle_is_current(bundle, ckpt)
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "model.safetensors").write_bytes(b"weights")
+    os.utime(other / "model.safetensors", (1_000, 1_000))
+    assert not bundle_is_current(bundle, other)  # newer than those weights, but exported from another checkpoint
