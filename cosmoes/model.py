@@ -55,12 +55,17 @@ class Attention(nn.Module):
         self.wv = nn.Linear(cfg.dim, cfg.kv_heads * cfg.head_dim, bias=False)
         self.wo = nn.Linear(cfg.n_heads * cfg.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x_BTD, cos, sin, mask_B1TS, cache=None) -> torch.Tensor:
+    def project(self, x_BTD, cos, sin) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Queries (B, H, T, d) and keys/values (B, H_kv, T, d), RoPE applied to queries and keys."""
         B, T, _ = x_BTD.shape
         q = self.wq(x_BTD).view(B, T, self.n_heads, self.head_dim).transpose(1, 2)
         k = self.wk(x_BTD).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
         v = self.wv(x_BTD).view(B, T, self.kv_heads, self.head_dim).transpose(1, 2)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        return apply_rope(q, cos, sin), apply_rope(k, cos, sin), v
+
+    def forward(self, x_BTD, cos, sin, mask_B1TS, cache=None) -> torch.Tensor:
+        B, T, _ = x_BTD.shape
+        q, k, v = self.project(x_BTD, cos, sin)
         if cache is not None:
             # Duck-typed: transformers' Cache objects and our own share `update(k, v, layer_idx)`.
             k, v = cache.update(k, v, self.layer_idx)

@@ -36,9 +36,8 @@ def export_stage(stage: Stage) -> torch.export.ExportedProgram:
 
 @contextlib.contextmanager
 def _quiet():
-    # Expected during export and not actionable by a user: the per-call KV-cache positions are a plain
-    # attribute (StaticKVCache.positions_T), the caches are mutated buffers with no initial data, and
-    # torch/torchao emit deprecation notices from their own internals.
+    # Expected during export and not actionable by a user: the KV caches are mutated buffers with no initial
+    # data, and torch/torchao emit deprecation notices from their own internals.
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", message=".*was assigned during export.*")
         warnings.filterwarnings("ignore", message="Mutation on a buffer in the model is detected.*")
@@ -89,6 +88,8 @@ def _lower(stages: list[Stage], share_state: bool, delegate: dict, progress) -> 
     # Quant fusion turns torchao's dequantize + embedding into ExecuTorch's quantized embedding kernels.
     prog = merged.to_executorch(ExecutorchBackendConfig(memory_planning_pass=planning,
                                                         emit_mutable_buffer_names=share_state,
+                                                        # the KV-cache index_put becomes an in-place write
+                                                        run_reinplace_pass=True,
                                                         do_quant_fusion_and_const_prop=True))
     names = [s.name for s in stages]
     return LoweredProgram(buffer=prog.buffer, methods=names, method_bytes=method_weight_bytes(prog, names),

@@ -2,7 +2,7 @@
 
 Every stage is an nn.Module that *shares* the model's submodules (no copies, no edits to cosmoes/model.py):
 - EmbedStage:   ids (1, T) -> h (1, T, D)
-- LayerStage:   attention with a static KV cache (mutable buffers) + ffn_norm + router
+- LayerStage:   attention over a static KV cache (mutable buffers, see StaticKVCache) + ffn_norm + router
                 (h (1, T, D), start_pos (1,)) -> (h after attention, ffn input, router logits (1, T, E))
 - ExpertStage:  one SwiGLU expert (or a dense layer's FFN), x (N, D) -> y (N, D); N = tokens routed to it
 - HeadStage:    final norm + output projection, h (1, T, D) -> logits (1, T, V)
@@ -12,6 +12,7 @@ data-dependent control flow and each expert is a method of its own that can be l
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass, field
 
 import torch
@@ -20,29 +21,50 @@ from torch.export import Dim
 
 from cosmoes.errors import CosmoesError
 from cosmoes.export.recipes import MIN_GROUP
-from cosmoes.model import Transformer, causal_mask, rope_cos_sin
+from cosmoes.model import Transformer, rope_cos_sin
 
 
 class StaticKVCache(nn.Module):
-    """Duck-typed cache for cosmoes.model.Attention: fixed (1, n_kv, max_seq_len, head_dim) buffers.
+    """One layer's KV cache for batch 1 as mutable buffers laid out for the attention's matmuls: keys transposed
+    (H_kv, d, S) and values (H_kv, S, d), S = max_seq_len.
 
-    Buffer names carry the layer index because ExecuTorch's share_mutable_buffers identifies state by
-    name across methods: two layers with a buffer called "k" would silently share one cache.
+    The layout is what keeps a decode step cheap in ExecuTorch: both matmuls read the buffers as they are (a
+    (B, H, S, d) cache needs an expand or permute copy of the whole cache per call), and the position update is
+    an index_put that the reinplace pass turns into an in-place write. Buffer names carry the layer index because
+    share_mutable_buffers identifies state by name across methods.
     """
 
     def __init__(self, layer_idx: int, kv_heads: int, max_seq_len: int, head_dim: int):
         super().__init__()
-        self.k_name, self.v_name = f"k_cache_{layer_idx}", f"v_cache_{layer_idx}"
-        shape = (1, kv_heads, max_seq_len, head_dim)
-        self.register_buffer(self.k_name, torch.zeros(shape), persistent=False)
-        self.register_buffer(self.v_name, torch.zeros(shape), persistent=False)
-        self.positions_T: torch.Tensor | None = None  # set by LayerStage right before attention runs
+        self.k_name, self.v_name = f"kT_cache_{layer_idx}", f"v_cache_{layer_idx}"
+        self.register_buffer(self.k_name, torch.zeros(kv_heads, head_dim, max_seq_len), persistent=False)
+        self.register_buffer(self.v_name, torch.zeros(kv_heads, max_seq_len, head_dim), persistent=False)
 
-    def update(self, k_BHTd: torch.Tensor, v_BHTd: torch.Tensor, layer_idx: int):
-        k_cache, v_cache = getattr(self, self.k_name), getattr(self, self.v_name)
-        k_cache.index_copy_(2, self.positions_T, k_BHTd)
-        v_cache.index_copy_(2, self.positions_T, v_BHTd)
-        return k_cache, v_cache
+    def update(self, k_1HTd: torch.Tensor, v_1HTd: torch.Tensor, positions_T: torch.Tensor):
+        """Write this call's keys/values at their positions; the whole caches (kT_HdS, v_HSd)."""
+        kT_HdS, v_HSd = getattr(self, self.k_name), getattr(self, self.v_name)
+        kT_HdS[:, :, positions_T] = k_1HTd[0].transpose(1, 2)
+        v_HSd[:, positions_T] = v_1HTd[0]
+        return kT_HdS, v_HSd
+
+
+def cached_attention(q_1HTd: torch.Tensor, kT_HdS: torch.Tensor, v_HSd: torch.Tensor,
+                     positions_T: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √d + causal bias) v over the whole static cache, as (1, T, H·d).
+
+    The same maths as F.scaled_dot_product_attention with the boolean causal mask (query at position p sees
+    slots 0..p; slots not yet written are masked), written with batched matmuls over grouped query heads so that
+    no copy of the cache is made. Query head h uses key/value head h // (H / H_kv), as enable_gqa does.
+    """
+    _, H, T, d = q_1HTd.shape
+    kv, _, S = kT_HdS.shape
+    g = H // kv
+    q_GNd = q_1HTd.reshape(kv, g * T, d) * (1.0 / math.sqrt(d))
+    allowed_TS = torch.arange(S)[None, :] <= positions_T[:, None]
+    bias_TS = torch.zeros(T, S).masked_fill(~allowed_TS, float("-inf"))
+    scores = (torch.bmm(q_GNd, kT_HdS).view(kv, g, T, S) + bias_TS).view(kv, g * T, S)
+    out_GNd = torch.bmm(torch.softmax(scores, dim=-1), v_HSd)
+    return out_GNd.view(1, H, T, d).transpose(1, 2).reshape(1, T, H * d)
 
 
 class EmbedStage(nn.Module):
@@ -66,18 +88,16 @@ class LayerStage(nn.Module):
         self.router = block.feed_forward.router if cfg.is_moe else None
         self.cache = StaticKVCache(layer_idx, cfg.kv_heads, cfg.max_seq_len, cfg.head_dim)
 
-    def forward(self, h_BTD: torch.Tensor, start_pos: torch.Tensor):
-        positions_T = start_pos + torch.arange(h_BTD.shape[1], dtype=torch.long)
-        positions_BT = positions_T[None]
-        self.cache.positions_T = positions_T
-        cos, sin = rope_cos_sin(positions_BT, self.head_dim, self.theta)
-        # Keys beyond the written prefix are zeros; the causal mask over the whole static cache hides them.
-        mask = causal_mask(positions_BT, self.max_seq_len, None)
-        h_BTD = h_BTD + self.attention(self.attention_norm(h_BTD), cos, sin, mask, self.cache)
-        x_BTD = self.ffn_norm(h_BTD)
+    def forward(self, h_1TD: torch.Tensor, start_pos: torch.Tensor):
+        positions_T = start_pos + torch.arange(h_1TD.shape[1], dtype=torch.long)
+        cos, sin = rope_cos_sin(positions_T[None], self.head_dim, self.theta)
+        q, k, v = self.attention.project(self.attention_norm(h_1TD), cos, sin)
+        kT_HdS, v_HSd = self.cache.update(k, v, positions_T)
+        h_1TD = h_1TD + self.attention.wo(cached_attention(q, kT_HdS, v_HSd, positions_T))
+        x_1TD = self.ffn_norm(h_1TD)
         if self.router is None:
-            return h_BTD, x_BTD
-        return h_BTD, x_BTD, self.router(x_BTD)
+            return h_1TD, x_1TD
+        return h_1TD, x_1TD, self.router(x_1TD)
 
 
 class ExpertStage(nn.Module):
