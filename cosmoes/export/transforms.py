@@ -64,7 +64,9 @@ def cached_attention(q_1HTd: torch.Tensor, kT_HdS: torch.Tensor, v_HSd: torch.Te
     bias_TS = torch.zeros(T, S).masked_fill(~allowed_TS, float("-inf"))
     scores = (torch.bmm(q_GNd, kT_HdS).view(kv, g, T, S) + bias_TS).view(kv, g * T, S)
     out_GNd = torch.bmm(torch.softmax(scores, dim=-1), v_HSd)
-    return out_GNd.view(1, H, T, d).transpose(1, 2).reshape(1, T, H * d)
+    # (kv, g, T, d) -> (T, kv·g·d): split, then permute; merging kv and g first would make torch.export guard
+    # on the dynamic T
+    return out_GNd.view(kv, g, T, d).permute(2, 0, 1, 3).reshape(1, T, H * d)
 
 
 class EmbedStage(nn.Module):
