@@ -118,6 +118,9 @@ std::vector<int64_t> make_prompt(Args& a, int64_t vocab) {
 
 struct Run {
   double ttft_ms = 0, prefill_tok_s = 0, decode_tok_s = 0;
+  double decode_ms = 0;
+  cosmoes::StageTimes decode_stages;  // per decoded token: ms executing each kind of method
+  double decode_load_ms = 0;          // per decoded token: ms loading experts
   int64_t loads_decode = 0;
   std::vector<int64_t> tokens;
 };
@@ -134,6 +137,8 @@ Run run_once(cosmoes::Runtime& rt, const std::vector<int64_t>& prompt, const Arg
   r.ttft_ms = ms(t0);
   r.prefill_tok_s = prompt.size() / (prefill_ms / 1e3);
   int64_t loads0 = rt.expert_stats().loads;
+  const cosmoes::StageTimes st0 = rt.stage_ms();
+  const double load_ms0 = rt.expert_stats().load_ms;
   auto t1 = Clock::now();
   while (static_cast<int64_t>(r.tokens.size()) < a.gen) {
     logits = rt.decode(r.tokens.back());
@@ -142,6 +147,12 @@ Run run_once(cosmoes::Runtime& rt, const std::vector<int64_t>& prompt, const Arg
   double decode_ms = ms(t1);
   r.loads_decode = rt.expert_stats().loads - loads0;
   r.decode_tok_s = a.gen > 1 ? (a.gen - 1) / (decode_ms / 1e3) : 0;
+  const double steps = static_cast<double>(std::max<int64_t>(1, a.gen - 1));
+  const cosmoes::StageTimes& st1 = rt.stage_ms();
+  r.decode_ms = decode_ms / steps;
+  r.decode_stages = {(st1.embed - st0.embed) / steps, (st1.layers - st0.layers) / steps,
+                     (st1.experts - st0.experts) / steps, (st1.head - st0.head) / steps};
+  r.decode_load_ms = (rt.expert_stats().load_ms - load_ms0) / steps;
   return r;
 }
 
@@ -181,6 +192,7 @@ std::string stats_json(const Args& a, cosmoes::Runtime& rt, const std::vector<in
   std::vector<double> exrep = rt.expert_stats().exrep_per_layer(man.num_experts);
   double exrep_mean = exrep.empty() ? 0 : std::accumulate(exrep.begin(), exrep.end(), 0.0) / exrep.size();
   double expert_mb = man.max_expert_bytes() / 1e6;
+  const Run& last = m.runs.back();  // the breakdown of one run (the last), in ms per decoded token
   std::ostringstream os;
   os.precision(6);
   os << "{\"runner\": \"cosmoes-native\", \"bundle\": " << cosmoes::json::quote(a.bundle)
@@ -203,7 +215,13 @@ std::string stats_json(const Args& a, cosmoes::Runtime& rt, const std::vector<in
      << ", \"exrep_per_layer\": " << list(exrep) << ", \"exrep_mean\": " << exrep_mean
      << ", \"mem_read_gb_s\": " << m.mem_gbps << ", \"file_read_mb_s\": " << m.io_mbps
      << ", \"expert_read_ms\": " << (m.io_mbps > 0 ? expert_mb / m.io_mbps * 1e3 : 0.0)
-     << ", \"tokens\": " << list(m.runs.back().tokens) << "}";
+     << ", \"decode_ms_per_token\": " << last.decode_ms << ", \"decode_breakdown_ms\": {\"embed\": "
+     << last.decode_stages.embed << ", \"layers\": " << last.decode_stages.layers << ", \"experts\": "
+     << last.decode_stages.experts << ", \"expert_loads\": " << last.decode_load_ms << ", \"head\": "
+     << last.decode_stages.head << ", \"other\": "
+     << last.decode_ms - last.decode_stages.embed - last.decode_stages.layers - last.decode_stages.experts -
+            last.decode_stages.head - last.decode_load_ms
+     << "}, \"tokens\": " << list(last.tokens) << "}";
   return os.str();
 }
 

@@ -45,9 +45,11 @@ double ms_since(Clock::time_point t0) {
 
 std::string et_error(EtError e) { return "ExecuTorch error " + std::to_string(static_cast<int>(e)); }
 
-std::vector<EValue> run(Module& program, const std::string& method, std::vector<EValue> inputs) {
+std::vector<EValue> run(Module& program, const std::string& method, std::vector<EValue> inputs, double& ms) {
+  auto t0 = Clock::now();
   auto result = program.execute(method, inputs);
   if (!result.ok()) throw cosmoes::Error("running " + method + " failed: " + et_error(result.error()));
+  ms += ms_since(t0);
   return std::move(result.get());
 }
 
@@ -295,17 +297,17 @@ void Runtime::run_chunk(const int64_t* ids, int64_t T, std::vector<float>* last_
   auto ids_t = from_blob(ids_1T.data(), {1, static_cast<int>(T)}, executorch::aten::ScalarType::Long);
   auto start_t = from_blob(start.data(), {1}, executorch::aten::ScalarType::Long);
   // Outputs alias the shared activation arena, so each is copied before the next method runs.
-  std::vector<float> h_TD = copy_floats(run(*backbone_, "embed", {EValue(ids_t)})[0]);
+  std::vector<float> h_TD = copy_floats(run(*backbone_, "embed", {EValue(ids_t)}, stage_ms_.embed)[0]);
   std::vector<float> ff_TD(T * D);
   for (int64_t i = 0; i < m_.n_layers; ++i) {
     auto h_t = from_blob(h_TD.data(), {1, static_cast<int>(T), static_cast<int>(D)});
-    auto outs = run(*backbone_, "layer_" + std::to_string(i), {EValue(h_t), EValue(start_t)});
+    auto outs = run(*backbone_, "layer_" + std::to_string(i), {EValue(h_t), EValue(start_t)}, stage_ms_.layers);
     std::vector<float> attn_TD = copy_floats(outs[0]), x_TD = copy_floats(outs[1]);
     if (m_.is_moe) {
       moe(i, x_TD, copy_floats(outs[2]), T, ff_TD);
     } else {
       auto x_t = from_blob(x_TD.data(), {static_cast<int>(T), static_cast<int>(D)});
-      ff_TD = copy_floats(run(*backbone_, "layer_" + std::to_string(i) + "_ffn", {EValue(x_t)})[0]);
+      ff_TD = copy_floats(run(*backbone_, "layer_" + std::to_string(i) + "_ffn", {EValue(x_t)}, stage_ms_.experts)[0]);
     }
     for (int64_t j = 0; j < T * D; ++j) h_TD[j] = attn_TD[j] + ff_TD[j];
   }
@@ -313,7 +315,7 @@ void Runtime::run_chunk(const int64_t* ids, int64_t T, std::vector<float>* last_
   if (!last_logits) return;  // a prompt's earlier chunks only fill the KV caches
   std::vector<float> last_D(h_TD.end() - D, h_TD.end());
   auto last_t = from_blob(last_D.data(), {1, 1, static_cast<int>(D)});
-  *last_logits = copy_floats(run(*backbone_, "head", {EValue(last_t)})[0]);
+  *last_logits = copy_floats(run(*backbone_, "head", {EValue(last_t)}, stage_ms_.head)[0]);
 }
 
 void Runtime::moe(int64_t layer, const std::vector<float>& x_TD, const std::vector<float>& scores_TE, int64_t T,
@@ -345,7 +347,7 @@ void Runtime::moe(int64_t layer, const std::vector<float>& x_TD, const std::vect
         }
     const std::string& method = experts_->acquire(layer, e);
     auto x_t = from_blob(x_ND.data(), {static_cast<int>(token.size()), static_cast<int>(D)});
-    auto outs = run(*expert_program_, method, {EValue(x_t)});
+    auto outs = run(*expert_program_, method, {EValue(x_t)}, stage_ms_.experts);
     const float* y_ND = outs[0].toTensor().const_data_ptr<float>();
     for (size_t n = 0; n < token.size(); ++n) {
       const float w = weights_TK[token[n] * K + slot[n]];

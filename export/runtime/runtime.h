@@ -65,6 +65,12 @@ class ExpertCache {
   void evict(int64_t layer, int64_t expert);
 };
 
+// Milliseconds spent executing each kind of method since the runtime opened (expert loading is counted apart, in
+// ExpertStats::load_ms), so a caller can see where a decode step's time goes.
+struct StageTimes {
+  double embed = 0, layers = 0, experts = 0, head = 0;
+};
+
 struct RuntimeOptions {
   std::string policy = "swap";
   double budget_mb = 0.0;  // > 0: derive the policy from this weight budget instead
@@ -85,6 +91,7 @@ class Runtime {
   // Memory-planned buffers (activations, KV caches) of both programs, each shared arena sized to its largest user.
   double arena_mb() const { return arena_bytes_ / 1e6; }
   int threads() const { return threads_; }
+  const StageTimes& stage_ms() const { return stage_ms_; }
 
   // Starts a new sequence with `ids`; logits (vocab) of its last position.
   std::vector<float> prefill(const std::vector<int64_t>& ids);
@@ -99,6 +106,7 @@ class Runtime {
   double verify_ms_ = 0.0, load_ms_ = 0.0;
   int64_t pos_ = 0;
   int64_t arena_bytes_ = 0;
+  StageTimes stage_ms_;
   std::unique_ptr<executorch::extension::module::Module> backbone_, expert_program_;
   std::unique_ptr<ExpertCache> experts_;  // null for a dense model
   ExpertStats dense_stats_;
