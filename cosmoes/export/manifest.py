@@ -17,7 +17,8 @@ from pathlib import Path
 
 from cosmoes.errors import CosmoesError
 
-FORMAT_VERSION = 1
+# 2: layers take RoPE tables + causal bias from a "context" method and attend over the used cache slots only
+FORMAT_VERSION = 2
 MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "cosmoes-executorch-bundle"
 
@@ -37,7 +38,7 @@ class Manifest:
     programs: dict[str, dict] = field(default_factory=dict)
     # layer -> expert -> {"program": "experts", "method": "layer_0_expert_1", "bytes": stored weight bytes}
     experts: dict[int, dict[int, dict]] = field(default_factory=dict)
-    # stored weight bytes outside the experts, per kind: embedding, attention (+ norms, router), head, dense_ffn
+    # stored weight bytes outside the experts, per kind: embedding, attention (+ norms, router, RoPE), head, dense_ffn
     non_expert_bytes: dict[str, int] = field(default_factory=dict)
     fp32_linears: list[str] = field(default_factory=list)  # linears kept in fp32 (the routers)
     padded_linears: dict[str, list[int]] = field(default_factory=dict)  # fqn -> [in_features, padded to group]
@@ -142,6 +143,9 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
     if version > FORMAT_VERSION:
         raise CosmoesError(f"bundle format {version} is newer than this cosmoes supports ({FORMAT_VERSION}); "
                            "upgrade cosmoes")
+    if version < FORMAT_VERSION:
+        raise CosmoesError(f"bundle format {version} is older than this cosmoes supports ({FORMAT_VERSION}): "
+                           f"re-export it with `cosmoes export`")
     try:
         manifest = Manifest.from_dict(data)
     except (TypeError, ValueError, AttributeError) as exc:

@@ -1,6 +1,7 @@
 """Python runtime for exported bundles: resident backbone, experts loaded on demand, freed per policy (§3.4.2, Eq. 8).
 
-The backbone's methods (embed, layer_i = attention + KV cache + router, head) are loaded once. Routing
+The backbone's methods (embed, context = RoPE + causal bias of a call, layer_i = attention + KV cache + router,
+head) are loaded once. Routing
 (softmax(τR) + top-k, ``cosmoes.model.route``) runs here between calls, so an expert method is loaded only when the
 router first selects it, and released according to the cache policy:
 
@@ -318,10 +319,12 @@ class BundleRuntime:
     def _run_chunk(self, ids_T: torch.Tensor, logits: str) -> torch.Tensor | None:
         """One call per stage for up to max_chunk tokens; logits of "all" positions, the "last" one or "none"."""
         T = len(ids_T)
-        start = torch.tensor([self.pos], dtype=torch.long)
+        positions_L = torch.arange(self.pos + T, dtype=torch.long)
         h_1TD = self._methods["embed"]([ids_T.view(1, T)])[0]
+        # outputs alias the program's activation arena, which the next method call reuses
+        context = [t.clone() for t in self._methods["context"]([positions_L[self.pos:], positions_L])]
         for i in range(self.config.n_layers):
-            outs = self._methods[f"layer_{i}"]([h_1TD, start])
+            outs = self._methods[f"layer_{i}"]([h_1TD, *context])
             if self.config.is_moe:
                 ff_TD = self._moe(i, outs[1][0], outs[2][0])
             else:

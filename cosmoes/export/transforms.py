@@ -2,8 +2,10 @@
 
 Every stage is an nn.Module that *shares* the model's submodules (no copies, no edits to cosmoes/model.py):
 - EmbedStage:   ids (1, T) -> h (1, T, D)
+- ContextStage: what every layer of one call shares, computed once per call: (positions_T (T,), positions_L (L,))
+                -> (RoPE cos (T, d), sin (T, d), causal bias (T, L)); L = tokens in context after this call
 - LayerStage:   attention over a static KV cache (mutable buffers, see StaticKVCache) + ffn_norm + router
-                (h (1, T, D), start_pos (1,)) -> (h after attention, ffn input, router logits (1, T, E))
+                (h (1, T, D), cos, sin, bias (T, L)) -> (h after attention, ffn input, router logits (1, T, E))
 - ExpertStage:  one SwiGLU expert (or a dense layer's FFN), x (N, D) -> y (N, D); N = tokens routed to it
 - HeadStage:    final norm + output projection, h (1, T, D) -> logits (1, T, V)
 Routing (softmax(tau R) + top-k, Eq. 2) runs between calls in the runtime, so the exported graphs have no
@@ -40,30 +42,40 @@ class StaticKVCache(nn.Module):
         self.register_buffer(self.k_name, torch.zeros(kv_heads, head_dim, max_seq_len), persistent=False)
         self.register_buffer(self.v_name, torch.zeros(kv_heads, max_seq_len, head_dim), persistent=False)
 
-    def update(self, k_1HTd: torch.Tensor, v_1HTd: torch.Tensor, positions_T: torch.Tensor):
-        """Write this call's keys/values at their positions; the whole caches (kT_HdS, v_HSd)."""
+    def update(self, k_1HTd: torch.Tensor, v_1HTd: torch.Tensor, L: int):
+        """Write this call's keys/values at positions L-T..L-1; the first L slots of the caches (kT_HdL, v_HLd)."""
+        T = k_1HTd.shape[2]
+        positions_T = torch.arange(L - T, L, dtype=torch.long)
         kT_HdS, v_HSd = getattr(self, self.k_name), getattr(self, self.v_name)
         kT_HdS[:, :, positions_T] = k_1HTd[0].transpose(1, 2)
         v_HSd[:, positions_T] = v_1HTd[0]
-        return kT_HdS, v_HSd
+        # Attending over the L slots in use instead of all max_seq_len: a decode step then reads O(L) of cache,
+        # not the whole static cache (1.8 MB per wearable layer at 512 slots, more than its attention weights).
+        # slice_copy rather than a view: a view's contiguity depends on L == S, which torch.export would guard on.
+        return (torch.ops.aten.slice_copy.Tensor(kT_HdS, 2, 0, L),
+                torch.ops.aten.slice_copy.Tensor(v_HSd, 1, 0, L))
 
 
-def cached_attention(q_1HTd: torch.Tensor, kT_HdS: torch.Tensor, v_HSd: torch.Tensor,
-                     positions_T: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ / √d + causal bias) v over the whole static cache, as (1, T, H·d).
+def causal_bias(positions_T: torch.Tensor, positions_L: torch.Tensor) -> torch.Tensor:
+    """(T, L) additive mask: 0 where the query at positions_T[t] may see the key at positions_L[l], else -inf."""
+    return torch.zeros(positions_T.shape[0], positions_L.shape[0]).masked_fill(
+        positions_L[None, :] > positions_T[:, None], float("-inf"))
+
+
+def cached_attention(q_1HTd: torch.Tensor, kT_HdL: torch.Tensor, v_HLd: torch.Tensor,
+                     bias_TL: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √d + causal bias) v over the L cached positions, as (1, T, H·d).
 
     The same maths as F.scaled_dot_product_attention with the boolean causal mask (query at position p sees
-    slots 0..p; slots not yet written are masked), written with batched matmuls over grouped query heads so that
-    no copy of the cache is made. Query head h uses key/value head h // (H / H_kv), as enable_gqa does.
+    positions 0..p), written with batched matmuls over grouped query heads so that the cache is read as it is
+    laid out. Query head h uses key/value head h // (H / H_kv), as enable_gqa does.
     """
     _, H, T, d = q_1HTd.shape
-    kv, _, S = kT_HdS.shape
+    kv, _, L = kT_HdL.shape
     g = H // kv
     q_GNd = q_1HTd.reshape(kv, g * T, d) * (1.0 / math.sqrt(d))
-    allowed_TS = torch.arange(S)[None, :] <= positions_T[:, None]
-    bias_TS = torch.zeros(T, S).masked_fill(~allowed_TS, float("-inf"))
-    scores = (torch.bmm(q_GNd, kT_HdS).view(kv, g, T, S) + bias_TS).view(kv, g * T, S)
-    out_GNd = torch.bmm(torch.softmax(scores, dim=-1), v_HSd)
+    scores = (torch.bmm(q_GNd, kT_HdL).view(kv, g, T, L) + bias_TL).view(kv, g * T, L)
+    out_GNd = torch.bmm(torch.softmax(scores, dim=-1), v_HLd)
     # (kv, g, T, d) -> (T, kv·g·d): split, then permute; merging kv and g first would make torch.export guard
     # on the dynamic T
     return out_GNd.view(kv, g, T, d).permute(2, 0, 1, 3).reshape(1, T, H * d)
@@ -78,6 +90,19 @@ class EmbedStage(nn.Module):
         return self.tok_embeddings(ids_BT)
 
 
+class ContextStage(nn.Module):
+    """RoPE tables and the causal bias of one call, shared by all its layers (computing them in every layer costs
+    ~20 % of a decode step's attention). positions_L's length is what tells the layers how much cache to read."""
+
+    def __init__(self, model: Transformer):
+        super().__init__()
+        self.head_dim, self.theta = model.config.head_dim, model.config.rope_theta
+
+    def forward(self, positions_T: torch.Tensor, positions_L: torch.Tensor):
+        cos_1Td, sin_1Td = rope_cos_sin(positions_T[None], self.head_dim, self.theta)
+        return cos_1Td[0], sin_1Td[0], causal_bias(positions_T, positions_L)
+
+
 class LayerStage(nn.Module):
     """Pre-norm attention (with its KV cache) and the router of one block; the FFN runs elsewhere."""
 
@@ -85,17 +110,14 @@ class LayerStage(nn.Module):
         super().__init__()
         cfg = model.config
         block = model.layers[layer_idx]
-        self.head_dim, self.theta, self.max_seq_len = cfg.head_dim, cfg.rope_theta, cfg.max_seq_len
         self.attention_norm, self.attention, self.ffn_norm = block.attention_norm, block.attention, block.ffn_norm
         self.router = block.feed_forward.router if cfg.is_moe else None
         self.cache = StaticKVCache(layer_idx, cfg.kv_heads, cfg.max_seq_len, cfg.head_dim)
 
-    def forward(self, h_1TD: torch.Tensor, start_pos: torch.Tensor):
-        positions_T = start_pos + torch.arange(h_1TD.shape[1], dtype=torch.long)
-        cos, sin = rope_cos_sin(positions_T[None], self.head_dim, self.theta)
-        q, k, v = self.attention.project(self.attention_norm(h_1TD), cos, sin)
-        kT_HdS, v_HSd = self.cache.update(k, v, positions_T)
-        h_1TD = h_1TD + self.attention.wo(cached_attention(q, kT_HdS, v_HSd, positions_T))
+    def forward(self, h_1TD: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor, bias_TL: torch.Tensor):
+        q, k, v = self.attention.project(self.attention_norm(h_1TD), cos_Td[None], sin_Td[None])
+        kT_HdL, v_HLd = self.cache.update(k, v, bias_TL.shape[1])
+        h_1TD = h_1TD + self.attention.wo(cached_attention(q, kT_HdL, v_HLd, bias_TL))
         x_1TD = self.ffn_norm(h_1TD)
         if self.router is None:
             return h_1TD, x_1TD
@@ -150,13 +172,19 @@ def split_model(model: Transformer, max_chunk: int = 128) -> list[Stage]:
     cfg = model.config
     chunk = min(max_chunk, cfg.max_seq_len)
     # Prefill length is dynamic up to the chunk size; decode is the T=1 case of the same method.
-    T, N = Dim("T", min=1, max=chunk), Dim("N", min=1, max=chunk)
+    # The context length L (cache slots attended) is dynamic up to max_seq_len.
+    T, N, L = Dim("T", min=1, max=chunk), Dim("N", min=1, max=chunk), Dim("L", min=1, max=cfg.max_seq_len)
     h, x = torch.zeros(1, 2, cfg.dim), torch.zeros(2, cfg.dim)
+    # example L (3) below max_seq_len and above T (2): an example at a bound would specialise the export to it
+    # (distinct tensors: torch.export would treat one tensor passed twice as one input)
+    cos, sin, bias = torch.zeros(2, cfg.head_dim), torch.ones(2, cfg.head_dim), torch.zeros(2, 3)
     stages = [Stage("embed", EmbedStage(model), (torch.zeros(1, 2, dtype=torch.long),), ({1: T},), "backbone",
-                    "embedding")]
+                    "embedding"),
+              Stage("context", ContextStage(model), (torch.tensor([1, 2]), torch.arange(3)), ({0: T}, {0: L}),
+                    "backbone", "attention")]  # its few RoPE constants count as attention bytes
     for i, block in enumerate(model.layers):
-        stages.append(Stage(f"layer_{i}", LayerStage(model, i), (h, torch.zeros(1, dtype=torch.long)),
-                            ({1: T}, None), "backbone", "attention", layer=i))
+        stages.append(Stage(f"layer_{i}", LayerStage(model, i), (h, cos, sin, bias),
+                            ({1: T}, {0: T}, {0: T}, {0: T, 1: L}), "backbone", "attention", layer=i))
         if not cfg.is_moe:
             stages.append(Stage(f"layer_{i}_ffn", ExpertStage(block.feed_forward), (x,), ({0: N},), "backbone",
                                 "dense_ffn", layer=i))
@@ -292,6 +320,6 @@ def _is_quantised_linear(module: nn.Module, fqn: str) -> bool:
     return isinstance(module, nn.Linear) and not fqn.endswith("router")
 
 
-__all__ = ["StaticKVCache", "EmbedStage", "LayerStage", "ExpertStage", "HeadStage", "Stage", "expert_method",
+__all__ = ["StaticKVCache", "causal_bias", "cached_attention", "ContextStage", "EmbedStage", "LayerStage", "ExpertStage", "HeadStage", "Stage", "expert_method",
            "split_model", "QuantReport", "PaddedLinear", "quantised_linears", "choose_group_size", "pad_linears",
            "quantize_model"]

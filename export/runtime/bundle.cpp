@@ -99,6 +99,9 @@ BundleManifest parse_manifest(const std::string& dir, const std::string& path) {
     if (version > kBundleFormatVersion)
       throw Error("bundle format " + std::to_string(version) + " is newer than this runtime supports (" +
                   std::to_string(kBundleFormatVersion) + "); rebuild the runner from a newer cosmoes");
+    if (version < kBundleFormatVersion)
+      throw Error("bundle format " + std::to_string(version) + " is older than this runtime supports (" +
+                  std::to_string(kBundleFormatVersion) + "): re-export it with `cosmoes export`");
     m.target = root.at("target").as_string("target");
     m.quant = root.at("quant").as_string("quant");
     m.quant_embedding = root.at("quant_embedding").as_string("quant_embedding");

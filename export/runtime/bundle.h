@@ -8,7 +8,7 @@
 
 namespace cosmoes {
 
-constexpr int kBundleFormatVersion = 1;  // cosmoes/export/manifest.py FORMAT_VERSION
+constexpr int kBundleFormatVersion = 2;  // cosmoes/export/manifest.py FORMAT_VERSION
 
 struct ProgramFile {
   std::string name;  // "backbone" | "experts"

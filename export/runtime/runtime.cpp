@@ -293,15 +293,25 @@ std::vector<float> Runtime::feed(const std::vector<int64_t>& ids) {
 
 void Runtime::run_chunk(const int64_t* ids, int64_t T, std::vector<float>* last_logits) {
   const int64_t D = m_.dim;
-  std::vector<int64_t> ids_1T(ids, ids + T), start{pos_};
+  const int L = static_cast<int>(pos_ + T);
+  std::vector<int64_t> ids_1T(ids, ids + T), positions_L(L);
+  std::iota(positions_L.begin(), positions_L.end(), int64_t{0});
   auto ids_t = from_blob(ids_1T.data(), {1, static_cast<int>(T)}, executorch::aten::ScalarType::Long);
-  auto start_t = from_blob(start.data(), {1}, executorch::aten::ScalarType::Long);
+  auto pos_T = from_blob(positions_L.data() + pos_, {static_cast<int>(T)}, executorch::aten::ScalarType::Long);
+  auto pos_L = from_blob(positions_L.data(), {L}, executorch::aten::ScalarType::Long);
   // Outputs alias the shared activation arena, so each is copied before the next method runs.
   std::vector<float> h_TD = copy_floats(run(*backbone_, "embed", {EValue(ids_t)}, stage_ms_.embed)[0]);
+  auto ctx = run(*backbone_, "context", {EValue(pos_T), EValue(pos_L)}, stage_ms_.embed);
+  std::vector<float> cos_Td = copy_floats(ctx[0]), sin_Td = copy_floats(ctx[1]), bias_TL = copy_floats(ctx[2]);
+  const int d = static_cast<int>(ctx[0].toTensor().size(1));
+  auto cos_t = from_blob(cos_Td.data(), {static_cast<int>(T), d});
+  auto sin_t = from_blob(sin_Td.data(), {static_cast<int>(T), d});
+  auto bias_t = from_blob(bias_TL.data(), {static_cast<int>(T), L});
   std::vector<float> ff_TD(T * D);
   for (int64_t i = 0; i < m_.n_layers; ++i) {
     auto h_t = from_blob(h_TD.data(), {1, static_cast<int>(T), static_cast<int>(D)});
-    auto outs = run(*backbone_, "layer_" + std::to_string(i), {EValue(h_t), EValue(start_t)}, stage_ms_.layers);
+    auto outs = run(*backbone_, "layer_" + std::to_string(i), {EValue(h_t), EValue(cos_t), EValue(sin_t), EValue(bias_t)},
+                    stage_ms_.layers);
     std::vector<float> attn_TD = copy_floats(outs[0]), x_TD = copy_floats(outs[1]);
     if (m_.is_moe) {
       moe(i, x_TD, copy_floats(outs[2]), T, ff_TD);

@@ -51,7 +51,7 @@ def test_manifest_records_format_config_and_programs(micro_bundle_fp32, micro_co
     assert m.model_config() == micro_config
     assert m.max_seq_len == micro_config.max_seq_len and m.max_chunk == 16
     assert m.tokenizer == "tokenizer" and (micro_bundle_fp32 / "tokenizer" / "tokenizer.json").is_file()
-    backbone = ["embed"] + [f"layer_{i}" for i in range(micro_config.n_layers)] + ["head"]
+    backbone = ["embed", "context"] + [f"layer_{i}" for i in range(micro_config.n_layers)] + ["head"]
     assert m.programs["backbone"]["methods"] == backbone
     for prog in m.programs.values():
         path = micro_bundle_fp32 / prog["file"]
@@ -96,6 +96,12 @@ def test_newer_format_version_asks_for_an_upgrade(bundle):
     edit_manifest(bundle, format_version=FORMAT_VERSION + 1)
     assert one_line_error(bundle) == (f"bundle format {FORMAT_VERSION + 1} is newer than this cosmoes supports "
                                       f"({FORMAT_VERSION}); upgrade cosmoes")
+
+
+def test_older_format_version_asks_for_a_re_export(bundle):
+    edit_manifest(bundle, format_version=FORMAT_VERSION - 1)
+    assert one_line_error(bundle) == (f"bundle format {FORMAT_VERSION - 1} is older than this cosmoes supports "
+                                      f"({FORMAT_VERSION}): re-export it with `cosmoes export`")
 
 
 def test_refused_and_unknown_quantisation_in_manifest(bundle):

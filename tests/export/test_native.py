@@ -103,6 +103,7 @@ def _copy(bundle, tmp_path):
     ("missing", "bundle file missing"),
     ("manifest", "corrupt bundle manifest"),
     ("version", "is newer than this runtime supports"),
+    ("old-version", "is older than this runtime supports (2): re-export it"),
 ])
 def test_damaged_bundles_are_one_line_errors(runner, micro_bundle_8da4w, tmp_path, damage, message):
     bundle = _copy(micro_bundle_8da4w, tmp_path)
@@ -119,7 +120,7 @@ def test_damaged_bundles_are_one_line_errors(runner, micro_bundle_8da4w, tmp_pat
         (bundle / MANIFEST_NAME).write_text('{"format": "cosmoes-executorch-bundle", "format_version": 1,')
     else:
         m = json.loads((bundle / MANIFEST_NAME).read_text())
-        m["format_version"] = 99
+        m["format_version"] = 99 if damage == "version" else 1
         (bundle / MANIFEST_NAME).write_text(json.dumps(m))
     proc = _run(runner, bundle, "--prompt-ids", "1,2,3")
     assert proc.returncode == 2

@@ -1,12 +1,12 @@
 """cosmoes.export.transforms: the export-time attention over the static KV cache against the eager model (with and
-without grouped-query heads), and that a layer stage exports with a dynamic token count."""
+without grouped-query heads), and that a layer stage exports with dynamic token and context counts."""
 
 import pytest
 import torch
 
 from cosmoes.config import ModelConfig
 from cosmoes.export.lower import export_stage
-from cosmoes.export.transforms import LayerStage, split_model
+from cosmoes.export.transforms import ContextStage, LayerStage, causal_bias, split_model
 from cosmoes.model import Transformer, causal_mask, init_weights, rope_cos_sin
 
 
@@ -25,19 +25,29 @@ def test_layer_stage_matches_eager_attention_over_prefill_and_decode(kv_heads):
     pos = torch.arange(9)[None]
     cos, sin = rope_cos_sin(pos, cfg.head_dim, cfg.rope_theta)
     ref = h_1TD + block.attention(block.attention_norm(h_1TD), cos, sin, causal_mask(pos, 9, None))
-    got = [stage(h_1TD[:, :6], torch.tensor([0]))[0]]  # a 6-token prefill, then three decode steps
-    got += [stage(h_1TD[:, t:t + 1], torch.tensor([t]))[0] for t in range(6, 9)]
+    context = ContextStage(model)
+    # a 6-token prefill, then three decode steps; each call attends over the L = stop slots in use
+    got = [stage(h_1TD[:, start:stop], *context(torch.arange(start, stop), torch.arange(stop)))[0]
+           for start, stop in ((0, 6), (6, 7), (7, 8), (8, 9))]
     assert torch.allclose(torch.cat(got, dim=1), ref, atol=1e-5)
+
+
+def test_causal_bias_lets_each_query_see_its_own_and_earlier_positions():
+    bias = causal_bias(torch.tensor([2, 3]), torch.arange(4))
+    inf = float("-inf")
+    assert torch.equal(bias, torch.tensor([[0.0, 0.0, 0.0, inf], [0.0, 0.0, 0.0, 0.0]]))
 
 
 @torch.no_grad()
 def test_gqa_layer_stage_exports_with_dynamic_tokens():
     model = _model(kv_heads=2)
-    stage = next(s for s in split_model(model, max_chunk=16) if s.name == "layer_0")
-    exported = export_stage(stage).module()
+    stages = {s.name: s for s in split_model(model, max_chunk=16)}
+    layer, context = export_stage(stages["layer_0"]).module(), export_stage(stages["context"]).module()
     fresh = LayerStage(model, 0)
-    h_1TD = torch.randn(1, 7, model.config.dim, generator=torch.Generator().manual_seed(3))
-    for start, stop in ((0, 5), (5, 6), (6, 7)):  # token counts other than the example's, same cache
-        got = exported(h_1TD[:, start:stop], torch.tensor([start]))
-        want = fresh(h_1TD[:, start:stop], torch.tensor([start]))
+    h_1TD = torch.randn(1, 32, model.config.dim, generator=torch.Generator().manual_seed(3))
+    # token and context counts other than the example's (up to the full max_seq_len = 32), same cache
+    for start, stop in ((0, 5), (5, 6), (6, 7), (7, 23), (23, 31), (31, 32)):
+        ctx = context(torch.arange(start, stop), torch.arange(stop))
+        got = layer(h_1TD[:, start:stop], *ctx)
+        want = fresh(h_1TD[:, start:stop], *ContextStage(model)(torch.arange(start, stop), torch.arange(stop)))
         assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want))
