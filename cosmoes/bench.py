@@ -89,7 +89,9 @@ def derived(stats: dict, manifest: Manifest) -> dict:
     # decode reads every weight once per token except the embedding table (one row) and the unselected experts
     weights = manifest.non_expert_total() - embedding + stats["active_expert_mb"] * 1e6
     head_dim = cfg["dim"] // cfg["n_heads"]
-    kv = 2 * cfg["n_layers"] * (cfg.get("n_kv_heads") or cfg["n_heads"]) * head_dim * manifest.max_seq_len * 4  # the static fp32 caches
+    # a decode step attends over the cache slots in use: on average the prompt plus half the generated tokens
+    mean_context = stats["prompt_tokens"] + stats["generated_tokens"] / 2
+    kv = 2 * cfg["n_layers"] * (cfg.get("n_kv_heads") or cfg["n_heads"]) * head_dim * mean_context * 4  # fp32 K and V
     out = {"weights_mb_per_token": weights / 1e6, "kv_mb_per_token": kv / 1e6}
     if "arena_mb" in stats:
         # what the runtime holds besides weights: the process before loading plus the planned arenas (KV caches,

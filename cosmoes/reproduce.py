@@ -216,20 +216,23 @@ def export_sparse_models(cfg: ReproduceConfig, summaries: dict[str, dict], log) 
 
 
 def bundle_is_current(bundle: Path, checkpoint: str | Path) -> bool:
-    """True if ``bundle`` was exported from ``checkpoint`` after its weights were last written.
+    """True if ``bundle`` was exported from ``checkpoint`` after its weights were last written, in this cosmoes'
+    bundle format.
 
     A model retrained with changed settings keeps its run directory, so the recorded source path alone would let a
     stale bundle through.
     """
     from cosmoes.checkpoint import resolve_checkpoint
-    from cosmoes.export.manifest import MANIFEST_NAME
+    from cosmoes.export.manifest import FORMAT_VERSION, MANIFEST_NAME
 
     manifest, ckpt = bundle / MANIFEST_NAME, resolve_checkpoint(checkpoint)
     weights = [p.stat().st_mtime for p in ckpt.glob("*.safetensors")]
     if not manifest.is_file() or not weights:
         return False
-    source = json.loads(manifest.read_text()).get("source", {}).get("checkpoint")
-    return source == str(Path(checkpoint).resolve()) and manifest.stat().st_mtime > max(weights)
+    recorded = json.loads(manifest.read_text())
+    return (recorded.get("format_version") == FORMAT_VERSION
+            and recorded.get("source", {}).get("checkpoint") == str(Path(checkpoint).resolve())
+            and manifest.stat().st_mtime > max(weights))
 
 
 def offload_speeds(bundles: dict[str, Path], out: Path, log, prompt_len: int = OFFLOAD_PROMPT,

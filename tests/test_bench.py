@@ -30,10 +30,12 @@ def test_derived_roofline_by_hand():
     manifest = Manifest(target="host", quant="8da4w", group_size=32, quant_embedding="int8", max_seq_len=100,
                         max_chunk=16, config={"dim": 8, "n_heads": 2, "n_kv_heads": 1, "n_layers": 2},
                         non_expert_bytes={"embedding": 5_000_000, "attention": 2_000_000, "head": 3_000_000})
-    stats = {"active_expert_mb": 1.0, "decode_tok_s": 100.0, "mem_read_gb_s": 1.2}
+    stats = {"active_expert_mb": 1.0, "decode_tok_s": 100.0, "mem_read_gb_s": 1.2, "prompt_tokens": 10,
+             "generated_tokens": 20}
     d = derived(stats, manifest)
     assert d["weights_mb_per_token"] == pytest.approx(6.0)  # 2 + 3 + 1 MB: every weight but the embedding table
-    assert d["kv_mb_per_token"] == pytest.approx(2 * 2 * 1 * 4 * 100 * 4 / 1e6)
+    # K and V, 2 layers, 1 kv head of dim 4, fp32, over the mean context of a decode step: 10 + 20 / 2 slots
+    assert d["kv_mb_per_token"] == pytest.approx(2 * 2 * 1 * 4 * 20 * 4 / 1e6)
     assert d["roofline_tok_s"] == pytest.approx(1.2e9 / 6e6)
     assert d["roofline_fraction"] == pytest.approx(100 / 200)
 

@@ -124,9 +124,10 @@ def test_offload_speeds_and_table_from_a_bundle(micro_bundle_8da4w, tmp_path):
     assert (tmp_path / "moe" / "bench.json").is_file()
 
 
-def test_a_bundle_is_reexported_after_its_checkpoint_is_retrained(tmp_path):
+def test_a_bundle_is_reexported_after_its_checkpoint_is_retrained_or_its_format_changes(tmp_path):
     import os
 
+    from cosmoes.export.manifest import FORMAT_VERSION
     from cosmoes.reproduce import bundle_is_current
 
     ckpt, bundle = tmp_path / "run" / "checkpoint", tmp_path / "bundle"
@@ -135,8 +136,11 @@ def test_a_bundle_is_reexported_after_its_checkpoint_is_retrained(tmp_path):
     (ckpt / "config.json").write_text("{}")
     (ckpt / "model.safetensors").write_bytes(b"old weights")
     assert not bundle_is_current(bundle, ckpt)  # never exported
-    (bundle / "manifest.json").write_text(json.dumps({"source": {"checkpoint": str(ckpt.resolve())}}))
+    record = {"format_version": FORMAT_VERSION, "source": {"checkpoint": str(ckpt.resolve())}}
+    (bundle / "manifest.json").write_text(json.dumps({**record, "format_version": FORMAT_VERSION - 1}))
     os.utime(ckpt / "model.safetensors", (1_000, 1_000))
+    assert not bundle_is_current(bundle, ckpt)  # exported by an older cosmoes: its runtime would refuse it
+    (bundle / "manifest.json").write_text(json.dumps(record))
     assert bundle_is_current(bundle, ckpt)
     os.utime(ckpt / "model.safetensors", None)  # retrained in place, after the export
     os.utime(bundle / "manifest.json", (2_000, 2_000))
