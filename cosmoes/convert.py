@@ -96,25 +96,31 @@ def _build_on_meta(kind: str, hf_config):
 
 
 def _to_hf_state(sd: dict, cfg: ModelConfig, kind: str) -> dict:
-    out = {"model.embed_tokens.weight": sd["tok_embeddings.weight"], "model.norm.weight": sd["norm.weight"],
-           "lm_head.weight": sd["output.weight"]}
+    out = {theirs: sd[ours] for ours, theirs in _one_to_one_names(cfg, kind)}
+    if kind == "llama":
+        return out
     for i in range(cfg.n_layers):
-        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
-        for a, b in _ATTN_NAMES.items():
-            out[f"{theirs}{b}.weight"] = sd[f"{ours}{a}.weight"]
-        ff = f"{ours}feed_forward."
-        if kind == "llama":
-            for a, b in _DENSE_FFN_NAMES.items():
-                out[f"{theirs}mlp.{b}.weight"] = sd[f"{ff}{a}.weight"]
-            continue
+        ff, theirs = f"layers.{i}.feed_forward.", f"model.layers.{i}.mlp."
         # softmax(tau * R x) == softmax((tau * R) x): the temperature folds exactly into the router weight
-        out[f"{theirs}mlp.gate.weight"] = sd[f"{ff}router.weight"] * cfg.router_temperature
+        out[f"{theirs}gate.weight"] = sd[f"{ff}router.weight"] * cfg.router_temperature
         experts = range(cfg.num_experts)
         # gate_up_proj[e] is [w1; w3] stacked along the output dim (MixtralExperts chunks it into gate, up)
-        out[f"{theirs}mlp.experts.gate_up_proj"] = torch.stack(
+        out[f"{theirs}experts.gate_up_proj"] = torch.stack(
             [torch.cat([sd[f"{ff}experts.{e}.w1.weight"], sd[f"{ff}experts.{e}.w3.weight"]], dim=0) for e in experts])
-        out[f"{theirs}mlp.experts.down_proj"] = torch.stack([sd[f"{ff}experts.{e}.w2.weight"] for e in experts])
+        out[f"{theirs}experts.down_proj"] = torch.stack([sd[f"{ff}experts.{e}.w2.weight"] for e in experts])
     return out
+
+
+def _one_to_one_names(cfg: ModelConfig, kind: str) -> list[tuple[str, str]]:
+    """(our key, transformers' key) of every weight that maps unchanged: all but the router and the experts."""
+    pairs = [("tok_embeddings.weight", "model.embed_tokens.weight"), ("norm.weight", "model.norm.weight"),
+             ("output.weight", "lm_head.weight")]
+    for i in range(cfg.n_layers):
+        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
+        pairs += [(f"{ours}{a}.weight", f"{theirs}{b}.weight") for a, b in _ATTN_NAMES.items()]
+        if kind == "llama":
+            pairs += [(f"{ours}feed_forward.{a}.weight", f"{theirs}mlp.{b}.weight") for a, b in _DENSE_FFN_NAMES.items()]
+    return pairs
 
 
 _ATTN_NAMES = {"attention.wq": "self_attn.q_proj", "attention.wk": "self_attn.k_proj",
@@ -208,19 +214,13 @@ def _load_hf(src: Path, kind: str, hf_config):
 
 
 def _from_hf_state(sd: dict, cfg: ModelConfig, kind: str) -> dict:
-    out = {"tok_embeddings.weight": sd["model.embed_tokens.weight"], "norm.weight": sd["model.norm.weight"],
-           "output.weight": sd["lm_head.weight"]}
+    out = {ours: sd[theirs] for ours, theirs in _one_to_one_names(cfg, kind)}
+    if kind == "llama":
+        return out
     for i in range(cfg.n_layers):
-        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
-        for a, b in _ATTN_NAMES.items():
-            out[f"{ours}{a}.weight"] = sd[f"{theirs}{b}.weight"]
-        ff = f"{ours}feed_forward."
-        if kind == "llama":
-            for a, b in _DENSE_FFN_NAMES.items():
-                out[f"{ff}{a}.weight"] = sd[f"{theirs}mlp.{b}.weight"]
-            continue
-        out[f"{ff}router.weight"] = sd[f"{theirs}mlp.gate.weight"]
-        gate_up_EFD, down_EDF = sd[f"{theirs}mlp.experts.gate_up_proj"], sd[f"{theirs}mlp.experts.down_proj"]
+        ff, theirs = f"layers.{i}.feed_forward.", f"model.layers.{i}.mlp."
+        out[f"{ff}router.weight"] = sd[f"{theirs}gate.weight"]
+        gate_up_EFD, down_EDF = sd[f"{theirs}experts.gate_up_proj"], sd[f"{theirs}experts.down_proj"]
         for e in range(cfg.num_experts):
             out[f"{ff}experts.{e}.w1.weight"], out[f"{ff}experts.{e}.w3.weight"] = gate_up_EFD[e].chunk(2, dim=0)
             out[f"{ff}experts.{e}.w2.weight"] = down_EDF[e]
