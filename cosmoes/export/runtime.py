@@ -1,9 +1,8 @@
 """Python runtime for exported bundles: resident backbone, experts loaded on demand, freed per policy (§3.4.2, Eq. 8).
 
 The backbone's methods (embed, context = RoPE + causal bias of a call, layer_i = attention + KV cache + router,
-head) are loaded once. Routing
-(softmax(τR) + top-k, ``cosmoes.model.route``) runs here between calls, so an expert method is loaded only when the
-router first selects it, and released according to the cache policy:
+head) are loaded once. Routing (softmax(τR) + top-k, ``cosmoes.model.route``) runs here between calls, so an expert
+method is loaded only when the router first selects it, and released according to the cache policy:
 
   all    every expert stays resident once loaded (nothing is ever evicted)
   swap   Eq. 8: per layer exactly the currently selected experts S are resident; when S != S_prev the experts

@@ -301,6 +301,7 @@ void Runtime::run_chunk(const int64_t* ids, int64_t T, std::vector<float>* last_
   auto pos_L = from_blob(positions_L.data(), {L}, executorch::aten::ScalarType::Long);
   // Outputs alias the shared activation arena, so each is copied before the next method runs.
   std::vector<float> h_TD = copy_floats(run(*backbone_, "embed", {EValue(ids_t)}, stage_ms_.embed)[0]);
+  // RoPE tables + causal bias, once per call for all layers (timed with embed: both are per-call work)
   auto ctx = run(*backbone_, "context", {EValue(pos_T), EValue(pos_L)}, stage_ms_.embed);
   std::vector<float> cos_Td = copy_floats(ctx[0]), sin_Td = copy_floats(ctx[1]), bias_TL = copy_floats(ctx[2]);
   const int d = static_cast<int>(ctx[0].toTensor().size(1));
