@@ -255,17 +255,24 @@ def plot_tradeoff(report: BenchReport, path: Path) -> Path:
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
+    import matplotlib.ticker
 
     fig, ax = plt.subplots(figsize=(6, 4), dpi=120)
     ok = [r for r in report.rows if "error" not in r]
     ax.plot([r["peak_rss_mb"] for r in ok], [r["decode_tok_s"] for r in ok], "o", color="tab:blue")
-    for r in ok:
-        ax.annotate(r["policy"], (r["peak_rss_mb"], r["decode_tok_s"]), textcoords="offset points", xytext=(4, 4))
+    # policies with close speeds sit close together: from the slowest up, labels alternate below and above
+    for i, r in enumerate(sorted(ok, key=lambda r: r["decode_tok_s"])):
+        ax.annotate(r["policy"], (r["peak_rss_mb"], r["decode_tok_s"]), textcoords="offset points",
+                    xytext=(6, 4 if i % 2 else -11), fontsize=8)
     if report.eager and "error" not in report.eager:
         e = report.eager
         ax.plot([e["peak_rss_mb"]], [e["decode_tok_s"]], "s", color="tab:red")
         ax.annotate("transformers eager fp32", (e["peak_rss_mb"], e["decode_tok_s"]), textcoords="offset points",
-                    xytext=(4, -12))
+                    xytext=(-6, 6), ha="right", fontsize=8)
+        ax.set_xscale("log")  # eager fp32 holds ~10x the memory of the exported policies
+        ax.xaxis.set_major_locator(matplotlib.ticker.LogLocator(subs=(1, 2, 5)))
+        ax.xaxis.set_major_formatter(matplotlib.ticker.ScalarFormatter())
+        ax.xaxis.set_minor_formatter(matplotlib.ticker.NullFormatter())
     ax.set_xlabel("peak RSS (MB)")
     ax.set_ylabel("decode tokens/s")
     ax.set_title(f"{Path(report.bundle).name} on {report.device.get('model') or report.device.get('cpu', 'host')}",
