@@ -17,8 +17,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from cosmoes.devices import open_device, parse_device
 from cosmoes.errors import CosmoesError
 from cosmoes.export.manifest import Manifest, load_manifest
+from cosmoes.export.native import last_line
 
 
 @dataclass
@@ -45,8 +47,7 @@ class BenchConfig:
                 raise CosmoesError(f"--{name.replace('_', '-')} must be at least 1")
         if self.warmup < 0:
             raise CosmoesError("--warmup must be >= 0")
-        if self.device != "local" and not self.device.startswith("adb"):
-            raise CosmoesError(f"unknown device {self.device!r}: use local, adb or adb:SERIAL")
+        parse_device(self.device)
 
 
 def sweep_policies(top_k: int, num_experts: int) -> list[str]:
@@ -123,8 +124,6 @@ class BenchReport:
 def run_bench(bundle: str | Path, cfg: BenchConfig, out: str | Path,
               log: Callable[[str], None] = print) -> BenchReport:
     """Benchmark ``bundle`` per policy on the configured device; results are rewritten to ``out`` after each run."""
-    from cosmoes.devices import open_device
-
     cfg.validate()
     bundle, out = Path(bundle), Path(out)
     manifest = load_manifest(bundle)
@@ -177,8 +176,7 @@ def eager_baseline(manifest: Manifest, prompt: list[int], cfg: BenchConfig, log)
     proc = subprocess.run([sys.executable, "-m", "cosmoes.eager_bench"], input=json.dumps(request),
                           capture_output=True, text=True, timeout=cfg.timeout_s)
     if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
-        return {"error": (lines or ["failed"])[-1]}
+        return {"error": last_line(proc.stderr)}
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 

@@ -24,13 +24,18 @@ from cosmoes.export.native import build_runner, last_line, run_local, runner_err
 REMOTE_ROOT = "/data/local/tmp/cosmoes"
 
 
-def open_device(spec: str, runner: str | None, log: Callable[[str], None]):
-    """``local`` | ``adb`` | ``adb:SERIAL``."""
+def parse_device(spec: str) -> tuple[str, str | None]:
+    """``local`` | ``adb`` | ``adb:SERIAL`` as (kind, serial); anything else is a one-line error."""
     if spec == "local":
-        return LocalDevice(runner, log)
+        return "local", None
     if spec == "adb" or spec.startswith("adb:"):
-        return AdbDevice(spec.partition(":")[2] or None, runner, log)
+        return "adb", spec.partition(":")[2] or None
     raise CosmoesError(f"unknown device {spec!r}: use local, adb or adb:SERIAL")
+
+
+def open_device(spec: str, runner: str | None, log: Callable[[str], None]):
+    kind, serial = parse_device(spec)
+    return LocalDevice(runner, log) if kind == "local" else AdbDevice(serial, runner, log)
 
 
 def _cpu_name() -> str:
