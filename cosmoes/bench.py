@@ -32,6 +32,7 @@ class BenchConfig:
     sweep: bool = False  # swap, every lru:N from top_k up, and all
     budgets_mb: list[float] = field(default_factory=list)  # extra runs with --budget-mb
     prompt_len: int = 64
+    prompt_doc: int = 0  # which held-out document the prompt is taken from (0 .. PROMPT_DOCS-1)
     gen: int = 64
     warmup: int = 1
     repeats: int = 3
@@ -47,7 +48,12 @@ class BenchConfig:
                 raise CosmoesError(f"--{name.replace('_', '-')} must be at least 1")
         if self.warmup < 0:
             raise CosmoesError("--warmup must be >= 0")
+        if not 0 <= self.prompt_doc < PROMPT_DOCS:
+            raise CosmoesError(f"--prompt-doc must be in 0..{PROMPT_DOCS - 1}, got {self.prompt_doc}")
         parse_device(self.device)
+
+
+PROMPT_DOCS = 50  # held-out documents a prompt can start at; each has 400+ tokens, so prompts do not overlap
 
 
 def sweep_policies(top_k: int, num_experts: int) -> list[str]:
@@ -55,8 +61,9 @@ def sweep_policies(top_k: int, num_experts: int) -> list[str]:
     return ["swap", *[f"lru:{n}" for n in range(top_k, num_experts, top_k)], "all"]
 
 
-def bench_prompt(bundle: Path, manifest: Manifest, prompt_len: int) -> list[int]:
-    """The first ``prompt_len`` tokens of held-out real text (the embedded corpus' validation split)."""
+def bench_prompt(bundle: Path, manifest: Manifest, prompt_len: int, doc: int = 0) -> list[int]:
+    """The first ``prompt_len`` tokens of held-out real text (the embedded corpus' validation split), starting at
+    its ``doc``-th document (documents follow on if one is shorter than the prompt)."""
     from cosmoes.analysis import held_out_documents
     from cosmoes.data import DataConfig
     from cosmoes.tokenizer import load_tokenizer
@@ -65,8 +72,8 @@ def bench_prompt(bundle: Path, manifest: Manifest, prompt_len: int) -> list[int]
         raise CosmoesError(f"bundle {bundle} has no tokenizer, so there is no text prompt; re-export it with one")
     tokenizer = load_tokenizer(bundle / manifest.tokenizer)
     ids: list[int] = []
-    for doc in held_out_documents(DataConfig(), samples=50):
-        ids += tokenizer.encode(doc, add_special_tokens=False)
+    for text in held_out_documents(DataConfig(), samples=PROMPT_DOCS)[doc:]:
+        ids += tokenizer.encode(text, add_special_tokens=False)
         if len(ids) >= prompt_len:
             return ids[:prompt_len]
     raise CosmoesError(f"held-out text has only {len(ids)} tokens; use a shorter --prompt-len")
@@ -127,7 +134,7 @@ def run_bench(bundle: str | Path, cfg: BenchConfig, out: str | Path,
     cfg.validate()
     bundle, out = Path(bundle), Path(out)
     manifest = load_manifest(bundle)
-    prompt = bench_prompt(bundle, manifest, cfg.prompt_len)
+    prompt = bench_prompt(bundle, manifest, cfg.prompt_len, cfg.prompt_doc)
     if cfg.prompt_len + cfg.gen - 1 > manifest.max_seq_len:
         raise CosmoesError(f"--prompt-len {cfg.prompt_len} + --gen {cfg.gen} exceed the bundle's max_seq_len "
                            f"{manifest.max_seq_len}")

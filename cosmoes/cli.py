@@ -206,6 +206,7 @@ def bench(bundle: Path = typer.Argument(..., help="exported bundle directory"),
           budget_mb: Optional[List[float]] = typer.Option(None, "--budget-mb", help="repeatable: a run whose "
                                                           "expert cache follows from this weight budget"),
           prompt_len: int = typer.Option(64, "--prompt-len", help="prompt tokens (held-out real text)"),
+          prompt_doc: int = typer.Option(0, "--prompt-doc", help="held-out document the prompt starts at (0-49)"),
           gen: int = typer.Option(64, "--gen", help="tokens to generate"),
           warmup: int = typer.Option(1, "--warmup"), repeats: int = typer.Option(3, "--repeats"),
           threads: Optional[int] = typer.Option(None, "--threads", help="default: the bundle's recipe"),
@@ -217,8 +218,9 @@ def bench(bundle: Path = typer.Argument(..., help="exported bundle directory"),
     from cosmoes.bench import BenchConfig, format_table, run_bench
 
     cfg = BenchConfig(device=device, policies=list(policy or ["all", "swap"]), sweep=sweep,
-                      budgets_mb=list(budget_mb or []), prompt_len=prompt_len, gen=gen, warmup=warmup,
-                      repeats=repeats, threads=threads, compare=compare, runner=str(runner) if runner else None)
+                      budgets_mb=list(budget_mb or []), prompt_len=prompt_len, prompt_doc=prompt_doc, gen=gen,
+                      warmup=warmup, repeats=repeats, threads=threads, compare=compare,
+                      runner=str(runner) if runner else None)
     out = out or Path("bench") / bundle.resolve().name
     report = run_bench(bundle, cfg, out, log=lambda line: typer.echo(line, err=True))
     typer.echo(format_table(report))

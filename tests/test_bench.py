@@ -26,6 +26,16 @@ def test_sweep_policies():
     assert sweep_policies(1, 2) == ["swap", "lru:1", "all"]
 
 
+def test_each_prompt_doc_is_a_different_held_out_document(micro_bundle_8da4w):
+    from cosmoes.bench import bench_prompt
+    from cosmoes.export.manifest import load_manifest
+
+    manifest = load_manifest(micro_bundle_8da4w)
+    prompts = [bench_prompt(micro_bundle_8da4w, manifest, 16, doc) for doc in range(4)]
+    assert all(len(p) == 16 for p in prompts)
+    assert len({tuple(p) for p in prompts}) == 4
+
+
 def test_derived_roofline_by_hand():
     manifest = Manifest(target="host", quant="8da4w", group_size=32, quant_embedding="int8", max_seq_len=100,
                         max_chunk=16, config={"dim": 8, "n_heads": 2, "n_kv_heads": 1, "n_layers": 2},
@@ -136,6 +146,8 @@ def test_bad_bench_options(micro_bundle_8da4w, tmp_path):
         run_bench(micro_bundle_8da4w, BenchConfig(device="usb"), tmp_path)
     with pytest.raises(CosmoesError, match="exceed the bundle's max_seq_len 64"):
         run_bench(micro_bundle_8da4w, BenchConfig(prompt_len=60, gen=10), tmp_path)
+    with pytest.raises(CosmoesError, match=r"--prompt-doc must be in 0\.\.49, got 50"):
+        run_bench(micro_bundle_8da4w, BenchConfig(prompt_doc=50), tmp_path)
     os.environ.pop("COSMOES_ADB", None)
     result = _bench_process(tmp_path / "missing", tmp_path / "o")
     assert result.returncode == 2 and result.stderr.strip() == f"error: bundle not found: {tmp_path / 'missing'}"

@@ -112,16 +112,23 @@ def test_recorded_command_reruns_through_the_cli(micro):
 def test_offload_speeds_and_table_from_a_bundle(micro_bundle_8da4w, tmp_path):
     from cosmoes.reproduce import offload_speeds, offload_table
 
-    speeds = offload_speeds({"moe": micro_bundle_8da4w}, tmp_path, log=lambda _: None, prompt_len=16, gen=12)
+    speeds = offload_speeds({"moe": micro_bundle_8da4w}, tmp_path, log=lambda _: None, prompt_len=16, gen=12,
+                            prompts=2)
     rows = speeds["moe"]
     assert list(rows) == ["swap", "lru:4", "all"]  # lru:2k with k = 2
     assert rows["all"]["loads_per_token"] == 0  # every expert the prompt touched stays resident
     assert rows["swap"]["loads_per_token"] > 0 and all(r["decode_tok_s"] > 0 for r in rows.values())
     assert rows["swap"]["exrep"] == rows["all"]["exrep"]  # the policy never changes the routing
+    per_prompt = rows["swap"]["loads_per_token_per_prompt"]
+    assert len(per_prompt) == 2 and rows["swap"]["loads_per_token"] == pytest.approx(sum(per_prompt) / 2)
     table = offload_table(speeds)
-    assert table.splitlines()[0].startswith("| Model | swap tok/s | lru:4 tok/s | all tok/s | loads/token (swap)")
-    assert f"| {rows['swap']['loads_per_token']:.2f} |" in table.splitlines()[2]
-    assert (tmp_path / "moe" / "bench.json").is_file()
+    assert table.splitlines()[0].startswith("| Model | swap tok/s | lru:4 tok/s | all tok/s | loads/token (swap) | "
+                                            "range over prompts |")
+    assert (f"| {rows['swap']['loads_per_token']:.2f} | {min(per_prompt):.2f}–{max(per_prompt):.2f} |"
+            in table.splitlines()[2])
+    prompts = [json.loads((tmp_path / "moe" / f"prompt-{i}" / "bench.json").read_text())["config"]["prompt_doc"]
+               for i in range(2)]
+    assert prompts == [0, 1]
 
 
 def test_a_bundle_is_reexported_after_its_checkpoint_is_retrained_or_its_format_changes(tmp_path):
