@@ -34,6 +34,9 @@ class BenchConfig:
     prompt_len: int = 64
     prompt_doc: int = 0  # which held-out document the prompt is taken from (0 .. PROMPT_DOCS-1)
     gen: int = 64
+    temperature: float = 0.0  # 0: greedy; else temperature + top-p sampling from a seeded stream
+    top_p: float = 1.0
+    seed: int = 0
     warmup: int = 1
     repeats: int = 3
     threads: int | None = None  # None: the bundle's recipe
@@ -48,6 +51,9 @@ class BenchConfig:
                 raise CosmoesError(f"--{name.replace('_', '-')} must be at least 1")
         if self.warmup < 0:
             raise CosmoesError("--warmup must be >= 0")
+        if self.temperature < 0 or not 0 < self.top_p <= 1:
+            raise CosmoesError(f"--temperature must be >= 0 and --top-p in (0, 1], got {self.temperature} and "
+                               f"{self.top_p}")
         if not 0 <= self.prompt_doc < PROMPT_DOCS:
             raise CosmoesError(f"--prompt-doc must be in 0..{PROMPT_DOCS - 1}, got {self.prompt_doc}")
         parse_device(self.device)
@@ -85,6 +91,8 @@ def runner_args(cfg: BenchConfig, policy: str | None, budget_mb: float | None, p
     args += ["--budget-mb", str(budget_mb)] if budget_mb is not None else ["--policy", str(policy)]
     if cfg.threads is not None:
         args += ["--threads", str(cfg.threads)]
+    if cfg.temperature > 0:
+        args += ["--temperature", str(cfg.temperature), "--top-p", str(cfg.top_p), "--seed", str(cfg.seed)]
     if cfg.probe:
         args.append("--probe")
     return args
@@ -178,7 +186,8 @@ def eager_baseline(manifest: Manifest, prompt: list[int], cfg: BenchConfig, log)
     threads = cfg.threads if cfg.threads is not None else manifest.threads
     threads = threads or len(os.sched_getaffinity(0))  # 0 = every core, as the runner reads it
     request = {"source": manifest.source, "prompt": prompt, "gen": cfg.gen, "repeats": cfg.repeats,
-               "warmup": cfg.warmup, "threads": threads, "max_seq_len": manifest.max_seq_len}
+               "warmup": cfg.warmup, "threads": threads, "max_seq_len": manifest.max_seq_len,
+               "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
     log(f"[compare] transformers eager fp32 generate, {threads} thread(s)")
     proc = subprocess.run([sys.executable, "-m", "cosmoes.eager_bench"], input=json.dumps(request),
                           capture_output=True, text=True, timeout=cfg.timeout_s)

@@ -208,6 +208,9 @@ def bench(bundle: Path = typer.Argument(..., help="exported bundle directory"),
           prompt_len: int = typer.Option(64, "--prompt-len", help="prompt tokens (held-out real text)"),
           prompt_doc: int = typer.Option(0, "--prompt-doc", help="held-out document the prompt starts at (0-49)"),
           gen: int = typer.Option(64, "--gen", help="tokens to generate"),
+          temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; else sample (tiny models "
+                                                                       "fall into greedy loops)"),
+          top_p: float = typer.Option(1.0, "--top-p"), seed: int = typer.Option(0, "--seed"),
           warmup: int = typer.Option(1, "--warmup"), repeats: int = typer.Option(3, "--repeats"),
           threads: Optional[int] = typer.Option(None, "--threads", help="default: the bundle's recipe"),
           compare: bool = typer.Option(False, "--compare", help="add transformers eager fp32 generate on the "
@@ -219,8 +222,8 @@ def bench(bundle: Path = typer.Argument(..., help="exported bundle directory"),
 
     cfg = BenchConfig(device=device, policies=list(policy or ["all", "swap"]), sweep=sweep,
                       budgets_mb=list(budget_mb or []), prompt_len=prompt_len, prompt_doc=prompt_doc, gen=gen,
-                      warmup=warmup, repeats=repeats, threads=threads, compare=compare,
-                      runner=str(runner) if runner else None)
+                      temperature=temperature, top_p=top_p, seed=seed, warmup=warmup, repeats=repeats,
+                      threads=threads, compare=compare, runner=str(runner) if runner else None)
     out = out or Path("bench") / bundle.resolve().name
     report = run_bench(bundle, cfg, out, log=lambda line: typer.echo(line, err=True))
     typer.echo(format_table(report))

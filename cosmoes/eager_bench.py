@@ -35,10 +35,10 @@ def peak_rss_mb() -> float:
 
 
 @torch.inference_mode()
-def time_generate(model, ids_1T: torch.Tensor, new_tokens: int) -> tuple[float, list[int]]:
+def time_generate(model, ids_1T: torch.Tensor, new_tokens: int, sampling: dict) -> tuple[float, list[int]]:
     t0 = time.perf_counter()
-    out = model.generate(ids_1T, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
-                         pad_token_id=0, eos_token_id=None)
+    out = model.generate(ids_1T, max_new_tokens=new_tokens, min_new_tokens=new_tokens, pad_token_id=0,
+                         eos_token_id=None, **sampling)
     return time.perf_counter() - t0, out[0, ids_1T.shape[1]:].tolist()
 
 
@@ -47,12 +47,17 @@ def run(request: dict) -> dict:
     model = load_source(request["source"], int(request["max_seq_len"]))
     ids_1T = torch.tensor([request["prompt"]], dtype=torch.long)
     gen = int(request["gen"])
+    temperature = float(request.get("temperature", 0.0))
+    # the runner's sampler is its own stream, so sampled tokens differ from it; the timing is what compares
+    sampling = ({"do_sample": True, "temperature": temperature, "top_p": float(request.get("top_p", 1.0)),
+                 "top_k": None} if temperature > 0 else {"do_sample": False})
+    torch.manual_seed(int(request.get("seed", 0)))
     for _ in range(int(request["warmup"])):
-        time_generate(model, ids_1T, gen)
+        time_generate(model, ids_1T, gen, sampling)
     ttft, decode, tokens = [], [], []
     for _ in range(int(request["repeats"])):
-        first, _ = time_generate(model, ids_1T, 1)
-        full, tokens = time_generate(model, ids_1T, gen)
+        first, _ = time_generate(model, ids_1T, 1, sampling)
+        full, tokens = time_generate(model, ids_1T, gen, sampling)
         ttft.append(first * 1e3)
         decode.append((gen - 1) / max(full - first, 1e-9) if gen > 1 else 0.0)
     return {"runner": "transformers-eager-fp32", "threads": int(request["threads"]),

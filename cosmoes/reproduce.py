@@ -198,8 +198,10 @@ def evaluate_models(cfg: ReproduceConfig, summaries: dict[str, dict], log: Calla
 
 
 # held-out prompts, tokens of each, then decode steps timed per policy: one generated sequence says little about a
-# model's routing (seeds of the same BlES run gave 1.3x to 3.6x fewer loads on one prompt), §3.4.2 uses 100 samples
+# model's routing (§3.4.2 uses 100 samples). Sampled, not greedy: greedy text of a tiny model falls into loops that
+# reuse the same experts, and one such loop decided whole comparisons.
 OFFLOAD_PROMPTS, OFFLOAD_PROMPT, OFFLOAD_GEN = 8, 64, 128
+OFFLOAD_TEMPERATURE, OFFLOAD_TOP_P = 1.0, 0.9
 
 
 def export_sparse_models(cfg: ReproduceConfig, summaries: dict[str, dict], log) -> dict[str, Path]:
@@ -253,8 +255,9 @@ def offload_speeds(bundles: dict[str, Path], out: Path, log, prompt_len: int = O
             "tokens), 1 thread")
         rows: dict[str, list[dict]] = {policy: [] for policy in policies}
         for doc in range(prompts):
-            bench = BenchConfig(policies=policies, prompt_len=prompt_len, prompt_doc=doc, gen=gen, warmup=1,
-                                repeats=1, threads=1, probe=False)
+            bench = BenchConfig(policies=policies, prompt_len=prompt_len, prompt_doc=doc, gen=gen,
+                                temperature=OFFLOAD_TEMPERATURE, top_p=OFFLOAD_TOP_P, seed=doc, warmup=1, repeats=1,
+                                threads=1, probe=False)
             for row in run_bench(bundle, bench, out / key / f"prompt-{doc}", log=lambda _: None).rows:
                 if "error" not in row:
                     rows[row["policy"]].append(row)
@@ -411,7 +414,8 @@ def format_report(cfg: ReproduceConfig, results: dict) -> str:
     if results.get("offload"):
         lines += ["", f"Offloaded decoding with the native runner (`cosmoes bench`, 8da4w bundles, 1 thread; "
                   f"{OFFLOAD_PROMPTS} prompts, each the first {OFFLOAD_PROMPT} tokens of a held-out document, then "
-                  f"{OFFLOAD_GEN} greedy tokens): tokens/s per expert-cache policy (decoded tokens over decode time, "
+                  f"{OFFLOAD_GEN} tokens sampled at temperature {OFFLOAD_TEMPERATURE}, top-p {OFFLOAD_TOP_P}, the "
+                  "same tokens under every policy): tokens/s per expert-cache policy (decoded tokens over decode time, "
                   "pooled over the prompts), expert loads per decoded token under swap (Eq. 8; mean, and the range "
                   "over prompts), the routing's ExRep over those sequences, and lru:2k's speed as a fraction of "
                   "all's.", "",

@@ -72,6 +72,17 @@ def test_compare_runs_transformers_on_the_same_weights(micro_bundle_fp32, tmp_pa
     assert eager["tokens"] == report.rows[0]["tokens"]  # fp32 bundle: the same greedy continuation
 
 
+def test_sampled_runs_share_their_tokens_across_policies(micro_bundle_fp32, tmp_path):
+    greedy = run_bench(micro_bundle_fp32, BenchConfig(policies=["all"], **QUICK), tmp_path / "g", log=lambda _: None)
+    cfg = BenchConfig(policies=["all", "swap"], temperature=1.0, top_p=0.9, seed=3, compare=True, **QUICK)
+    sampled = run_bench(micro_bundle_fp32, cfg, tmp_path / "s", log=lambda _: None)
+    every, swap = sampled.rows
+    assert every["tokens"] == swap["tokens"] != greedy.rows[0]["tokens"]  # the policy never changes the tokens
+    assert sampled.eager["decode_tok_s"] > 0 and len(sampled.eager["tokens"]) == QUICK["gen"]
+    with pytest.raises(CosmoesError, match="--top-p in \\(0, 1\\], got 0.0 and 0"):
+        run_bench(micro_bundle_fp32, BenchConfig(temperature=0.0, top_p=0), tmp_path)
+
+
 @pytest.fixture
 def fake_adb(tmp_path, monkeypatch):
     root = tmp_path / "phone"
