@@ -383,20 +383,52 @@ int64_t Sampler::pick(const std::vector<float>& logits) {
   if (temperature_ == 0)
     return std::max_element(logits.begin(), logits.end()) - logits.begin();
   const size_t V = logits.size();
-  std::vector<double> p(V);
+  auto& cand = candidates_;
+  cand.resize(V);
   double mx = *std::max_element(logits.begin(), logits.end()) / temperature_, sum = 0;
-  for (size_t v = 0; v < V; ++v) sum += (p[v] = std::exp(logits[v] / temperature_ - mx));
-  std::vector<int64_t> order(V);
-  std::iota(order.begin(), order.end(), 0);
-  std::sort(order.begin(), order.end(), [&](int64_t a, int64_t b) { return p[a] > p[b]; });
-  // Nucleus: the most probable tokens whose mass reaches top_p (at least one), renormalised.
-  size_t keep = 0;
-  double mass = 0;
-  while (keep < V && (keep == 0 || mass < top_p_ * sum)) mass += p[order[keep++]];
+  // float exp (half the cost of double, ample for drawing one token); far below the maximum it would return a
+  // denormal, which costs a hundred times more, for a probability under 1e-38 of the top one's: call that 0
+  for (size_t v = 0; v < V; ++v) {
+    const float x = static_cast<float>(logits[v] / temperature_ - mx);
+    sum += (cand[v].first = x > -87.f ? std::exp(x) : 0.f);
+  }
+  for (size_t v = 0; v < V; ++v) cand[v].second = static_cast<int64_t>(v);
+  size_t keep = V;
+  double mass = sum;
+  if (top_p_ < 1) {
+    // Nucleus: the fewest most probable tokens whose mass reaches top_p. Bisect on their count with partial
+    // partitions (linear time in all) instead of sorting the vocabulary, which cost more than a tiny model's step;
+    // the kept tokens are sampled in whatever order they lie.
+    auto more_probable = [](const std::pair<double, int64_t>& a, const std::pair<double, int64_t>& b) {
+      return a.first > b.first || (a.first == b.first && a.second < b.second);
+    };
+    const double target = top_p_ * sum;
+    // Tokens under this probability hold less than 1 - top_p of the mass all together, so none of them is in the
+    // nucleus: drop them first (a tiny model keeps about half its vocabulary, a trained one far fewer). Capped at 1,
+    // the most probable token's own weight, so that one always stays.
+    const double cutoff = V > 1 ? std::min(1.0, (sum - target) / static_cast<double>(V - 1)) : 0.0;
+    size_t n = 0;
+    for (size_t v = 0; v < V; ++v) {
+      cand[n] = cand[v];
+      n += cand[v].first >= cutoff;  // branch-free: the kept share is unpredictable token by token
+    }
+    size_t lo = 0, hi = n;  // the lo most probable tokens hold less than target (`below`), the hi most reach it
+    double below = 0;
+    while (hi - lo > 1) {
+      size_t mid = lo + (hi - lo) / 2;
+      std::nth_element(cand.begin() + lo, cand.begin() + mid, cand.begin() + hi, more_probable);
+      double m = below;
+      for (size_t i = lo; i < mid; ++i) m += cand[i].first;
+      if (m >= target) hi = mid;
+      else { below = m; lo = mid; }
+    }
+    keep = hi;
+    mass = below + cand[lo].first;
+  }
   double r = std::uniform_real_distribution<double>(0.0, mass)(rng_);
   for (size_t k = 0; k < keep; ++k)
-    if ((r -= p[order[k]]) <= 0) return order[k];
-  return order[keep - 1];
+    if ((r -= cand[k].first) <= 0) return cand[k].second;
+  return cand[keep - 1].second;
 }
 
 void release_heap() {

@@ -10,6 +10,7 @@
 #include <memory>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "bundle.h"
@@ -128,6 +129,7 @@ class Sampler {
  private:
   double temperature_, top_p_;
   std::mt19937_64 rng_;
+  std::vector<std::pair<double, int64_t>> candidates_;  // (unnormalised probability, token id), reused per token
 };
 
 // Gives freed heap pages of evicted experts back to the OS where the C library allows it.

@@ -6,6 +6,7 @@ import shutil
 import subprocess
 
 import pytest
+import torch
 
 from cosmoes.errors import CosmoesError
 from cosmoes.export.manifest import MANIFEST_NAME
@@ -77,6 +78,20 @@ def test_sampling_is_seeded(runner, micro_bundle_8da4w, prompt_ids):
                for s in (1, 1, 2))
     assert a == b and a != c
     assert all(0 <= t < 8192 for t in a + c)
+
+
+def test_sampled_tokens_stay_in_the_nucleus(runner, micro_bundle_8da4w, prompt_ids):
+    from cosmoes.export.runtime import BundleRuntime
+
+    probs = torch.softmax(BundleRuntime(micro_bundle_8da4w, policy="all").prefill(prompt_ids).double(), -1)
+    ranked = torch.argsort(probs, descending=True)
+    size = int((torch.cumsum(probs[ranked], 0) < 0.3).sum()) + 1  # the fewest tokens holding 30 % of the mass
+    nucleus = set(ranked[:size].tolist())
+    firsts = {generate_native(micro_bundle_8da4w, prompt_ids, 1, temperature=1.0, top_p=0.3, seed=s).tokens[0]
+              for s in range(12)}
+    assert firsts <= nucleus and len(firsts) > 1 < size
+    greedy = generate_native(micro_bundle_8da4w, prompt_ids, 6).tokens
+    assert generate_native(micro_bundle_8da4w, prompt_ids, 6, temperature=1.0, top_p=1e-9, seed=5).tokens == greedy
 
 
 def test_statistics_line(runner, micro_bundle_8da4w, prompt_ids, tmp_path):
