@@ -132,7 +132,8 @@ class Sampler {
   std::vector<std::pair<double, int64_t>> candidates_;  // (unnormalised probability, token id), reused per token
 };
 
-// Gives freed heap pages of evicted experts back to the OS where the C library allows it.
-void release_heap();
+// Makes the C library give an evicted expert's memory back to the OS when it is freed (glibc: a process-wide
+// mmap threshold); every Runtime calls it.
+void return_freed_weights_to_os();
 
 }  // namespace cosmoes
