@@ -12,12 +12,15 @@ from transformers.modeling_outputs import MoeCausalLMOutputWithPast
 from cosmoes.config import ModelConfig
 from cosmoes.model import RMSNorm, Transformer
 
+# the output's KV-cache field: `cache` from transformers 5.24 on, `past_key_values` before (the old name warns)
+_CACHE_FIELD = "cache" if "cache" in MoeCausalLMOutputWithPast.__dataclass_fields__ else "past_key_values"
+
 
 class CosmoeConfig(PreTrainedConfig):
     """transformers config of a CoSMoEs model; the fields map one-to-one onto `ModelConfig`."""
 
     model_type = "cosmoe"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["past_key_values", "cache"]
 
     vocab_size: int = 8192
     hidden_size: int = 128
@@ -95,12 +98,16 @@ class CosmoeForCausalLM(PreTrainedModel, GenerationMixin):
     def set_output_embeddings(self, value):
         self.model.output = value
 
-    def forward(self, input_ids=None, attention_mask=None, position_ids=None, past_key_values=None, labels=None,
-                use_cache=None, output_router_logits=None, logits_to_keep=0, **kwargs) -> MoeCausalLMOutputWithPast:
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, cache=None, labels=None,
+                use_cache=None, output_router_logits=None, logits_to_keep=0, past_key_values=None,
+                **kwargs) -> MoeCausalLMOutputWithPast:
+        # transformers 5.24 renamed the KV cache argument `past_key_values` -> `cache` (generate passes the new
+        # name); an unrecognised name would silently start an empty cache at every decode step
+        cache = cache if cache is not None else past_key_values
         use_cache = self.config.use_cache if use_cache is None else use_cache
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        out = self.model(input_ids, positions_BT=position_ids, cache=past_key_values if use_cache else None,
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        out = self.model(input_ids, positions_BT=position_ids, cache=cache if use_cache else None,
                          attention_mask_BS=attention_mask)
         logits = out.logits
         if isinstance(logits_to_keep, int) and logits_to_keep > 0:
@@ -117,8 +124,8 @@ class CosmoeForCausalLM(PreTrainedModel, GenerationMixin):
             if loss is not None:
                 loss = loss + self.config.router_aux_loss_coef * aux_loss
         return MoeCausalLMOutputWithPast(loss=loss, aux_loss=aux_loss, logits=logits,
-                                         past_key_values=past_key_values if use_cache else None,
-                                         router_logits=out.router_logits if want_router else None)
+                                         router_logits=out.router_logits if want_router else None,
+                                         **{_CACHE_FIELD: cache if use_cache else None})
 
 
 def register() -> None:
