@@ -127,7 +127,7 @@ def measure(bundle: Path, policy: str) -> dict:
     m = load_manifest(bundle, verify=False)
     cfg = m.config
     per_layer = cfg["top_k"] if policy == "swap" else cfg["num_experts"]
-    from cosmoes.export.runtime import release_heap
+    from cosmoes.runtime.python import release_heap
 
     warm = _open_and_run(bundle, m, 1)
     del warm

@@ -10,6 +10,7 @@ import tempfile
 from pathlib import Path
 from typing import Callable, Iterator
 
+from cosmoes.artifacts import resolve_checkpoint
 from cosmoes.config import ModelConfig, get_preset, load_model_config
 from cosmoes.errors import CosmoesError
 
@@ -57,14 +58,6 @@ def save_checkpoint(model, out: str | Path, tokenizer=None,
         if extra is not None:
             extra(tmp)
     return Path(out)
-
-
-def resolve_checkpoint(path: str | Path) -> Path:
-    """A training run's output directory stands for its latest checkpoint (OUT/checkpoint)."""
-    path = Path(path)
-    if not (path / "config.json").exists() and (path / "checkpoint" / "config.json").exists():
-        return path / "checkpoint"
-    return path
 
 
 def check_checkpoint_dir(path: str | Path) -> Path:

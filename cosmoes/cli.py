@@ -9,7 +9,7 @@ from typing import List, Optional
 
 import typer
 
-from cosmoes.errors import CosmoesError
+from cosmoes.errors import CosmoesError, InvalidValue
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="CoSMoEs: compact sparse Mixture-of-Experts — train, evaluate, export, benchmark.")
@@ -24,7 +24,7 @@ def demo(out: Path = typer.Option(Path("runs/demo"), help="where the run's files
          steps: int = typer.Option(150, help="training steps"),
          preset: str = typer.Option("tiny-moe", help="model preset")):
     """Whole pipeline on the shipped corpus: train a tiny MoE, export, verify, benchmark, summarise."""
-    from cosmoes.pipeline import DemoConfig, run_demo
+    from cosmoes.repro.demo import DemoConfig, run_demo
 
     _print_summary(run_demo(DemoConfig(out=str(out), steps=steps, preset=preset)))
 
@@ -172,7 +172,7 @@ def generate(bundle: Path = typer.Argument(..., help="exported bundle directory"
              top_p: float = typer.Option(1.0, "--top-p"), seed: int = typer.Option(0, "--seed"),
              stats: bool = typer.Option(False, "--stats", help="also print one JSON line of expert-cache stats")):
     """Continue a prompt with an exported bundle (ExecuTorch), loading experts only when the router picks them."""
-    from cosmoes.export.runtime import BundleRuntime
+    from cosmoes.runtime.python import BundleRuntime
 
     runtime = BundleRuntime(bundle, policy=policy)
     tokenizer = runtime.tokenizer()
@@ -189,7 +189,7 @@ def verify(bundle: Path = typer.Argument(..., help="exported bundle directory"),
            against: Path = typer.Option(..., "--against", help="the checkpoint the bundle was exported from"),
            as_json: bool = typer.Option(False, "--json", help="print the full report as JSON")):
     """Compare a bundle with its checkpoint's eager fp32 model on held-out text: logit gap, top-1, greedy agreement."""
-    from cosmoes.export.verify import format_report, verify as verify_bundle
+    from cosmoes.eval.verify import format_report, verify as verify_bundle
 
     report = verify_bundle(bundle, against)
     if as_json:
@@ -218,7 +218,7 @@ def bench(bundle: Path = typer.Argument(..., help="exported bundle directory"),
           runner: Optional[Path] = typer.Option(None, "--runner", help="runner binary (adb: an Android build)"),
           out: Optional[Path] = typer.Option(None, "--out", help="results directory [default: bench/<bundle>]")):
     """Benchmark a bundle with the native runner per expert-cache policy: latency, peak RSS, expert loads (§3.4.3)."""
-    from cosmoes.bench import BenchConfig, format_table, run_bench
+    from cosmoes.bench.harness import BenchConfig, format_table, run_bench
 
     cfg = BenchConfig(device=device, policies=list(policy or ["all", "swap"]), sweep=sweep,
                       budgets_mb=list(budget_mb or []), prompt_len=prompt_len, prompt_doc=prompt_doc, gen=gen,
@@ -246,7 +246,7 @@ def eval_(checkpoint: Path = typer.Argument(..., help="checkpoint directory (wit
     """Zero-shot EleutherAI lm-eval of a checkpoint or bundle on the paper's Table 2 tasks; prints a Table 2 row."""
     import logging
 
-    from cosmoes.evaluate import EvalConfig, evaluate, format_table, known_task_names, write_report_json
+    from cosmoes.eval.harness import EvalConfig, evaluate, format_table, known_task_names, write_report_json
 
     # lm-eval warns about every custom-data task and about stock configs it fills defaults for; not the user's concern
     logging.getLogger("lm_eval").setLevel(logging.ERROR)
@@ -270,7 +270,7 @@ def routing(checkpoints: List[Path] = typer.Argument(..., help="MoE checkpoint, 
             layer: Optional[int] = typer.Option(None, "--layer", help="MoE layer for Fig. 5 (default: the middle)"),
             out: Path = typer.Option(Path("runs/routing"), "--out", help="where routing.json and the plots go")):
     """Expert replacements (ExRep) and ΔUniform per layer on held-out text (§3.4.2, Table 3, Figures 5–6)."""
-    from cosmoes.analysis import format_routing_table, routing_reports, write_routing_outputs
+    from cosmoes.eval.routing_report import format_routing_table, routing_reports, write_routing_outputs
 
     reports = routing_reports(checkpoints, list(data or []) or None, samples, max_tokens)
     typer.echo(format_routing_table(reports))
@@ -299,7 +299,7 @@ def reproduce(steps: int = typer.Option(2000, help="training steps per model"),
                                                        "with the native runner"),
               seed: int = typer.Option(0)):
     """Train FA dense, MoE, MoE+BlES, WD-MoE and PA dense alike; write their comparison to docs/results/."""
-    from cosmoes.reproduce import (ALL_MODELS, DEFAULT_BLES_COEF, DEFAULT_BLES_TEMPERATURE, ReproduceConfig,
+    from cosmoes.repro.reproduce import (ALL_MODELS, DEFAULT_BLES_COEF, DEFAULT_BLES_TEMPERATURE, ReproduceConfig,
                                    results_table, run_reproduction)
 
     cfg = ReproduceConfig(out=str(out), results=str(results), family=family, steps=steps, batch_size=batch_size,
@@ -322,6 +322,9 @@ def main() -> None:
     """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
     try:
         app()
+    except InvalidValue as exc:  # the library names the parameter; the user set it with a flag
+        typer.echo(f"error: {exc.as_flag()}", err=True)
+        sys.exit(2)
     except CosmoesError as exc:
         typer.echo(f"error: {exc}", err=True)
         sys.exit(2)

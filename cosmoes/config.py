@@ -10,6 +10,7 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cosmoes.artifacts import config_path
 from cosmoes.errors import CosmoesError
 
 LLAMA3_VOCAB = 128256
@@ -179,27 +180,21 @@ def get_preset(name: str) -> ModelConfig:
 
 
 def load_model_config(source: str | Path) -> ModelConfig:
-    """A preset name, a checkpoint directory (its config.json) or a config.json file."""
-    path = Path(source)
-    if path.is_dir():
-        # a training run's output directory stands for its latest checkpoint
-        path = path / "config.json" if (path / "config.json").exists() or not (path / "checkpoint").is_dir() \
-            else path / "checkpoint" / "config.json"
-    if path.suffix == ".json" or path.exists():
-        if not path.exists():
-            raise CosmoesError(f"no config.json at {path}: not a cosmoes checkpoint")
-        try:
-            data = json.loads(path.read_text())
-        except (OSError, ValueError) as exc:
-            raise CosmoesError(f"corrupt config {path}: {exc}") from None
-        if data.get("model_type") == "cosmoe":
-            return ModelConfig.from_hf_dict(data)
-        if "model_type" in data:
-            raise CosmoesError(f"{path} is a {data['model_type']!r} checkpoint; bring it in with `cosmoes convert --from`")
-        return ModelConfig.from_dict(data)
-    if len(path.parts) > 1:  # preset names have no '/': a mistyped path should not read as an unknown preset
-        raise CosmoesError(f"{source}: no such checkpoint directory or config.json")
-    return get_preset(str(source))
+    """A preset name, a checkpoint or run directory (its config.json) or a config.json file."""
+    path = config_path(source)
+    if path is None:
+        return get_preset(str(source))
+    if not path.exists():
+        raise CosmoesError(f"no config.json at {path}: not a cosmoes checkpoint")
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CosmoesError(f"corrupt config {path}: {exc}") from None
+    if data.get("model_type") == "cosmoe":
+        return ModelConfig.from_hf_dict(data)
+    if "model_type" in data:
+        raise CosmoesError(f"{path} is a {data['model_type']!r} checkpoint; bring it in with `cosmoes convert --from`")
+    return ModelConfig.from_dict(data)
 
 
 def solve_ffn_dim(cfg: ModelConfig, target_params: float, active: bool, multiple_of: int = 16) -> int:

@@ -198,6 +198,18 @@ def split_documents(docs: list[str], val_fraction: float, seed: int) -> tuple[li
     return train, val
 
 
+def held_out_documents(cfg: DataConfig, samples: int) -> list[str]:
+    """Up to ``samples`` documents of cfg's validation split, a seeded subset in corpus order."""
+    if samples < 1:
+        raise CosmoesError(f"samples must be positive, got {samples}")
+    _, val_docs = split_documents(list(iter_documents(cfg)), cfg.val_fraction, cfg.seed)
+    if not val_docs:
+        raise CosmoesError("no held-out documents: the training split used val_fraction 0")
+    # the validation split keeps corpus order (Austen before the Bible); a seeded draw spreads the sample over it
+    picked = np.sort(np.random.default_rng(cfg.seed).permutation(len(val_docs))[:samples])
+    return [val_docs[i] for i in picked]
+
+
 def tokenize_documents(docs: list[str], tokenizer) -> np.ndarray:
     """One int64 stream: [bos] + tokens + [eos] per document (bos only if the tokenizer has one)."""
     if tokenizer.eos_token_id is None:

@@ -5,7 +5,7 @@
 Trains FA dense, MoE, MoE + BlES, WD-MoE and PA dense on the embedded corpus with shared hyper-parameters,
 scores them on the same held-out blocks and routing sample, and writes docs/results/reproduction.md with plots.
 Models already trained in OUT with the same settings are skipped, so an interrupted run can be started again.
-All options: `cosmoes reproduce --help`; the logic is `cosmoes.reproduce.run_reproduction`.
+All options: `cosmoes reproduce --help`; the logic is `cosmoes.repro.reproduce.run_reproduction`.
 """
 
 import sys

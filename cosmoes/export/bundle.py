@@ -17,7 +17,9 @@ from pathlib import Path
 from typing import Callable
 
 from cosmoes.errors import CosmoesError
-from cosmoes.export.manifest import MANIFEST_NAME, Manifest, load_manifest, write_manifest
+from cosmoes.artifacts import MANIFEST_NAME
+from cosmoes.export.manifest import Manifest, load_manifest, write_manifest
+from cosmoes.export.policy import parse_policy, valid_policies
 from cosmoes.export.recipes import MIN_GROUP, Recipe, check_quant
 
 TOKENIZER_DIR = "tokenizer"
@@ -194,14 +196,7 @@ def resident_bytes(manifest: Manifest, policy: str) -> int:
     all: every expert; swap: the top_k experts of the current step per layer (Eq. 8); lru:N: N per layer.
     """
     cfg = manifest.config
-    if policy == "all":
-        per_layer = cfg["num_experts"]
-    elif policy == "swap":
-        per_layer = cfg["top_k"]
-    elif policy.startswith("lru:") and policy[4:].isdigit() and int(policy[4:]) > 0:
-        per_layer = min(int(policy[4:]), cfg["num_experts"])
-    else:
-        raise CosmoesError(f"unknown expert cache policy {policy!r}: use all, swap or lru:N")
+    per_layer = parse_policy(policy, cfg["top_k"]).experts_per_layer(cfg["top_k"], cfg["num_experts"])
     experts = sum(sum(sorted((e["bytes"] for e in lay.values()), reverse=True)[:per_layer])
                   for lay in manifest.experts.values())
     return manifest.non_expert_total() + experts
@@ -217,8 +212,7 @@ def inspect_bundle(bundle_dir: str | Path, verify: bool = False) -> dict:
     segments = dict(m.non_expert_bytes)
     segments["backbone"] = m.non_expert_total()
     segments["experts"] = sum(expert_sizes)
-    policies = ["all"] + (["swap"] + [f"lru:{n}" for n in range(1, m.config["num_experts"] + 1)]
-                          if m.experts else [])
+    policies = valid_policies(m.config["top_k"], m.config["num_experts"]) if m.experts else ["all"]
     return {
         "bundle": str(bundle_dir), "model": m.config.get("name"), "format_version": m.format_version,
         "cosmoes_version": m.cosmoes_version, "created": m.created, "target": m.target, "quant": m.quant,

@@ -15,11 +15,11 @@ import json
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from cosmoes.artifacts import MANIFEST_NAME
 from cosmoes.errors import CosmoesError
 
 # 2: layers take RoPE tables + causal bias from a "context" method and attend over the used cache slots only
 FORMAT_VERSION = 2
-MANIFEST_NAME = "manifest.json"
 FORMAT_NAME = "cosmoes-executorch-bundle"
 
 
@@ -68,6 +68,12 @@ class Manifest:
 
     def expert_method(self, layer: int, expert: int) -> str:
         return self.expert(layer, expert)["method"]
+
+    def tokenizer_dir(self, bundle_dir: str | Path) -> Path:
+        """The tokenizer directory shipped inside the bundle; CosmoesError if it has none (text needs it)."""
+        if not self.tokenizer or not (Path(bundle_dir) / self.tokenizer).is_dir():
+            raise CosmoesError(f"bundle {bundle_dir} has no tokenizer; re-export it from a checkpoint with one")
+        return Path(bundle_dir) / self.tokenizer
 
     def program_path(self, bundle_dir: str | Path, name: str) -> Path:
         return Path(bundle_dir) / self.programs[name]["file"]

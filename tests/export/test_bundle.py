@@ -116,14 +116,18 @@ def test_inspect_accounts_segments_and_resident_bytes(micro_bundle_fp32, micro_b
         assert seg["backbone"] == seg["embedding"] + seg["attention"] + seg["head"]
         assert res["all"] == seg["backbone"] + seg["experts"]
         assert res["swap"] == seg["backbone"] + cfg.n_layers * cfg.top_k * per_expert
-        assert res["lru:1"] < res["lru:2"] == res["swap"] < res["lru:3"] < res["lru:4"] == res["all"]
+        assert "lru:1" not in res  # both runtimes refuse lru:N below top_k
+        assert list(res) == ["swap", "lru:2", "lru:3", "lru:4", "all"]
+        assert res["lru:2"] == res["swap"] < res["lru:3"] < res["lru:4"] == res["all"]
         assert info["total_bytes"] >= sum(p["bytes"] for p in info["programs"].values())
     assert q["programs"]["experts"]["bytes"] < fp32["programs"]["experts"]["bytes"] / 5
     # linears shrink ~7x; the embedding stays fp32 unless --quant-embedding asks otherwise
     assert q["segments"]["head"] < fp32["segments"]["head"] / 5
     assert q["segments"]["embedding"] == fp32["segments"]["embedding"]
-    with pytest.raises(CosmoesError, match="unknown expert cache policy"):
+    with pytest.raises(CosmoesError, match="expert cache policy"):
         resident_bytes(load_manifest(micro_bundle_fp32), "lru:0")
+    with pytest.raises(CosmoesError, match="unknown expert cache policy"):
+        resident_bytes(load_manifest(micro_bundle_fp32), "fifo")
 
 
 def test_cli_inspect_json(micro_bundle_8da4w, monkeypatch, capsys):

@@ -1,0 +1,154 @@
+"""Where `cosmoes bench` runs the native runner: this machine, or an Android phone over adb (§3.4.3, Table 4).
+
+Both devices take runner flags and return the runner's JSON statistics. The adb device pushes the runner, its
+shared libraries, the bundle and the prompt under /data/local/tmp/cosmoes/ (skipping files whose sha256 already
+matches on the phone), runs it over `adb shell` and pulls the statistics back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from cosmoes.errors import CosmoesError
+from cosmoes.artifacts import MANIFEST_NAME
+from cosmoes.export.manifest import Manifest, sha256_file
+from cosmoes.runtime.native import build_runner, last_line, run_local, runner_error
+from cosmoes.system import cpu_name, usable_cores
+
+REMOTE_ROOT = "/data/local/tmp/cosmoes"
+
+
+def parse_device(spec: str) -> tuple[str, str | None]:
+    """``local`` | ``adb`` | ``adb:SERIAL`` as (kind, serial); anything else is a one-line error."""
+    if spec == "local":
+        return "local", None
+    if spec == "adb" or spec.startswith("adb:"):
+        return "adb", spec.partition(":")[2] or None
+    raise CosmoesError(f"unknown device {spec!r}: use local, adb or adb:SERIAL")
+
+
+def open_device(spec: str, runner: str | None, log: Callable[[str], None]):
+    kind, serial = parse_device(spec)
+    return LocalDevice(runner, log) if kind == "local" else AdbDevice(serial, runner, log)
+
+
+class LocalDevice:
+    """This machine: the host runner, built on first use (or the binary given)."""
+
+    def __init__(self, runner: str | None, log: Callable[[str], None]):
+        self.runner = Path(runner) if runner else build_runner(log)
+        if not self.runner.is_file():
+            raise CosmoesError(f"runner not found: {self.runner}")
+        self.bundle: Path | None = None
+        self.prompt_path = ""
+
+    def info(self) -> dict:
+        return {"kind": "local", "host": platform.node(), "cpu": cpu_name(), "cores": usable_cores(),
+                "os": platform.platform()}
+
+    def prepare(self, bundle: Path, manifest: Manifest, prompt_file: Path) -> None:
+        self.bundle, self.prompt_path = bundle, str(prompt_file)
+
+    def run(self, args: list[str], timeout: float) -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            return run_local(self.bundle, args, Path(tmp) / "stats.json", exe=self.runner, timeout=timeout).stats
+
+
+class AdbDevice:
+    """An Android device over adb (the `adb` on PATH, or $COSMOES_ADB)."""
+
+    def __init__(self, serial: str | None, runner: str | None, log: Callable[[str], None]):
+        self.serial, self.log = serial, log
+        self.adb = os.environ.get("COSMOES_ADB") or shutil.which("adb")
+        if not self.adb:
+            raise CosmoesError("adb not found: install Android platform-tools or set COSMOES_ADB")
+        if not runner:
+            raise CosmoesError("an adb device needs a runner binary: cosmoes_runner built for Android arm64-v8a "
+                               "(see export/README.md)")
+        self.runner = Path(runner)
+        if not self.runner.is_file():
+            raise CosmoesError(f"runner not found: {self.runner}")
+        self._check_state()
+        self.bundle_dir = ""
+        self.prompt_path = f"{REMOTE_ROOT}/prompt.txt"
+
+    # -- adb plumbing -------------------------------------------------------------------------------------------
+    def _name(self) -> str:
+        return f"adb device {self.serial}" if self.serial else "the adb device"
+
+    def _adb(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+        cmd = [self.adb, *(["-s", self.serial] if self.serial else []), *args]
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        except subprocess.TimeoutExpired:
+            raise CosmoesError(f"{self._name()} did not answer `adb {args[0]}` within {timeout:.0f} s") from None
+        if check and proc.returncode != 0:
+            raise CosmoesError(f"adb {args[0]} failed on {self._name()}: {last_line(proc.stderr or proc.stdout)}")
+        return proc
+
+    def _check_state(self) -> None:
+        proc = self._adb("get-state", timeout=30, check=False)
+        state = proc.stdout.strip()
+        if proc.returncode == 0 and state == "device":
+            return
+        text = f"{proc.stdout} {proc.stderr}".lower()
+        if "unauthorized" in text:
+            raise CosmoesError(f"{self._name()} is unauthorized: accept the USB-debugging prompt on the phone")
+        if "offline" in text:
+            raise CosmoesError(f"{self._name()} is offline: reconnect it (adb reconnect)")
+        raise CosmoesError(f"{self._name()} is not reachable: {last_line(proc.stderr or proc.stdout)}")
+
+    def shell(self, command: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+        return self._adb("shell", command, timeout=timeout, check=check)
+
+    def info(self) -> dict:
+        props = {"model": "ro.product.model", "soc": "ro.soc.model", "board": "ro.board.platform",
+                 "android": "ro.build.version.release", "abi": "ro.product.cpu.abi"}
+        out = {"kind": "adb", "serial": self.serial}
+        for key, prop in props.items():
+            out[key] = self.shell(f"getprop {prop}", timeout=30, check=False).stdout.strip()
+        return out
+
+    # -- files --------------------------------------------------------------------------------------------------
+    def push(self, local: Path, remote: str, sha256: str | None = None) -> bool:
+        """Push unless the device already has the same bytes (``sha256``: the local file's, if already known)."""
+        have = self.shell(f"sha256sum {shlex.quote(remote)} 2>/dev/null", check=False).stdout.split()
+        if have and have[0] == (sha256 or sha256_file(local)):
+            return False
+        self.shell(f"mkdir -p {shlex.quote(remote.rsplit('/', 1)[0])}")
+        self._adb("push", str(local), remote, timeout=3600)
+        return True
+
+    def prepare(self, bundle: Path, manifest: Manifest, prompt_file: Path) -> None:
+        """Push what the run needs; ``manifest`` was loaded (and its programs verified) by the caller."""
+        self.bundle_dir = f"{REMOTE_ROOT}/bundles/{bundle.resolve().name}"
+        files = [(self.runner, f"{REMOTE_ROOT}/bin/{self.runner.name}", None),
+                 (prompt_file, self.prompt_path, None),
+                 (bundle / MANIFEST_NAME, f"{self.bundle_dir}/{MANIFEST_NAME}", None)]
+        files += [(lib, f"{REMOTE_ROOT}/lib/{lib.name}", None) for lib in sorted(self.runner.parent.glob("*.so"))]
+        # the programs' hashes are in the verified manifest: no need to hash hundreds of MB again
+        files += [(bundle / p["file"], f"{self.bundle_dir}/{p['file']}", p["sha256"])
+                  for p in manifest.programs.values()]
+        pushed = [remote for local, remote, sha in files if self.push(local, remote, sha)]
+        self.log(f"adb: pushed {len(pushed)} of {len(files)} files ({len(files) - len(pushed)} already on the device)")
+        self.shell(f"chmod 755 {REMOTE_ROOT}/bin/{self.runner.name}")
+
+    def run(self, args: list[str], timeout: float) -> dict:
+        stats = f"{REMOTE_ROOT}/out/stats.json"
+        command = (f"mkdir -p {REMOTE_ROOT}/out && rm -f {stats} && cd {REMOTE_ROOT} && "
+                   f"LD_LIBRARY_PATH={REMOTE_ROOT}/lib {REMOTE_ROOT}/bin/{self.runner.name} "
+                   f"{shlex.join([self.bundle_dir, *args, '--stats-json', stats])}")
+        proc = self.shell(command, timeout=timeout, check=False)
+        if proc.returncode != 0:
+            raise CosmoesError(f"on {self._name()}: {runner_error(proc.returncode, proc.stderr + proc.stdout)}")
+        with tempfile.TemporaryDirectory() as tmp:
+            self._adb("pull", stats, f"{tmp}/stats.json", timeout=120)
+            return json.loads(Path(f"{tmp}/stats.json").read_text())
