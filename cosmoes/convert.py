@@ -47,11 +47,11 @@ def to_transformers(src: Path, kind: str, out: Path) -> Path:
 
 def _check_exportable(cfg: ModelConfig, kind: str) -> None:
     if kind == "llama" and cfg.is_moe:
-        raise CosmoesError(f"{cfg.name} is an MoE model ({cfg.num_experts} experts); convert it --to mixtral, "
+        raise CosmoesError(f"{cfg.name} is an MoE model ({cfg.num_experts} experts); convert it to mixtral, "
                            "not llama")
     if kind == "mixtral":
         if not cfg.is_moe:
-            raise CosmoesError(f"{cfg.name} is a dense model; convert it --to llama, not mixtral")
+            raise CosmoesError(f"{cfg.name} is a dense model; convert it to llama, not mixtral")
         if cfg.is_wd:
             raise CosmoesError(f"{cfg.name} has weight-decomposed (low-rank, wd_rank={cfg.wd_rank}) experts, which "
                                "have no Mixtral equivalent: Mixtral experts are full-rank")
