@@ -12,7 +12,7 @@ from cosmoes.config import align, get_preset, load_model_config
 from cosmoes.errors import CosmoesError
 from cosmoes.repro.reproduce import ReproduceConfig, _run_state, model_specs, run_reproduction, train_config
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PERSUASION = str(REPO / "cosmoes/corpus/austen-persuasion.txt.gz")
 
 
