@@ -120,8 +120,8 @@ def test_router_temperature_and_tied_embeddings_convert_exactly(tmp_path):
 @pytest.mark.parametrize("preset,changes,kind,message", [
     ("tiny-wd", {}, "mixtral", "low-rank"),
     ("tiny-moe", {"norm_topk_prob": False}, "mixtral", "renormalises"),
-    ("tiny-moe", {}, "llama", "--to mixtral"),
-    ("tiny-dense", {}, "mixtral", "--to llama"),
+    ("tiny-moe", {}, "llama", "convert it to mixtral"),
+    ("tiny-dense", {}, "mixtral", "convert it to llama"),
 ])
 def test_unconvertible_models_fail_clearly(tmp_path, preset, changes, kind, message):
     src = save_checkpoint(random_model(preset, **changes), tmp_path / "src")
