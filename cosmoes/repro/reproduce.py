@@ -15,7 +15,6 @@ import math
 import platform
 import shlex
 import statistics
-import subprocess
 import sys
 import time
 from dataclasses import dataclass, field
@@ -28,9 +27,9 @@ import torch.nn.functional as F
 from cosmoes.config import align, get_preset, human
 from cosmoes.data import DataConfig, build_dataset
 from cosmoes.errors import CosmoesError
+from cosmoes.provenance import git_commit
 from cosmoes.train import TrainConfig, train
 
-REPO = Path(__file__).resolve().parents[2]
 # BlES weight and softmax temperature of the "+ BlES" model, chosen by a sweep on tiny-moe
 # (docs/results/bles-coefficient.md): the best ExRep cut that lasts, at the smallest loss and balance cost
 DEFAULT_BLES_COEF = 5.0
@@ -61,6 +60,8 @@ class ReproduceConfig:
     eval_blocks: int | None = None  # validation blocks scored per model; None = all of them
     routing_samples: int = 100
     routing_tokens: int = 256
+    eval_limit: int | None = 100  # lm-eval documents per (sub)task of each Table 2 task; 0 or None: no lm-eval
+    eval_tasks: tuple[str, ...] = ()  # lm-eval tasks (names as `cosmoes eval --tasks`); empty: all of Table 2's
     threads: int | None = None  # torch intra-op threads; None = torch's default (1 is faster on a busy machine)
     offload: bool = True  # export the sparse models (8da4w) and time decoding under swap / lru:2k / all (native)
     progress: bool = True
@@ -82,6 +83,10 @@ class ReproduceConfig:
         for name, flag in extras.items():
             if getattr(self, name) != getattr(defaults, name):
                 args += [flag, str(getattr(self, name))]
+        if (self.eval_limit or 0) != defaults.eval_limit:
+            args += ["--eval-limit", str(self.eval_limit or 0)]
+        if self.eval_tasks:
+            args += ["--eval-tasks", ",".join(self.eval_tasks)]
         if not self.offload:
             args.append("--no-offload")
         return shlex.join(args)
@@ -194,7 +199,57 @@ def evaluate_models(cfg: ReproduceConfig, summaries: dict[str, dict], log: Calla
         log(f"routing of {', '.join(sparse)} on {cfg.routing_samples} held-out documents")
         reports = routing_reports([summaries[k]["checkpoint"] for k in sparse], list(cfg.data) or None,
                                   cfg.routing_samples, cfg.routing_tokens, names=sparse)
-    return {"val_blocks": len(val), "val_tokens": int(val[:, 1:].numel()), "routing": reports}
+    return {"val_blocks": len(val), "val_tokens": int(val[:, 1:].numel()), "routing": reports,
+            "curve_val_blocks": curve_val_blocks(cfg, len(data.val))}
+
+
+def curve_val_blocks(cfg: ReproduceConfig, total: int) -> int:
+    """Distinct validation blocks behind the periodic validation loss logged during training: `cosmoes.train`'s
+    `validate` scores up to `eval_batches` batches of them."""
+    batches = min(TrainConfig.eval_batches, max(1, total // cfg.batch_size))
+    return min(batches * cfg.batch_size, total)
+
+
+def lm_eval_models(cfg: ReproduceConfig, summaries: dict[str, dict], log: Callable[[str], None]) -> dict[str, dict]:
+    """Zero-shot lm-eval (`cosmoes eval`) of every model on the first ``cfg.eval_limit`` documents of each (sub)task.
+
+    Each report is kept as OUT/<model>/lm-eval.json and reused while its checkpoint and the task set are unchanged,
+    so a rerun that only re-plots costs no evaluation.
+    """
+    if not cfg.eval_limit:
+        return {}
+    from cosmoes.eval.harness import EvalConfig, evaluate, known_task_names, write_report_json
+
+    ecfg = EvalConfig(tasks=tuple(cfg.eval_tasks) or tuple(known_task_names()), limit=cfg.eval_limit,
+                      batch_size=cfg.eval_batch_size)
+    reports = {}
+    for key, summary in summaries.items():
+        path = Path(cfg.out) / key / "lm-eval.json"
+        reports[key] = saved_lm_eval(path, summary["checkpoint"], ecfg)
+        if reports[key] is not None:
+            log(f"lm-eval {key}: reusing {path}")
+            continue
+        log(f"lm-eval {key}: Table 2 tasks, first {cfg.eval_limit} documents of each (sub)task")
+        report = evaluate(summary["checkpoint"], ecfg, log=lambda line: log(f"  {line}"))
+        write_report_json(report, path)
+        reports[key] = report.to_dict()
+    return reports
+
+
+def saved_lm_eval(path: Path, checkpoint: str | Path, ecfg) -> dict | None:
+    """The lm-eval report at ``path`` if it was written after the checkpoint's weights, for the same tasks and limit."""
+    from cosmoes.artifacts import resolve_checkpoint
+    from cosmoes.eval.harness import resolve_tasks
+
+    weights = [w.stat().st_mtime for w in resolve_checkpoint(checkpoint).glob("*.safetensors")]
+    if not path.is_file() or not weights or path.stat().st_mtime <= max(weights):
+        return None
+    try:
+        saved = json.loads(path.read_text())
+    except ValueError:
+        return None
+    tasks = [t.name for t in resolve_tasks(ecfg.tasks)]
+    return saved if saved.get("limit") == ecfg.limit and [t["name"] for t in saved["tasks"]] == tasks else None
 
 
 # held-out prompts, tokens of each, then decode steps timed per policy: one generated sequence says little about a
@@ -274,18 +329,6 @@ def _pooled(runs: list[dict], gen: int) -> dict:
             "loads_per_token": statistics.fmean(loads), "loads_per_token_per_prompt": loads}
 
 
-def git_commit() -> str:
-    """Short HEAD commit of the checkout, with '-dirty' when tracked files differ from it."""
-    def git(*args: str) -> str:
-        return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, check=True).stdout.strip()
-
-    try:
-        commit = git("rev-parse", "--short", "HEAD")
-        return commit + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
-    except (OSError, subprocess.CalledProcessError):
-        return "unknown"
-
-
 def run_reproduction(cfg: ReproduceConfig, log: Callable[[str], None] | None = None) -> dict:
     """Train, evaluate and write the report; returns results.json's content."""
     from cosmoes.eval.routing_report import report_json
@@ -300,6 +343,7 @@ def run_reproduction(cfg: ReproduceConfig, log: Callable[[str], None] | None = N
     started = time.perf_counter()
     summaries = train_models(cfg, log)
     evaluation = evaluate_models(cfg, summaries, log)
+    accuracy = lm_eval_models(cfg, summaries, log)
     offload = {}
     if cfg.offload:
         offload = offload_speeds(export_sparse_models(cfg, summaries, log), Path(cfg.out) / "bench", log)
@@ -307,7 +351,8 @@ def run_reproduction(cfg: ReproduceConfig, log: Callable[[str], None] | None = N
         "command": cfg.command(), "commit": git_commit(), "date": datetime.date.today().isoformat(),
         "machine": f"{platform.machine()}, torch {torch.__version__}, intra-op threads: {torch.get_num_threads()}",
         "config": dataclasses.asdict(cfg), "val_blocks": evaluation["val_blocks"],
-        "val_tokens": evaluation["val_tokens"], "models": summaries,
+        "val_tokens": evaluation["val_tokens"], "curve_val_blocks": evaluation["curve_val_blocks"],
+        "models": summaries, "lm_eval": accuracy,
         "routing": {k: report_json(r) for k, r in evaluation["routing"].items()}, "offload": offload,
         "wall_s": time.perf_counter() - started,
     }
@@ -324,14 +369,21 @@ def write_report(cfg: ReproduceConfig, results: dict, reports: dict[str, dict]) 
     out.mkdir(parents=True, exist_ok=True)
     written = write_routing_outputs(reports, out) if reports else []
     written.append(plot_training_curves({k: Path(cfg.out) / k / "metrics.jsonl" for k in results["models"]},
-                                        out / "loss_curves.png"))
+                                        out / "loss_curves.png", validation_title(cfg, results)))
     (out / "results.json").write_text(json.dumps(results, indent=2, default=str))
     (out / "reproduction.md").write_text(format_report(cfg, results))
     return written + [out / "results.json", out / "reproduction.md"]
 
 
-def plot_training_curves(metrics: dict[str, Path], path: Path) -> Path:
-    """Training LM loss, validation loss and (sparse models) batch ExRep against the step, one line per model."""
+def validation_title(cfg: ReproduceConfig, results: dict) -> str:
+    """The loss curves' validation panel says which blocks its periodic validation loss was computed on."""
+    data = ", ".join(Path(source).name for source in cfg.data) or "the embedded corpus"
+    return f"validation loss\n(held-out documents of {data}, {results['curve_val_blocks']} blocks)"
+
+
+def plot_training_curves(metrics: dict[str, Path], path: Path, val_title: str = "validation loss") -> Path:
+    """Training LM loss, validation loss and (sparse models) batch ExRep against the step, one line per model;
+    ``val_title`` names the validation set the middle panel shows."""
     from cosmoes.eval.routing_report import _figure, _save
 
     fig = _figure(13, 3.6)
@@ -344,7 +396,7 @@ def plot_training_curves(metrics: dict[str, Path], path: Path) -> Path:
         ax_val.plot([r["step"] for r in val], [r["val_loss"] for r in val], marker="o", ms=3, label=label)
         if any(r["exrep"] for r in rows):
             ax_exrep.plot([r["step"] for r in rows], [100 * r["exrep"] for r in rows], label=label, lw=1)
-    for ax, title in ((ax_train, "training LM loss"), (ax_val, "validation loss"), (ax_exrep, "batch ExRep (%)")):
+    for ax, title in ((ax_train, "training LM loss"), (ax_val, val_title), (ax_exrep, "batch ExRep (%)")):
         ax.set_title(title, fontsize=10)
         ax.set_xlabel("step")
         if ax.get_legend_handles_labels()[0]:
@@ -372,6 +424,35 @@ def results_table(results: dict) -> str:
                      f"{_fmt(r.get('exrep_pct'), '.2f')} | {_fmt(r.get('delta_uniform_pct'), '.2f')} | "
                      f"{_fmt(s.get('s_per_step'), '.2f')} |")
     return "\n".join(lines)
+
+
+def accuracy_table(lm_eval: dict[str, dict]) -> str:
+    """Table 2's columns at small scale: zero-shot accuracy (%) per task and the average, one row per model."""
+    if not lm_eval:
+        return ""
+    first = next(iter(lm_eval.values()))
+    ran = sum(t["status"] == "ok" for t in first["tasks"])
+    avg = "Avg" if ran == len(first["tasks"]) else f"Avg ({ran}/{len(first['tasks'])})"
+    lines = ["| Model | " + " | ".join(t["label"] for t in first["tasks"]) + f" | {avg} |",
+             "|---|" + "---|" * (len(first["tasks"]) + 1)]
+    for key, report in lm_eval.items():
+        cells = [_fmt(100 * t["score"] if t["score"] is not None else None, ".2f") for t in report["tasks"]]
+        lines.append(f"| {LABELS.get(key, key)} | " + " | ".join(cells) +
+                     f" | {_fmt(100 * report['average'] if report['average'] is not None else None, '.2f')} |")
+    return "\n".join(lines)
+
+
+def accuracy_notes(lm_eval: dict[str, dict]) -> list[str]:
+    """Per task: the split, the documents scored of those in it, and how it differs from stock lm-eval (or why
+    it was skipped); the same for every model, so read from the first report."""
+    notes = []
+    for t in next(iter(lm_eval.values()))["tasks"]:
+        if t["status"] != "ok":
+            notes.append(f"- {t['label']}: skipped: {t['reason']}")
+            continue
+        extra = "".join(f"; {note}" for note in t["notes"])
+        notes.append(f"- {t['label']}: {t['split']} split, {t['n_samples']:,} of {t['split_docs']:,} documents{extra}")
+    return notes
 
 
 def offload_table(offload: dict) -> str:
@@ -411,6 +492,13 @@ def format_report(cfg: ReproduceConfig, results: dict) -> str:
         "each); definitions in [docs/routing-metrics.md](../routing-metrics.md).", "",
         results_table(results),
     ]
+    if results.get("lm_eval"):
+        first = next(iter(results["lm_eval"].values()))
+        lines += ["", f"Zero-shot accuracy in percent (`cosmoes eval`, lm-eval {first['lm_eval_version']}; Table 2's "
+                  "columns, acc_norm where lm-eval reports it, else acc) on the first "
+                  f"{cfg.eval_limit} documents of each (sub)task: a quick check at small scale, not the full sets. "
+                  "Split and documents per task below; the paper's Table 2 scores the test splits.", "",
+                  accuracy_table(results["lm_eval"]), "", *accuracy_notes(results["lm_eval"])]
     if results.get("offload"):
         lines += ["", f"Offloaded decoding with the native runner (`cosmoes bench`, 8da4w bundles, 1 thread; "
                   f"{OFFLOAD_PROMPTS} prompts, each the first {OFFLOAD_PROMPT} tokens of a held-out document, then "

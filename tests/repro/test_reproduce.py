@@ -10,7 +10,9 @@ import pytest
 
 from cosmoes.config import align, get_preset, load_model_config
 from cosmoes.errors import CosmoesError
-from cosmoes.repro.reproduce import ReproduceConfig, _run_state, model_specs, run_reproduction, train_config
+from cosmoes.eval.harness import BOOLQ_NO_TITLE
+from cosmoes.repro.reproduce import (LABELS, ReproduceConfig, _run_state, model_specs, run_reproduction, train_config,
+                                     validation_title)
 
 REPO = Path(__file__).resolve().parents[2]
 PERSUASION = str(REPO / "cosmoes/corpus/austen-persuasion.txt.gz")
@@ -19,7 +21,7 @@ PERSUASION = str(REPO / "cosmoes/corpus/austen-persuasion.txt.gz")
 def micro_cfg(tmp: Path, **kw) -> ReproduceConfig:
     base = dict(out=str(tmp / "runs"), results=str(tmp / "results"), steps=3, batch_size=2, seq_len=32,
                 models=("moe", "dense-pa"), data=[PERSUASION], eval_blocks=4, routing_samples=3, routing_tokens=32,
-                progress=False, offload=False)
+                eval_limit=2, eval_tasks=("arc_easy", "boolq"), progress=False, offload=False)
     base.update(kw)
     return ReproduceConfig(**base)
 
@@ -34,8 +36,9 @@ def micro(tmp_path_factory):
 def test_micro_run_writes_the_table(micro):
     cfg, results, log = micro
     report = (Path(cfg.results) / "reproduction.md").read_text()
-    rows = [line for line in report.splitlines() if line.startswith("| ") and "Model" not in line]
-    assert [row.split(" | ")[0] for row in rows] == ["| MoE", "| Dense (PA)"]
+    results_rows, accuracy_rows = _tables(report)
+    assert [row.split(" | ")[0] for row in results_rows] == ["| MoE", "| Dense (PA)"]
+    assert [row.split(" | ")[0] for row in accuracy_rows] == ["| MoE", "| Dense (PA)"]
     assert f"`{results['command']}`" in report and f"`{results['commit']}`" in report
     assert results["commit"] != "unknown"
     moe, pa = results["models"]["moe"], results["models"]["dense-pa"]
@@ -53,6 +56,46 @@ def test_micro_run_writes_the_table(micro):
     assert any("[1/2] moe: training" in line for line in log)
 
 
+def _tables(report: str) -> list[list[str]]:
+    """The body rows of each Markdown table in the report."""
+    tables, rows = [], []
+    for line in report.splitlines() + [""]:
+        if line.startswith("|"):
+            rows.append(line)
+        elif rows:
+            tables.append(rows[2:])
+            rows = []
+    return tables
+
+
+def test_micro_run_scores_table_2_tasks_and_says_on_which_documents(micro):
+    cfg, results, log = micro
+    report = (Path(cfg.results) / "reproduction.md").read_text()
+    assert "| Model | Arc-E | BoolQ | Avg |" in report and "first 2 documents of each (sub)task" in report
+    for key in ("moe", "dense-pa"):
+        lm_eval = results["lm_eval"][key]
+        assert lm_eval["limit"] == 2 and [t["name"] for t in lm_eval["tasks"]] == ["arc_easy", "boolq"]
+        assert all(t["status"] == "ok" and t["split"] == "validation" and t["n_samples"] == 2 for t in lm_eval["tasks"])
+        row = next(line for line in _tables(report)[1] if line.startswith(f"| {LABELS[key]} |"))
+        scores = [100 * t["score"] for t in lm_eval["tasks"]] + [100 * lm_eval["average"]]
+        assert [float(c) for c in row.strip("| ").split(" | ")[1:]] == pytest.approx(scores, abs=0.006)
+        saved = json.loads((Path(cfg.out) / key / "lm-eval.json").read_text())
+        assert saved["average"] == lm_eval["average"]
+    # per task: the split, documents scored of those in it, and where it differs from stock lm-eval
+    assert ("- Arc-E: validation split, 2 of 570 documents; validation split: stock lm-eval (and the paper's Table 2) "
+            "scores test" in report)
+    assert f"- BoolQ: validation split, 2 of 3,270 documents; {BOOLQ_NO_TITLE}" in report
+    assert any("lm-eval moe: Table 2 tasks, first 2 documents" in line for line in log)
+
+
+def test_loss_curves_name_their_validation_set(micro):
+    cfg, results, _ = micro
+    # periodic validation during training: up to 8 batches of 2 blocks, from a split of more than 16 blocks
+    assert results["curve_val_blocks"] == 16
+    assert validation_title(cfg, results) == ("validation loss\n(held-out documents of austen-persuasion.txt.gz, "
+                                              "16 blocks)")
+
+
 def test_second_run_skips_trained_models(micro):
     cfg, results, _ = micro
     metrics = Path(cfg.out) / "moe" / "metrics.jsonl"
@@ -60,6 +103,8 @@ def test_second_run_skips_trained_models(micro):
     log: list[str] = []
     again = run_reproduction(cfg, log=log.append)
     assert sum("already trained" in line for line in log) == 2
+    assert sum("lm-eval" in line and "reusing" in line for line in log) == 2  # unchanged checkpoints: no re-scoring
+    assert again["lm_eval"] == results["lm_eval"]
     assert metrics.stat().st_mtime_ns == before
     assert again["models"]["moe"]["eval_loss"] == results["models"]["moe"]["eval_loss"]
 
@@ -90,8 +135,14 @@ def test_command_names_every_non_default_setting(tmp_path):
     assert args[:2] == ["cosmoes", "reproduce"]
     for flag, value in (("--steps", "3"), ("--models", "moe,dense-pa"), ("--data", PERSUASION), ("--lr", "0.001"),
                         ("--eval-blocks", "4"), ("--samples", "3"), ("--max-tokens", "32"), ("--threads", "1"),
+                        ("--eval-limit", "2"), ("--eval-tasks", "arc_easy,boolq"),
                         ("--bles-coef", repr(cfg.bles_coef)), ("--bles-temperature", repr(cfg.bles_temperature))):
         assert args[args.index(flag) + 1] == value
+    defaults = shlex.split(ReproduceConfig().command())
+    assert "--eval-limit" not in defaults and "--eval-tasks" not in defaults  # 100 documents of every Table 2 task
+    for skip in (0, None):
+        no_eval = shlex.split(ReproduceConfig(eval_limit=skip).command())
+        assert no_eval[no_eval.index("--eval-limit") + 1] == "0"
     with pytest.raises(CosmoesError, match="threads must be positive"):
         run_reproduction(micro_cfg(tmp_path, threads=0))
 
@@ -106,6 +157,7 @@ def test_recorded_command_reruns_through_the_cli(micro):
     result = CliRunner().invoke(app, shlex.split(results["command"])[1:])
     assert result.exit_code == 0, result.output
     assert result.output.count("already trained") == 2
+    assert result.output.count("reusing") == 2  # the recorded --eval-limit/--eval-tasks name the same lm-eval runs
     assert "| MoE | tiny-moe |" in result.stdout and "| Dense (PA) |" in result.stdout
 
 
