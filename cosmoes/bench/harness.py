@@ -20,6 +20,7 @@ from cosmoes.bench.devices import open_device, parse_device
 from cosmoes.errors import CosmoesError, InvalidValue
 from cosmoes.export.manifest import Manifest, load_manifest
 from cosmoes.export.policy import sweep_policies
+from cosmoes.provenance import command_line, git_commit
 from cosmoes.runtime.native import last_line
 from cosmoes.system import resolve_threads
 
@@ -125,14 +126,19 @@ class BenchReport:
     prompt_tokens: int
     rows: list[dict] = field(default_factory=list)  # one per policy: runner stats + derived, or {"error": ...}
     eager: dict | None = None
+    command: str = ""  # the command line that produced this page
+    commit: str = ""  # the cosmoes checkout's commit ('-dirty': with uncommitted changes)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
 
 def run_bench(bundle: str | Path, cfg: BenchConfig, out: str | Path,
-              log: Callable[[str], None] = print) -> BenchReport:
-    """Benchmark ``bundle`` per policy on the configured device; results are rewritten to ``out`` after each run."""
+              log: Callable[[str], None] = print, command: str | None = None) -> BenchReport:
+    """Benchmark ``bundle`` per policy on the configured device; results are rewritten to ``out`` after each run.
+
+    ``command`` is recorded as what produced the results (default: this process' command line).
+    """
     cfg.validate()
     bundle, out = Path(bundle), Path(out)
     manifest = load_manifest(bundle)
@@ -143,7 +149,8 @@ def run_bench(bundle: str | Path, cfg: BenchConfig, out: str | Path,
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompt.txt").write_text(" ".join(map(str, prompt)) + "\n")
     device = open_device(cfg.device, cfg.runner, log)
-    report = BenchReport(str(bundle), device.info(), dataclasses.asdict(cfg), len(prompt))
+    report = BenchReport(str(bundle), device.info(), dataclasses.asdict(cfg), len(prompt),
+                         command=command or command_line(), commit=git_commit())
     device.prepare(bundle, manifest, out / "prompt.txt")
     cfg_top_k, experts = manifest.config["top_k"], manifest.config["num_experts"]
     runs = [(p, None) for p in (sweep_policies(cfg_top_k, experts) if cfg.sweep else cfg.policies)]

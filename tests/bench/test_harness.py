@@ -3,6 +3,8 @@ arithmetic, and the adb path against the stand-in adb in tests/fakes (no phone e
 
 import json
 import os
+import re
+import shlex
 import stat
 import subprocess
 import sys
@@ -17,7 +19,7 @@ from cosmoes.errors import CosmoesError
 from cosmoes.export.manifest import Manifest
 from cosmoes.runtime.native import build_runner
 
-FAKE_ADB = Path(__file__).parent / "fakes" / "adb"
+FAKE_ADB = Path(__file__).resolve().parents[1] / "fakes" / "adb"
 QUICK = dict(prompt_len=20, gen=8, warmup=0, repeats=1, threads=1)
 
 
@@ -150,6 +152,26 @@ def test_runner_crash_on_device_is_recorded_and_the_sweep_goes_on(micro_bundle_8
     rows = json.loads((tmp_path / "o" / "bench.json").read_text())["rows"]
     assert "crashed (signal 11)" in rows[0]["error"]
     assert rows[1]["policy"] == "all" and rows[1]["decode_tok_s"] > 0
+
+
+def test_bench_json_records_the_command_and_commit_that_produced_it(micro_bundle_8da4w, tmp_path):
+    from cosmoes.provenance import REPO
+
+    args = ("--policy", "all")
+    result = _bench_process(micro_bundle_8da4w, tmp_path / "o", *args)
+    assert result.returncode == 0, result.stderr
+    saved = json.loads((tmp_path / "o" / "bench.json").read_text())
+    # `python -m cosmoes.cli` is recorded as the `cosmoes` entry point: the line reruns as written
+    assert saved["command"] == shlex.join(["cosmoes", *_bench_args(micro_bundle_8da4w, tmp_path / "o", *args)])
+    commit = re.fullmatch(r"([0-9a-f]{7,})(-dirty)?", saved["commit"])
+    assert commit and subprocess.run(["git", "cat-file", "-e", f"{commit[1]}^{{commit}}"], cwd=REPO).returncode == 0
+
+
+def test_command_line_names_the_program_cosmoes():
+    from cosmoes.provenance import command_line
+
+    assert command_line(["/venv/bin/cosmoes", "bench", "b", "--out", "a b"]) == "cosmoes bench b --out 'a b'"
+    assert command_line(["/repo/cosmoes/cli.py", "eval", "runs/moe"]) == "cosmoes eval runs/moe"
 
 
 def test_bad_bench_options(micro_bundle_8da4w, tmp_path):
