@@ -1,0 +1,160 @@
+// Timing generations, measuring a session and writing its statistics JSON (the schema every front end emits).
+#include "stats.h"
+
+#include <algorithm>
+#include <chrono>
+#include <numeric>
+#include <ostream>
+#include <sstream>
+
+#include "json.h"
+
+namespace cosmoes {
+namespace {
+
+using Clock = std::chrono::steady_clock;
+
+double ms(Clock::time_point t0) { return std::chrono::duration<double, std::milli>(Clock::now() - t0).count(); }
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  size_t n = v.size();
+  return n % 2 ? v[n / 2] : (v[n / 2 - 1] + v[n / 2]) / 2;
+}
+
+template <typename T>
+std::string list(const std::vector<T>& v) {
+  std::ostringstream os;
+  os << "[";
+  for (size_t i = 0; i < v.size(); ++i) os << (i ? ", " : "") << v[i];
+  return os.str() + "]";
+}
+
+// Decodes until `r` holds `gen` tokens; fills the per-token decode figures from the runtime's counters.
+void time_decode(Runtime& rt, Sampler& sampler, int64_t gen, std::vector<float>& logits, RunStats& r) {
+  const int64_t loads0 = rt.expert_stats().loads;
+  const StageTimes st0 = rt.stage_ms();
+  const double load_ms0 = rt.expert_stats().load_ms;
+  auto t1 = Clock::now();
+  while (static_cast<int64_t>(r.tokens.size()) < gen) {
+    logits = rt.decode(r.tokens.back());
+    r.tokens.push_back(sampler.pick(logits));
+  }
+  double decode_ms = ms(t1);
+  r.loads_decode = rt.expert_stats().loads - loads0;
+  r.decode_tok_s = gen > 1 ? (gen - 1) / (decode_ms / 1e3) : 0;
+  const double steps = static_cast<double>(std::max<int64_t>(1, gen - 1));
+  const StageTimes& st1 = rt.stage_ms();
+  r.decode_ms = decode_ms / steps;
+  r.decode_stages = {(st1.embed - st0.embed) / steps, (st1.layers - st0.layers) / steps,
+                     (st1.experts - st0.experts) / steps, (st1.head - st0.head) / steps};
+  r.decode_load_ms = (rt.expert_stats().load_ms - load_ms0) / steps;
+}
+
+void write_setup(std::ostream& os, Runtime& rt, const std::vector<int64_t>& prompt, const BenchOptions& o) {
+  const auto& man = rt.manifest();
+  os << "{\"runner\": \"cosmoes-native\", \"bundle\": " << json::quote(o.bundle)
+     << ", \"policy\": " << json::quote(rt.policy().name()) << ", \"budget_mb\": " << o.budget_mb
+     << ", \"threads\": " << rt.threads() << ", \"quant\": " << json::quote(man.quant)
+     << ", \"prompt_tokens\": " << prompt.size() << ", \"generated_tokens\": " << o.gen
+     << ", \"warmup\": " << o.warmup << ", \"repeats\": " << o.repeats << ", \"verify_ms\": " << rt.verify_ms()
+     << ", \"model_load_ms\": " << rt.load_ms();
+}
+
+// Medians over the repeats: one slow run (a page-cache miss, a scheduler hiccup) does not move them.
+void write_speed(std::ostream& os, const SessionStats& s) {
+  std::vector<double> ttft, prefill, decode;
+  for (const auto& r : s.runs)
+    ttft.push_back(r.ttft_ms), prefill.push_back(r.prefill_tok_s), decode.push_back(r.decode_tok_s);
+  os << ", \"ttft_ms\": " << median(ttft) << ", \"prefill_tok_s\": " << median(prefill)
+     << ", \"decode_tok_s\": " << median(decode) << ", \"decode_tok_s_runs\": " << list(decode);
+}
+
+void write_memory(std::ostream& os, Runtime& rt, const SessionStats& s) {
+  os << ", \"rss_baseline_mb\": " << s.baseline.rss_mb << ", \"arena_mb\": " << rt.arena_mb()
+     << ", \"rss_after_load_mb\": " << s.after_load.rss_mb << ", \"rss_end_mb\": " << s.end.rss_mb
+     << ", \"peak_rss_mb\": " << s.end.peak_mb;
+}
+
+void write_experts(std::ostream& os, Runtime& rt, const SessionStats& s) {
+  const auto& man = rt.manifest();
+  std::vector<double> loads_decode;
+  for (const auto& r : s.runs) loads_decode.push_back(static_cast<double>(r.loads_decode));
+  std::vector<double> exrep = rt.expert_stats().exrep_per_layer(man.num_experts);
+  double exrep_mean = exrep.empty() ? 0 : std::accumulate(exrep.begin(), exrep.end(), 0.0) / exrep.size();
+  os << ", \"expert_loads\": " << s.loads << ", \"expert_evictions\": " << s.evictions
+     << ", \"expert_load_ms\": " << s.load_ms
+     << ", \"expert_load_ms_mean\": " << (s.loads ? s.load_ms / s.loads : 0.0)
+     << ", \"expert_loads_decode\": " << median(loads_decode)
+     << ", \"expert_resident_peak\": " << rt.expert_stats().resident_peak
+     << ", \"expert_mb\": " << man.max_expert_bytes() / 1e6 << ", \"non_expert_mb\": " << man.non_expert_total() / 1e6
+     << ", \"active_expert_mb\": " << man.active_expert_bytes() / 1e6 << ", \"exrep_per_layer\": " << list(exrep)
+     << ", \"exrep_mean\": " << exrep_mean;
+}
+
+// expert_read_ms: one expert's stored bytes at the probed file read speed, to set against expert_load_ms_mean.
+void write_probes(std::ostream& os, Runtime& rt, const SessionStats& s) {
+  double expert_mb = rt.manifest().max_expert_bytes() / 1e6;
+  os << ", \"mem_read_gb_s\": " << s.mem_gbps << ", \"file_read_mb_s\": " << s.io_mbps
+     << ", \"expert_read_ms\": " << (s.io_mbps > 0 ? expert_mb / s.io_mbps * 1e3 : 0.0);
+}
+
+// The breakdown of one run (the last), in ms per decoded token; "other" is what no counter covers.
+void write_breakdown(std::ostream& os, const RunStats& last) {
+  const StageTimes& st = last.decode_stages;
+  os << ", \"decode_ms_per_token\": " << last.decode_ms << ", \"decode_breakdown_ms\": {\"embed\": " << st.embed
+     << ", \"layers\": " << st.layers << ", \"experts\": " << st.experts
+     << ", \"expert_loads\": " << last.decode_load_ms << ", \"head\": " << st.head
+     << ", \"other\": " << last.decode_ms - st.embed - st.layers - st.experts - st.head - last.decode_load_ms
+     << "}, \"tokens\": " << list(last.tokens) << "}";
+}
+
+}  // namespace
+
+RunStats time_run(Runtime& rt, const std::vector<int64_t>& prompt, int64_t gen, const SamplingOptions& sampling) {
+  RunStats r;
+  Sampler sampler(sampling.temperature, sampling.top_p, sampling.seed);
+  auto t0 = Clock::now();
+  std::vector<float> logits = rt.prefill(prompt);
+  double prefill_ms = ms(t0);
+  r.tokens.push_back(sampler.pick(logits));
+  r.ttft_ms = ms(t0);
+  r.prefill_tok_s = prompt.size() / (prefill_ms / 1e3);
+  time_decode(rt, sampler, gen, logits, r);
+  return r;
+}
+
+SessionStats measure(Runtime& rt, const std::vector<int64_t>& prompt, const BenchOptions& o, const Memory& baseline) {
+  SessionStats s;
+  s.baseline = baseline;
+  s.after_load = process_memory();
+  for (int64_t w = 0; w < o.warmup; ++w) time_run(rt, prompt, o.gen, o.sampling);
+  auto& st = rt.expert_stats();
+  int64_t loads0 = st.loads, evictions0 = st.evictions;
+  double load_ms0 = st.load_ms;
+  for (int64_t r = 0; r < o.repeats; ++r) s.runs.push_back(time_run(rt, prompt, o.gen, o.sampling));
+  s.loads = st.loads - loads0, s.evictions = st.evictions - evictions0, s.load_ms = st.load_ms - load_ms0;
+  s.end = process_memory();
+  if (o.probe) {  // after the peak is read: the probe's own buffer must not count as the model's memory
+    s.mem_gbps = memory_read_gbps(rt.threads());
+    const auto& experts = rt.manifest().is_moe ? rt.manifest().program("experts") : rt.manifest().program("backbone");
+    s.io_mbps = file_read_mbps(rt.manifest().path(experts), 256ll << 20);
+  }
+  return s;
+}
+
+std::string stats_json(Runtime& rt, const std::vector<int64_t>& prompt, const BenchOptions& o, const SessionStats& s) {
+  std::ostringstream os;
+  os.precision(6);
+  write_setup(os, rt, prompt, o);
+  write_speed(os, s);
+  write_memory(os, rt, s);
+  write_experts(os, rt, s);
+  write_probes(os, rt, s);
+  write_breakdown(os, s.runs.back());
+  return os.str();
+}
+
+std::string tokens_json(const std::vector<int64_t>& tokens) { return list(tokens); }
+
+}  // namespace cosmoes

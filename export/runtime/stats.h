@@ -1,0 +1,63 @@
+// Benchmark statistics of a session: timing generations, the warm-up/repeat measurement and its JSON object.
+//
+// Every front end (cosmoes_runner, the C API, the phone apps) reports through stats_json, so the harness reads one
+// schema whatever ran the model.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "runtime.h"
+#include "sysinfo.h"
+
+namespace cosmoes {
+
+struct SamplingOptions {
+  double temperature = 0.0, top_p = 1.0;
+  uint64_t seed = 0;
+};
+
+// What a measurement was asked for; the JSON echoes these next to what was measured.
+struct BenchOptions {
+  std::string bundle;      // the bundle path as given
+  double budget_mb = 0.0;  // the weight budget as given (0: the policy was named)
+  int64_t gen = 32, warmup = 0, repeats = 1;
+  SamplingOptions sampling;
+  bool probe = false;  // also measure memory and file read bandwidth
+};
+
+// One generation: prefill, then decode up to `gen` tokens.
+struct RunStats {
+  double ttft_ms = 0, prefill_tok_s = 0, decode_tok_s = 0;
+  double decode_ms = 0;        // per decoded token
+  StageTimes decode_stages;    // per decoded token: ms executing each kind of method
+  double decode_load_ms = 0;   // per decoded token: ms loading experts
+  int64_t loads_decode = 0;
+  std::vector<int64_t> tokens;
+};
+
+// The timed runs of a session and what the process and the expert cache did around them.
+struct SessionStats {
+  std::vector<RunStats> runs;
+  Memory baseline, after_load, end;
+  int64_t loads = 0, evictions = 0;  // over the repeats, not the warm-up
+  double load_ms = 0;
+  double mem_gbps = 0, io_mbps = 0;  // the probes; 0 without BenchOptions::probe
+};
+
+// Each run gets a fresh Sampler, so every repeat of a seeded run picks the same tokens.
+RunStats time_run(Runtime& rt, const std::vector<int64_t>& prompt, int64_t gen, const SamplingOptions& sampling);
+
+// Warm-up, then the repeats. `baseline` is the process before the Runtime opened, which only the caller saw.
+SessionStats measure(Runtime& rt, const std::vector<int64_t>& prompt, const BenchOptions& options,
+                     const Memory& baseline);
+
+// One JSON object (no newline): medians over the runs, the last run's tokens and decode breakdown.
+std::string stats_json(Runtime& rt, const std::vector<int64_t>& prompt, const BenchOptions& options,
+                       const SessionStats& s);
+
+// Token ids as a JSON array ("[1, 2, 3]"), as in the "tokens" field.
+std::string tokens_json(const std::vector<int64_t>& tokens);
+
+}  // namespace cosmoes
