@@ -1,23 +1,17 @@
-"""cosmoes: compact sparse Mixture-of-Experts (Huber et al., 2025) — models, training, evaluation, on-device export."""
+"""cosmoes: compact sparse Mixture-of-Experts (Huber et al., 2025) — models, training, evaluation, on-device export.
+
+Importing the package loads neither torch nor transformers; `import cosmoes.hf` registers model_type "cosmoe" with
+transformers' Auto classes.
+"""
 
 __version__ = "0.1.0"
 
 
 def _quiet_import_noise() -> None:
-    # transformers imports torchao, which logs about CUDA-only kernels and deprecated pytree registrations on every
-    # start; none of it concerns a user of this CLI.
-    import logging
+    # set before any submodule imports transformers, which imports torchao, which logs on every start
+    from cosmoes.quiet import quiet_logging
 
-    for name in ("torchao", "torch.utils._pytree"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-
-
-def _register_with_transformers() -> None:
-    # `import cosmoes` makes AutoConfig/AutoModelForCausalLM know model_type "cosmoe", as the HF ecosystem expects.
-    from cosmoes.hf import register
-
-    register()
+    quiet_logging()
 
 
 _quiet_import_noise()
-_register_with_transformers()

@@ -51,13 +51,31 @@ def save_checkpoint(model, out: str | Path, tokenizer=None,
         kwargs = dict(bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
                       pad_token_id=tokenizer.pad_token_id)
     hf_model = CosmoeForCausalLM.from_transformer(model, **kwargs)
-    with atomic_dir(out) as tmp:
+    with atomic_dir(out) as tmp, _no_progress_bars():
         hf_model.save_pretrained(tmp, safe_serialization=True)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         if extra is not None:
             extra(tmp)
     return Path(out)
+
+
+@contextlib.contextmanager
+def _no_progress_bars() -> Iterator[None]:
+    """Unless verbose: transformers draws a "Writing model shards" bar for our one-file checkpoints, a 0/1 → 1/1
+    line on every save that says nothing."""
+    from transformers.utils import logging as hf_logging
+
+    from cosmoes.quiet import verbose
+
+    hide = hf_logging.is_progress_bar_enabled() and not verbose()
+    if hide:
+        hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if hide:
+            hf_logging.enable_progress_bar()
 
 
 def check_checkpoint_dir(path: str | Path) -> Path:
@@ -101,6 +119,8 @@ def load_tokenizer_of(path: str | Path, required: bool = True):
         return None
     from transformers import AutoTokenizer
 
+    import cosmoes.hf  # noqa: F401  (AutoTokenizer reads config.json too: model_type "cosmoe" must be registered)
+
     try:
         return AutoTokenizer.from_pretrained(path)
     except Exception as exc:
@@ -116,11 +136,12 @@ def model_from_source(source: str | Path, seed: int = 0):
     return init_weights(Transformer(get_preset(str(source))), seed=seed).eval()
 
 
-def init_checkpoint(preset: str, out: str | Path, seed: int = 0, tokenizer=None) -> Path:
-    """Write a randomly initialised checkpoint of ``preset`` (used for speed benchmarks of paper-sized models)."""
+def init_checkpoint(source: str | Path, out: str | Path, seed: int = 0, tokenizer=None) -> Path:
+    """Write a randomly initialised checkpoint of a preset name or config.json, as `cosmoes train --preset` reads
+    them (used for speed benchmarks of paper-sized models)."""
     from cosmoes.model import Transformer, init_weights
 
-    model = init_weights(Transformer(get_preset(preset)), seed=seed)
+    model = init_weights(Transformer(load_model_config(source)), seed=seed)
     return save_checkpoint(model, out, tokenizer=tokenizer)
 
 

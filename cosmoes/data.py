@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import gzip
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from functools import lru_cache
 from itertools import islice
 from pathlib import Path
@@ -28,6 +28,7 @@ from typing import Iterator
 import numpy as np
 import torch
 
+from cosmoes.config import DataConfig  # defined torch-free there so the CLI reads its defaults without torch
 from cosmoes.errors import CosmoesError
 
 CORPUS_DIR = Path(__file__).parent / "corpus"
@@ -39,20 +40,6 @@ RECORD_SUFFIXES = (".jsonl", ".jsonl.gz", ".parquet")
 _NOT_HUB_SUFFIXES = TEXT_SUFFIXES + RECORD_SUFFIXES + (".gz", ".json", ".csv", ".arrow", ".md")
 _HUB_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*(:[\w.-]+)?")
 _TOKENIZE_BATCH = 1024
-
-
-@dataclass
-class DataConfig:
-    """Where the pre-training text comes from and how it is cut into blocks."""
-
-    sources: list[str] = field(default_factory=list)  # empty = the embedded corpus
-    seq_len: int = 256
-    val_fraction: float = 0.05  # share of documents held out for validation
-    seed: int = 0
-    text_field: str = "text"  # record field for .jsonl/.parquet/Hub sources
-    hf_split: str = "train"
-    max_docs: int | None = None  # cap on documents read in total (Hub default: HUB_DEFAULT_MAX_DOCS)
-    doc_chars: int = 2000  # .txt paragraphs are grouped into documents of at least this many characters
 
 
 @dataclass

@@ -129,9 +129,12 @@ class CosmoeForCausalLM(PreTrainedModel, GenerationMixin):
 
 
 def register() -> None:
-    """Make `AutoConfig`/`AutoModelForCausalLM` resolve model_type "cosmoe" (done on `import cosmoes`)."""
-    try:
-        AutoConfig.register(CosmoeConfig.model_type, CosmoeConfig)
-        AutoModelForCausalLM.register(CosmoeConfig, CosmoeForCausalLM)
-    except ValueError:  # already registered (re-import)
-        pass
+    """Make `AutoConfig`/`AutoModelForCausalLM` resolve model_type "cosmoe" (done on `import cosmoes.hf`)."""
+    # exist_ok: idempotent, and a reloaded module's classes replace the old ones
+    AutoConfig.register(CosmoeConfig.model_type, CosmoeConfig, exist_ok=True)
+    AutoModelForCausalLM.register(CosmoeConfig, CosmoeForCausalLM, exist_ok=True)
+
+
+# here rather than on `import cosmoes`, which stays free of torch and transformers: every loader of a checkpoint
+# imports this module first
+register()

@@ -12,59 +12,21 @@ import math
 import os
 import random
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 
-from cosmoes.config import ModelConfig, get_preset, load_model_config
-from cosmoes.data import DataConfig, build_dataset, get_batch
+# TrainConfig and DataConfig live torch-free in cosmoes.config (the CLI reads their defaults); imported from here too
+from cosmoes.config import DataConfig, ModelConfig, TrainConfig, get_preset, load_model_config  # noqa: F401
+from cosmoes.data import build_dataset, get_batch
 from cosmoes.errors import CosmoesError
 from cosmoes.losses import bles_loss_layers, load_balancing_loss_layers
 from cosmoes.model import Transformer, init_weights
 
 STATE_FILE = "trainer_state.pt"
-
-
-@dataclass
-class TrainConfig:
-    """Everything a training run needs besides the data; saved as OUT/train_config.json."""
-
-    preset: str = "tiny-moe"
-    out: str = "runs/tiny-moe"
-    steps: int = 200
-    batch_size: int = 16  # sequences per optimiser step (global, before data-parallel split)
-    grad_accum: int = 1
-    seq_len: int = 128
-    lr: float = 3e-3
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 20
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    lb_coef: float = 0.01
-    bles_coef: float = 0.0
-    bles_temperature: float = 1.0
-    log_every: int = 10
-    eval_every: int = 50
-    eval_batches: int = 8
-    save_every: int = 100
-    seed: int = 0
-    tokenizer: str | None = None  # None = the tokenizer shipped with cosmoes
-    data: DataConfig = field(default_factory=DataConfig)
-    progress: bool = True
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
-
-    @classmethod
-    def from_dict(cls, d: dict) -> "TrainConfig":
-        d = dict(d)
-        d["data"] = DataConfig(**d.get("data", {}))
-        return cls(**d)
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:

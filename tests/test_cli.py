@@ -1,5 +1,6 @@
-"""cosmoes.cli: `info`, `align` and `init` through typer's CliRunner, one real `python -m cosmoes.cli` process for
-the error path, and one-line errors from `cosmoes.checkpoint.load_model` for missing or truncated checkpoints."""
+"""cosmoes.cli: `info`, `align` and `init` (preset or config.json) through typer's CliRunner, one real
+`python -m cosmoes.cli` process for the error path, and one-line errors from `cosmoes.checkpoint.load_model` for
+missing or truncated checkpoints."""
 
 import json
 import shutil
@@ -107,6 +108,22 @@ def test_init_is_seeded(tiny_checkpoint, tmp_path):
     assert runner.invoke(app, ["init", "tiny-moe", str(again), "--seed", "3"]).exit_code == 0
     a, b = load_model(tiny_checkpoint).state_dict(), load_model(again).state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_init_takes_a_config_json_like_train_preset(tmp_path):
+    cfg = get_preset("tiny-dense").replace(n_layers=2, ffn_dim=192, name="my-dense")
+    path = tmp_path / "my-dense.json"
+    path.write_text(json.dumps(cfg.to_dict()))
+    out = tmp_path / "ckpt"
+    result = runner.invoke(app, ["init", str(path), str(out), "--seed", "1"])
+    assert result.exit_code == 0, result.output
+    assert load_model(out).config == cfg
+
+
+def test_init_of_a_missing_config_json_is_an_error_before_writing(tmp_path):
+    result = runner.invoke(app, ["init", str(tmp_path / "nowhere.json"), str(tmp_path / "ckpt")])
+    assert isinstance(result.exception, CosmoesError) and "nowhere.json" in str(result.exception)
+    assert not (tmp_path / "ckpt").exists()
 
 
 def test_info_reads_a_checkpoint_dir(tiny_checkpoint):

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from transformers import AutoConfig, AutoModelForCausalLM
 
-import cosmoes  # noqa: F401  (registers model_type "cosmoe")
+import cosmoes.hf  # noqa: F401  (registers model_type "cosmoe")
 from cosmoes.config import get_preset
 from cosmoes.hf import CosmoeConfig, CosmoeForCausalLM
 from cosmoes.model import Transformer, init_weights

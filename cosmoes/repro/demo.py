@@ -6,8 +6,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from cosmoes.data import DataConfig
-from cosmoes.train import TrainConfig, train
+from cosmoes.config import DataConfig, TrainConfig
 
 
 @dataclass
@@ -27,9 +26,10 @@ class DemoConfig:
 
 def run_demo(cfg: DemoConfig, log=print) -> dict:
     """Train → export → verify → benchmark; returns one flat summary."""
-    from cosmoes.export.bundle import ExportConfig, export_bundle
     from cosmoes.bench.harness import BenchConfig, format_table, run_bench
     from cosmoes.eval.verify import verify
+    from cosmoes.export.bundle import ExportConfig, export_bundle
+    from cosmoes.train import train  # torch: imported on use so the CLI reads DemoConfig's defaults without it
 
     out = Path(cfg.out)
     log(f"[1/4] training {cfg.preset} for {cfg.steps} steps on the embedded corpus")

@@ -27,6 +27,7 @@ import torch
 from cosmoes.errors import CosmoesError
 from cosmoes.export.policy import CachePolicy, parse_policy
 from cosmoes.model import route
+from cosmoes.quiet import native_stderr_hidden
 from cosmoes.system import resolve_threads
 
 
@@ -66,8 +67,9 @@ def set_threads(threads: int) -> None:
     if threads < 0:
         raise CosmoesError(f"threads must be >= 0 (0 = every core), got {threads}")
     threads = resolve_threads(threads)
-    if portable_lib._threadpool_get_thread_count() != threads:
-        portable_lib._unsafe_reset_threadpool(threads)
+    with native_stderr_hidden():  # the pool's first use logs cpuinfo probes, and a reset says so, on fd 2
+        if portable_lib._threadpool_get_thread_count() != threads:
+            portable_lib._unsafe_reset_threadpool(threads)
 
 
 def _one_torch_thread(fn):
@@ -200,11 +202,12 @@ class BundleRuntime:
         from executorch.runtime import Runtime
 
         runtime = Runtime.get()
-        self._programs = {name: runtime.load_program(self.manifest.program_path(self.bundle_dir, name))
-                          for name in self.manifest.programs}
         expert_methods = {e["method"] for lay in self.manifest.experts.values() for e in lay.values()}
-        self._methods = {m: load_method_uncached(prog, m) for name, prog in self._programs.items()
-                         for m in self.manifest.programs[name]["methods"] if m not in expert_methods}
+        with native_stderr_hidden():  # XNNPACK's first method load probes the CPU and logs it on fd 2
+            self._programs = {name: runtime.load_program(self.manifest.program_path(self.bundle_dir, name))
+                              for name in self.manifest.programs}
+            self._methods = {m: load_method_uncached(prog, m) for name, prog in self._programs.items()
+                             for m in self.manifest.programs[name]["methods"] if m not in expert_methods}
         n_moe = len(self.manifest.experts) if self.config.is_moe else 0
         self._experts = ExpertCache(self.policy, self._load_expert, n_moe, self.config.num_experts)
 
