@@ -10,6 +10,11 @@ from typing import List, Optional
 
 import typer
 
+try:  # typer 0.2x carries its own copy of click; older typer uses click itself
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover
+    from click import exceptions as click_errors
+
 # the library's configs, torch-free, so `--help` and `info` start in a fraction of a second: each option's default
 # is the library's (`_default`), never a second literal that could drift from it
 from cosmoes.bench.harness import BenchConfig
@@ -390,15 +395,31 @@ def _print_summary(summary: dict) -> None:
 
 
 def main() -> None:
-    """Entry point: user errors become one line on stderr and exit code 2, never a traceback."""
+    """Entry point: every refusal is one `error:` line on stderr and exit code 2, never a traceback."""
     try:
-        app()
+        code = app(standalone_mode=False)
+    except click_errors.NoArgsIsHelpError as exc:  # `cosmoes` or a group alone: its help, as a request
+        typer.echo(exc.ctx.get_help())
+        code = 0
+    except click_errors.UsageError as exc:  # a bad flag or value: one line that says where the options are listed
+        where = f"`{exc.ctx.command_path} --help`" if exc.ctx else "`cosmoes --help`"
+        _fail(f"{exc.format_message()} (see {where})")
+    except typer.Abort:  # Ctrl-C at a prompt
+        _fail("interrupted")
+    except click_errors.ClickException as exc:  # e.g. a file option that cannot be opened
+        _fail(exc.format_message())
     except InvalidValue as exc:  # the library names the parameter; the user set it with a flag
-        typer.echo(f"error: {exc.as_flag()}", err=True)
-        sys.exit(2)
+        _fail(exc.as_flag())
     except CosmoesError as exc:
-        typer.echo(f"error: {exc}", err=True)
-        sys.exit(2)
+        _fail(str(exc))
+    except KeyboardInterrupt:
+        _fail("interrupted")
+    sys.exit(code if isinstance(code, int) else 0)
+
+
+def _fail(message: str) -> None:
+    typer.echo(f"error: {message}", err=True)
+    sys.exit(2)
 
 
 if __name__ == "__main__":
