@@ -2,7 +2,8 @@
 
 The runner is compiled with CMake against the installed `executorch` wheel's headers and libraries on first use,
 into a cache directory keyed by a hash of its sources and the ExecuTorch version, so editing the C++ rebuilds it
-and everything else reuses it.
+and everything else reuses it. With COSMOES_SANITIZE=1 in the environment it is built (into a cache directory of
+its own) with AddressSanitizer and UBSan, and every use of the runner in that process gets the instrumented one.
 """
 
 from __future__ import annotations
@@ -22,6 +23,13 @@ from cosmoes.errors import CosmoesError
 
 RUNNER_NAME = "cosmoes_runner"
 _SOURCE_GLOBS = ("CMakeLists.txt", "runtime/*.h", "runtime/*.cpp", "runner/*.cpp")
+# Every UBSan finding stops the runner (by default UBSan prints and goes on, and a test would pass regardless).
+SANITIZE_FLAGS = "-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
+
+
+def sanitize() -> bool:
+    """Whether COSMOES_SANITIZE asks for the AddressSanitizer + UBSan build of the runner."""
+    return os.environ.get("COSMOES_SANITIZE", "").strip() not in ("", "0")
 
 
 def source_dir() -> Path:
@@ -68,7 +76,7 @@ def _check_toolchain() -> None:
 
 def build_runner(progress=None) -> Path:
     """Path of the host runner, building it first if its sources or ExecuTorch changed (CosmoesError on failure)."""
-    build = cache_root() / f"runner-{source_hash()}"
+    build = cache_root() / f"runner-{'asan-' if sanitize() else ''}{source_hash()}"
     exe = build / RUNNER_NAME
     if exe.is_file():
         return exe
@@ -81,7 +89,7 @@ def build_runner(progress=None) -> Path:
         if progress:
             progress(f"building the native runner in {build} (once; about a minute)")
         log = build / "build.log"
-        steps = [["cmake", "-S", str(source_dir()), "-B", str(build / "cmake"), "-DCMAKE_BUILD_TYPE=Release",
+        steps = [["cmake", "-S", str(source_dir()), "-B", str(build / "cmake"), *_build_type_flags(),
                   f"-DCMAKE_PREFIX_PATH={executorch_prefix()}"],
                  ["cmake", "--build", str(build / "cmake"), "-j", str(os.cpu_count() or 1)]]
         with open(log, "w") as out:
@@ -91,6 +99,14 @@ def build_runner(progress=None) -> Path:
         shutil.copy2(build / "cmake" / RUNNER_NAME, exe.with_suffix(".tmp"))
         os.replace(exe.with_suffix(".tmp"), exe)
     return exe
+
+
+def _build_type_flags() -> list[str]:
+    if not sanitize():
+        return ["-DCMAKE_BUILD_TYPE=Release"]
+    # -g and light optimisation: the sanitizers' reports name source lines, and the tests stay quick
+    return ["-DCMAKE_BUILD_TYPE=RelWithDebInfo", f"-DCMAKE_CXX_FLAGS={SANITIZE_FLAGS}",
+            f"-DCMAKE_EXE_LINKER_FLAGS={SANITIZE_FLAGS}"]
 
 
 def _first_error(log: Path) -> str:

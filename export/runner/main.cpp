@@ -10,9 +10,11 @@
 //
 // Prints the generated ids of the last repeat on stdout (one line); any problem is one "error: ..." line on stderr
 // and exit status 2.
+#include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <new>
 #include <random>
 #include <sstream>
 #include <string>
@@ -74,7 +76,7 @@ Args parse_args(int argc, char** argv) {
     };
     if (flag == "--policy") a.runtime.policy = value();
     else if (flag == "--budget-mb") a.runtime.budget_mb = to_double(flag, value());
-    else if (flag == "--threads") a.runtime.threads = static_cast<int>(to_int(flag, value()));
+    else if (flag == "--threads") a.runtime.threads = static_cast<int>(std::min<int64_t>(to_int(flag, value()), 1 << 20));
     else if (flag == "--prompt-ids") a.prompt = parse_ids(value(), flag);
     else if (flag == "--prompt-file") a.prompt_file = value();
     else if (flag == "--prompt-len") a.prompt_len = to_int(flag, value());
@@ -94,12 +96,12 @@ Args parse_args(int argc, char** argv) {
   if (b.bundle.empty()) throw Error("usage: cosmoes_runner BUNDLE [options] (see the header of runner/main.cpp)");
   if (b.gen < 1) throw Error("--gen must be at least 1");
   if (b.repeats < 1 || b.warmup < 0) throw Error("--repeats must be >= 1 and --warmup >= 0");
-  if (a.runtime.threads < 0) throw Error("--threads must be >= 0");
+  if (a.runtime.threads < 0 || a.runtime.threads > 1024) throw Error("--threads must be between 0 and 1024");
   b.budget_mb = a.runtime.budget_mb;
   return a;
 }
 
-std::vector<int64_t> make_prompt(Args& a, int64_t vocab) {
+std::vector<int64_t> make_prompt(Args& a, int64_t vocab, int64_t max_seq_len) {
   if (!a.prompt_file.empty()) {
     std::ifstream in(a.prompt_file);
     if (!in) throw Error("cannot read prompt file " + a.prompt_file);
@@ -109,6 +111,9 @@ std::vector<int64_t> make_prompt(Args& a, int64_t vocab) {
   }
   if (a.prompt.empty()) {  // synthetic ids: reproducible, but real text routes differently (see cosmoes bench)
     if (a.prompt_len < 1) throw Error("give a prompt: --prompt-ids, --prompt-file or --prompt-len N");
+    if (a.prompt_len > max_seq_len)  // before allocating the ids
+      throw Error("--prompt-len " + std::to_string(a.prompt_len) + " exceeds the bundle's max_seq_len " +
+                  std::to_string(max_seq_len));
     std::mt19937_64 rng(a.bench.sampling.seed);
     for (int64_t i = 0; i < a.prompt_len; ++i) a.prompt.push_back(static_cast<int64_t>(rng() % vocab));
   }
@@ -116,7 +121,7 @@ std::vector<int64_t> make_prompt(Args& a, int64_t vocab) {
 }
 
 void check_fits(const std::vector<int64_t>& prompt, int64_t gen, int64_t max_seq_len) {
-  if (static_cast<int64_t>(prompt.size()) + gen - 1 > max_seq_len)
+  if (gen > max_seq_len || static_cast<int64_t>(prompt.size()) + gen - 1 > max_seq_len)  // (no overflow)
     throw Error("prompt (" + std::to_string(prompt.size()) + " tokens) + " + std::to_string(gen) +
                 " new tokens exceed the bundle's max_seq_len " + std::to_string(max_seq_len));
 }
@@ -137,7 +142,7 @@ int run_main(int argc, char** argv) {
   Args a = parse_args(argc, argv);
   cosmoes::Memory baseline = cosmoes::process_memory();  // the process before any program: libraries, heap
   cosmoes::Runtime rt(a.bench.bundle, a.runtime);
-  std::vector<int64_t> prompt = make_prompt(a, rt.manifest().vocab_size);
+  std::vector<int64_t> prompt = make_prompt(a, rt.manifest().vocab_size, rt.manifest().max_seq_len);
   check_fits(prompt, a.bench.gen, rt.manifest().max_seq_len);
   cosmoes::SessionStats s = cosmoes::measure(rt, prompt, a.bench, baseline);
   std::printf("%s\n", cosmoes::tokens_json(s.runs.back().tokens).c_str());
@@ -148,10 +153,14 @@ int run_main(int argc, char** argv) {
 }  // namespace
 
 int main(int argc, char** argv) {
+  cosmoes::report_executorch_aborts();
   try {
     return run_main(argc, argv);
   } catch (const Error& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
+    return 2;
+  } catch (const std::bad_alloc&) {  // a size no check bounded (ExecuTorch's own allocations): a refusal too
+    std::fprintf(stderr, "error: out of memory loading or running the bundle\n");
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: internal: %s\n", e.what());

@@ -4,8 +4,12 @@
 #include <sys/stat.h>
 
 #include <algorithm>
+#include <climits>
+#include <cmath>
 #include <cstdio>
+#include <cstdlib>
 #include <fstream>
+#include <set>
 #include <sstream>
 
 #include "errors.h"
@@ -15,13 +19,7 @@
 namespace cosmoes {
 namespace {
 
-std::string read_text(const std::string& path) {
-  std::ifstream in(path, std::ios::binary);
-  if (!in) throw Error("cannot read " + path);
-  std::stringstream ss;
-  ss << in.rdbuf();
-  return ss.str();
-}
+using json::Value;
 
 bool is_dir(const std::string& path) {
   struct stat st;
@@ -32,6 +30,24 @@ int64_t file_size(const std::string& path) {
   struct stat st;
   if (::stat(path.c_str(), &st) != 0 || !S_ISREG(st.st_mode)) return -1;
   return static_cast<int64_t>(st.st_size);
+}
+
+// The whole file, refused before reading when it is larger than any manifest the JSON reader accepts.
+std::string read_manifest_text(const std::string& path) {
+  int64_t size = file_size(path);
+  if (size > static_cast<int64_t>(json::kMaxBytes))
+    throw Error(path + " has " + std::to_string(size) + " bytes, more than a manifest may (" +
+                std::to_string(json::kMaxBytes) + ")");
+  std::ifstream in(path, std::ios::binary);
+  if (!in) throw Error("cannot read " + path);
+  std::stringstream ss;
+  ss << in.rdbuf();
+  return ss.str();
+}
+
+std::string real_path(const std::string& path) {
+  char buf[PATH_MAX];
+  return ::realpath(path.c_str(), buf) ? std::string(buf) : std::string();
 }
 
 // A .pte starts with a flatbuffer whose identifier is "ET" + two digits, then the extended header "eh00".
@@ -45,79 +61,274 @@ void check_pte_header(const std::string& path) {
   if (!ok) throw Error(path + " is not an ExecuTorch program (.pte); re-export the bundle");
 }
 
-void read_config(const json::Value& cfg, BundleManifest& m) {
-  m.vocab_size = cfg.at("vocab_size").as_int("config.vocab_size");
-  m.dim = cfg.at("dim").as_int("config.dim");
-  m.n_layers = cfg.at("n_layers").as_int("config.n_layers");
-  m.num_experts = cfg.at("num_experts").as_int("config.num_experts");
-  m.top_k = cfg.at("top_k").as_int("config.top_k");
-  m.router_temperature = cfg.at("router_temperature").as_number("config.router_temperature");
-  m.norm_topk_prob = cfg.at("norm_topk_prob").as_bool("config.norm_topk_prob");
+std::string range(int64_t lo, int64_t hi) { return "must be between " + std::to_string(lo) + " and " + std::to_string(hi); }
+
+// Typed access to manifest.json's fields; every failure names the file, the field's path and the value found.
+class Fields {
+ public:
+  explicit Fields(std::string file) : file_(std::move(file)) {}
+
+  [[noreturn]] void fail(const std::string& field, const Value& v, const std::string& rule) const {
+    throw Error(file_ + ": " + field + " = " + json::describe(v) + " " + rule);
+  }
+  [[noreturn]] void fail(const std::string& field, const std::string& problem) const {
+    throw Error(file_ + ": " + field + " " + problem);
+  }
+
+  const Value& get(const Value& parent, const std::string& key, const std::string& field) const {
+    auto it = parent.object.find(key);
+    if (it == parent.object.end()) fail(field, "is missing");
+    return it->second;
+  }
+  const Value& object(const Value& parent, const std::string& key, const std::string& field) const {
+    const Value& v = get(parent, key, field);
+    if (v.type != Value::Type::Object) fail(field, v, "must be an object");
+    return v;
+  }
+  int64_t integer(const Value& v, const std::string& field, int64_t lo, int64_t hi) const {
+    if (v.type != Value::Type::Number || v.number != std::floor(v.number) || std::fabs(v.number) > json::kMaxExactInt)
+      fail(field, v, "must be an integer");
+    auto x = static_cast<int64_t>(v.number);
+    if (x < lo || x > hi) fail(field, v, range(lo, hi));
+    return x;
+  }
+  int64_t integer(const Value& parent, const std::string& key, const std::string& field, int64_t lo,
+                  int64_t hi) const {
+    return integer(get(parent, key, field), field, lo, hi);
+  }
+  const std::string& string(const Value& v, const std::string& field) const {
+    if (v.type != Value::Type::String) fail(field, v, "must be a string");
+    return v.string;
+  }
+  const std::string& string(const Value& parent, const std::string& key, const std::string& field) const {
+    return string(get(parent, key, field), field);
+  }
+  bool boolean(const Value& parent, const std::string& key, const std::string& field) const {
+    const Value& v = get(parent, key, field);
+    if (v.type != Value::Type::Bool) fail(field, v, "must be true or false");
+    return v.boolean;
+  }
+  double positive(const Value& parent, const std::string& key, const std::string& field) const {
+    const Value& v = get(parent, key, field);
+    if (v.type != Value::Type::Number || !(v.number > 0)) fail(field, v, "must be a positive number");
+    return v.number;
+  }
+  // A method or program file name: printable, bounded, and (for files) one path component inside the bundle.
+  const std::string& name(const Value& v, const std::string& field, bool is_file) const {
+    const std::string& s = string(v, field);
+    bool printable = std::none_of(s.begin(), s.end(), [](char c) { return static_cast<unsigned char>(c) < 0x20; });
+    if (s.empty() || s.size() > limits::kNameLength || !printable)
+      fail(field, v, "must be 1 to " + std::to_string(limits::kNameLength) + " printable characters");
+    if (is_file && (s.find('/') != std::string::npos || s.find('\\') != std::string::npos ||
+                    s.find("..") != std::string::npos))
+      fail(field, v, "must be a plain file name inside the bundle directory (no '/', no '..')");
+    return s;
+  }
+
+ private:
+  std::string file_;
+};
+
+void read_header(const Fields& f, const Value& root, BundleManifest& m) {
+  m.target = f.string(root, "target", "target");
+  m.quant = f.string(root, "quant", "quant");
+  m.quant_embedding = f.string(root, "quant_embedding", "quant_embedding");
+  m.max_seq_len = f.integer(root, "max_seq_len", "max_seq_len", 1, limits::kSeqLen);
+  const Value& chunk = f.get(root, "max_chunk", "max_chunk");
+  m.max_chunk = f.integer(chunk, "max_chunk", INT64_MIN, INT64_MAX);
+  if (m.max_chunk < 1 || m.max_chunk > m.max_seq_len)
+    f.fail("max_chunk", chunk, "must be between 1 and max_seq_len (" + std::to_string(m.max_seq_len) + ")");
+  m.threads = root.has("threads") ? f.integer(root, "threads", "threads", 0, limits::kThreads) : 1;
 }
 
-void read_programs(const json::Value& root, BundleManifest& m) {
-  for (const auto& [name, p] : root.at("programs").object) {
+void read_heads(const Fields& f, const Value& cfg, BundleManifest& m) {
+  m.n_heads = f.integer(cfg, "n_heads", "config.n_heads", 1, limits::kHeads);
+  const Value& kv = f.get(cfg, "n_kv_heads", "config.n_kv_heads");  // null: as many as n_heads (no GQA)
+  m.n_kv_heads = kv.is_null() ? m.n_heads : f.integer(kv, "config.n_kv_heads", 1, limits::kHeads);
+  const Value& dim = f.get(cfg, "dim", "config.dim");
+  if (m.dim % m.n_heads)
+    f.fail("config.dim", dim, "must be a multiple of n_heads (" + std::to_string(m.n_heads) + ")");
+  m.head_dim = m.dim / m.n_heads;
+  if (m.head_dim % 2)
+    f.fail("config.dim", dim, "gives an odd head_dim (dim / n_heads = " + std::to_string(m.head_dim) +
+                                  "); RoPE needs it even");
+  if (m.n_heads % m.n_kv_heads)
+    f.fail("config.n_heads", f.get(cfg, "n_heads", ""),
+           "must be a multiple of n_kv_heads (" + std::to_string(m.n_kv_heads) + ")");
+}
+
+void read_config(const Fields& f, const Value& root, BundleManifest& m) {
+  const Value& cfg = f.object(root, "config", "config");
+  m.vocab_size = f.integer(cfg, "vocab_size", "config.vocab_size", 1, limits::kVocab);
+  m.dim = f.integer(cfg, "dim", "config.dim", 1, limits::kDim);
+  m.n_layers = f.integer(cfg, "n_layers", "config.n_layers", 1, limits::kLayers);
+  m.ffn_dim = f.integer(cfg, "ffn_dim", "config.ffn_dim", 1, limits::kFfnDim);
+  read_heads(f, cfg, m);
+  m.num_experts = f.integer(cfg, "num_experts", "config.num_experts", 0, limits::kExperts);
+  m.is_moe = m.num_experts > 0;
+  const Value& top_k = f.get(cfg, "top_k", "config.top_k");
+  m.top_k = f.integer(top_k, "config.top_k", INT64_MIN, INT64_MAX);
+  if (m.is_moe && (m.top_k < 1 || m.top_k > m.num_experts))
+    f.fail("config.top_k", top_k, "must be between 1 and num_experts (" + std::to_string(m.num_experts) + ")");
+  if (m.is_moe && m.n_layers * m.num_experts > limits::kExpertTable)
+    f.fail("config.num_experts", f.get(cfg, "num_experts", ""),
+           "x n_layers (" + std::to_string(m.n_layers) + ") must be at most " + std::to_string(limits::kExpertTable));
+  m.router_temperature = f.positive(cfg, "router_temperature", "config.router_temperature");
+  m.norm_topk_prob = f.boolean(cfg, "norm_topk_prob", "config.norm_topk_prob");
+}
+
+void read_programs(const Fields& f, const Value& root, BundleManifest& m) {
+  const Value& programs = f.object(root, "programs", "programs");
+  if (static_cast<int64_t>(programs.object.size()) > limits::kPrograms)
+    f.fail("programs", "has " + std::to_string(programs.object.size()) + " entries, at most " +
+                           std::to_string(limits::kPrograms) + " are allowed");
+  for (const auto& [name, p] : programs.object) {
+    const std::string field = "programs." + name;
+    if (p.type != Value::Type::Object) f.fail(field, p, "must be an object");
     ProgramFile pf;
     pf.name = name;
-    pf.file = p.at("file").as_string("file");
-    pf.bytes = p.at("bytes").as_int("bytes");
-    pf.sha256 = p.at("sha256").as_string("sha256");
-    for (const auto& method : p.at("methods").array) pf.methods.push_back(method.as_string("methods"));
+    pf.file = f.name(f.get(p, "file", field + ".file"), field + ".file", true);
+    pf.bytes = f.integer(p, "bytes", field + ".bytes", 1, limits::kBytes);
+    const Value& sha = f.get(p, "sha256", field + ".sha256");
+    pf.sha256 = f.string(sha, field + ".sha256");
+    if (pf.sha256.size() != 64 || pf.sha256.find_first_not_of("0123456789abcdef") != std::string::npos)
+      f.fail(field + ".sha256", sha, "must be 64 lowercase hex digits");
+    const Value& methods = f.get(p, "methods", field + ".methods");
+    if (methods.type != Value::Type::Array) f.fail(field + ".methods", methods, "must be an array");
+    for (size_t i = 0; i < methods.array.size(); ++i)
+      pf.methods.push_back(f.name(methods.array[i], field + ".methods." + std::to_string(i), false));
     m.programs.push_back(pf);
   }
 }
 
-void read_experts(const json::Value& root, BundleManifest& m) {
-  const auto& layers = root.at("experts");
-  if (layers.type != json::Value::Type::Object || layers.object.empty()) return;
-  m.is_moe = true;
+// One expert's entry: its program must be "experts" (the only program the runtime loads experts from) and list the
+// method; no two experts may share a method, or evicting one would unload the other.
+ExpertEntry read_expert(const Fields& f, const Value& x, const std::string& field, const BundleManifest& m,
+                        std::set<std::string>& used) {
+  if (x.type != Value::Type::Object) f.fail(field, x, "must be an object");
+  ExpertEntry e;
+  const Value& program = f.get(x, "program", field + ".program");
+  e.program = f.string(program, field + ".program");
+  if (e.program != "experts") f.fail(field + ".program", program, "must be \"experts\"");
+  const Value& method = f.get(x, "method", field + ".method");
+  e.method = f.name(method, field + ".method", false);
+  const auto& listed = m.program("experts").methods;
+  if (std::find(listed.begin(), listed.end(), e.method) == listed.end())
+    f.fail(field + ".method", method, "is not among programs.experts.methods");
+  if (!used.insert(e.method).second) f.fail(field + ".method", method, "is already another expert's method");
+  e.bytes = f.integer(x, "bytes", field + ".bytes", 0, limits::kBytes);
+  return e;
+}
+
+// Exactly layers "0".."n_layers-1", each with experts "0".."num_experts-1" for an MoE; nothing for a dense model.
+void read_experts(const Fields& f, const Value& root, BundleManifest& m) {
+  const Value& layers = f.object(root, "experts", "experts");
+  int64_t want = m.is_moe ? m.n_layers : 0;
+  if (static_cast<int64_t>(layers.object.size()) != want)
+    f.fail("experts", "has " + std::to_string(layers.object.size()) + " layers, config.n_layers = " +
+                          std::to_string(m.n_layers) + " and num_experts = " + std::to_string(m.num_experts) +
+                          " need " + std::to_string(want));
+  if (!m.is_moe) return;
+  std::set<std::string> used;
   m.experts.assign(m.n_layers, std::vector<ExpertEntry>(m.num_experts));
   for (int64_t i = 0; i < m.n_layers; ++i) {
-    const auto& layer = layers.at(std::to_string(i));
+    const std::string field = "experts." + std::to_string(i);
+    const Value& layer = f.object(layers, std::to_string(i), field);
+    if (static_cast<int64_t>(layer.object.size()) != m.num_experts)
+      f.fail(field, "has " + std::to_string(layer.object.size()) + " experts, config.num_experts = " +
+                        std::to_string(m.num_experts));
     for (int64_t e = 0; e < m.num_experts; ++e) {
-      const auto& x = layer.at(std::to_string(e));
-      m.experts[i][e] = {x.at("program").as_string("program"), x.at("method").as_string("method"),
-                         x.at("bytes").as_int("bytes")};
+      const std::string key = std::to_string(e);
+      m.experts[i][e] = read_expert(f, f.get(layer, key, field + "." + key), field + "." + key, m, used);
     }
   }
 }
 
+void read_non_expert_bytes(const Fields& f, const Value& root, BundleManifest& m) {
+  const Value& kinds = f.object(root, "non_expert_bytes", "non_expert_bytes");
+  if (static_cast<int64_t>(kinds.object.size()) > limits::kByteKinds)
+    f.fail("non_expert_bytes", "has " + std::to_string(kinds.object.size()) + " entries, at most " +
+                                   std::to_string(limits::kByteKinds) + " are allowed");
+  for (const auto& [kind, bytes] : kinds.object)
+    m.non_expert_bytes[kind] = f.integer(bytes, "non_expert_bytes." + kind, 0, limits::kBytes);
+}
+
+// Every method the runtime will call is listed by its program (the programs themselves are checked when opened).
+void check_required_methods(const Fields& f, const BundleManifest& m) {
+  for (const auto& [program, methods] : required_methods(m)) {
+    const auto& listed = m.program(program).methods;
+    for (const auto& method : methods)
+      if (std::find(listed.begin(), listed.end(), method) == listed.end())
+        f.fail("programs." + program + ".methods", "lacks \"" + method + "\", which the runtime calls");
+  }
+}
+
+void require_program(const Fields& f, const BundleManifest& m, const std::string& name, const std::string& who) {
+  for (const auto& p : m.programs)
+    if (p.name == name) return;
+  f.fail("programs", "lacks \"" + name + "\", which " + who + " needs");
+}
+
+void check_format(const Fields& f, const Value& root, const std::string& path) {
+  if (!root.has("format") || root.at("format").type != Value::Type::String ||
+      root.at("format").string != "cosmoes-executorch-bundle")
+    throw Error(path + " is not a cosmoes bundle manifest");
+  int64_t version = f.integer(root, "format_version", "format_version", INT32_MIN, INT32_MAX);
+  if (version > kBundleFormatVersion)
+    throw Error("bundle format " + std::to_string(version) + " is newer than this runtime supports (" +
+                std::to_string(kBundleFormatVersion) + "); rebuild the runner from a newer cosmoes");
+  if (version < kBundleFormatVersion)
+    throw Error("bundle format " + std::to_string(version) + " is older than this runtime supports (" +
+                std::to_string(kBundleFormatVersion) + "): re-export it with `cosmoes export`");
+}
+
 BundleManifest parse_manifest(const std::string& dir, const std::string& path) {
-  json::Value root;
+  Value root;
   try {
-    root = json::parse(read_text(path));
+    root = json::parse(read_manifest_text(path));
   } catch (const Error& e) {
     throw Error("corrupt bundle manifest " + path + ": " + e.what());
   }
-  if (!root.has("format") || root.at("format").type != json::Value::Type::String ||
-      root.at("format").string != "cosmoes-executorch-bundle")
-    throw Error(path + " is not a cosmoes bundle manifest");
+  Fields f(path);
+  if (root.type != Value::Type::Object) f.fail("the document", root, "must be an object");
+  check_format(f, root, path);
   BundleManifest m;
   m.dir = dir;
-  try {
-    int64_t version = root.at("format_version").as_int("format_version");
-    if (version > kBundleFormatVersion)
-      throw Error("bundle format " + std::to_string(version) + " is newer than this runtime supports (" +
-                  std::to_string(kBundleFormatVersion) + "); rebuild the runner from a newer cosmoes");
-    if (version < kBundleFormatVersion)
-      throw Error("bundle format " + std::to_string(version) + " is older than this runtime supports (" +
-                  std::to_string(kBundleFormatVersion) + "): re-export it with `cosmoes export`");
-    m.target = root.at("target").as_string("target");
-    m.quant = root.at("quant").as_string("quant");
-    m.quant_embedding = root.at("quant_embedding").as_string("quant_embedding");
-    m.max_seq_len = root.at("max_seq_len").as_int("max_seq_len");
-    m.max_chunk = root.at("max_chunk").as_int("max_chunk");
-    m.threads = root.has("threads") ? root.at("threads").as_int("threads") : 1;
-    read_config(root.at("config"), m);
-    read_programs(root, m);
-    read_experts(root, m);
-    for (const auto& [kind, bytes] : root.at("non_expert_bytes").object) m.non_expert_bytes[kind] = bytes.as_int(kind);
-  } catch (const Error& e) {
-    std::string what = e.what();
-    if (what.rfind("bundle format", 0) == 0) throw;
-    throw Error("corrupt bundle manifest " + path + ": " + what);
-  }
+  read_header(f, root, m);
+  read_config(f, root, m);
+  read_programs(f, root, m);
+  require_program(f, m, "backbone", "every bundle");
+  if (m.is_moe) require_program(f, m, "experts", "an MoE (config.num_experts > 0)");
+  read_experts(f, root, m);
+  read_non_expert_bytes(f, root, m);
+  check_required_methods(f, m);
   return m;
+}
+
+// The program's file, as a regular file inside the bundle: a symbolic link may not lead out of it.
+void check_program_path(const BundleManifest& m, const ProgramFile& p, const std::string& manifest) {
+  std::string file = m.path(p);
+  struct stat st;
+  if (::lstat(file.c_str(), &st) != 0) throw Error("bundle file missing: " + file);
+  if (S_ISLNK(st.st_mode)) {
+    std::string target = real_path(file), inside = real_path(m.dir) + "/";
+    if (target.empty()) throw Error("bundle file missing: " + file + " (a broken symbolic link)");
+    if (target.compare(0, inside.size(), inside) != 0)
+      throw Error(manifest + ": programs." + p.name + ".file = " + json::quote(p.file) +
+                  " is a symbolic link to " + target + ", outside the bundle directory");
+  }
+  if (file_size(file) < 0) throw Error("bundle file " + file + " is not a regular file");
+}
+
+void check_program_file(const BundleManifest& m, const ProgramFile& p, bool check_sha) {
+  std::string file = m.path(p);
+  int64_t size = file_size(file);
+  if (size != p.bytes)
+    throw Error("bundle file " + file + " has " + std::to_string(size) + " bytes, the manifest says " +
+                std::to_string(p.bytes) + " (truncated or replaced); re-export the bundle");
+  check_pte_header(file);
+  if (check_sha && sha256_file(file) != p.sha256)
+    throw Error("bundle file " + file + " is corrupt (sha256 differs from the manifest); re-export the bundle");
 }
 
 }  // namespace
@@ -152,22 +363,26 @@ const ProgramFile& BundleManifest::program(const std::string& name) const {
   throw Error("bundle " + dir + " has no program '" + name + "'");
 }
 
+std::map<std::string, std::vector<std::string>> required_methods(const BundleManifest& m) {
+  std::map<std::string, std::vector<std::string>> need;
+  auto& backbone = need["backbone"];
+  backbone = {"embed", "context", "head"};
+  for (int64_t i = 0; i < m.n_layers; ++i) {
+    backbone.push_back("layer_" + std::to_string(i));
+    if (!m.is_moe) backbone.push_back("layer_" + std::to_string(i) + "_ffn");
+  }
+  for (const auto& layer : m.experts)
+    for (const auto& e : layer) need[e.program].push_back(e.method);
+  return need;
+}
+
 BundleManifest load_bundle_manifest(const std::string& dir, bool check_sha) {
   if (!is_dir(dir)) throw Error("bundle not found: " + dir);
   std::string path = dir + "/manifest.json";
   if (file_size(path) < 0) throw Error("not a cosmoes bundle (no manifest.json): " + dir);
   BundleManifest m = parse_manifest(dir, path);
-  for (const auto& p : m.programs) {
-    std::string file = m.path(p);
-    int64_t size = file_size(file);
-    if (size < 0) throw Error("bundle file missing: " + file);
-    if (size != p.bytes)
-      throw Error("bundle file " + file + " has " + std::to_string(size) + " bytes, the manifest says " +
-                  std::to_string(p.bytes) + " (truncated or replaced); re-export the bundle");
-    check_pte_header(file);
-    if (check_sha && sha256_file(file) != p.sha256)
-      throw Error("bundle file " + file + " is corrupt (sha256 differs from the manifest); re-export the bundle");
-  }
+  for (const auto& p : m.programs) check_program_path(m, p, path);  // every name first, then any file's bytes
+  for (const auto& p : m.programs) check_program_file(m, p, check_sha);
   return m;
 }
 

@@ -10,9 +10,29 @@ namespace cosmoes {
 
 constexpr int kBundleFormatVersion = 2;  // cosmoes/export/manifest.py FORMAT_VERSION
 
+// What a manifest may ask of the runtime. A bundle can come from anywhere, so every number is checked against these
+// before anything is allocated or indexed by it; each is far above any model the paper describes (Table 1: 19
+// layers, 8 experts, dim 1536, the Llama-3 vocabulary of 128256) yet keeps every size the runtime derives (a
+// layer x expert table, a sequence's positions, summed byte counts) small and free of integer overflow.
+namespace limits {
+constexpr int64_t kVocab = int64_t{1} << 24;         // config.vocab_size
+constexpr int64_t kDim = int64_t{1} << 16;           // config.dim
+constexpr int64_t kFfnDim = int64_t{1} << 18;        // config.ffn_dim
+constexpr int64_t kLayers = 1024;                    // config.n_layers
+constexpr int64_t kHeads = 1024;                     // config.n_heads, n_kv_heads
+constexpr int64_t kExperts = 1024;                   // config.num_experts (per layer)
+constexpr int64_t kExpertTable = int64_t{1} << 16;   // n_layers x num_experts
+constexpr int64_t kSeqLen = int64_t{1} << 20;        // max_seq_len (max_chunk is 1..max_seq_len)
+constexpr int64_t kThreads = 1024;                   // threads (0 = one per core)
+constexpr int64_t kBytes = int64_t{1} << 40;         // any byte count: a program file, an expert, a weight kind
+constexpr int64_t kPrograms = 16;                    // entries of "programs"
+constexpr int64_t kByteKinds = 64;                   // entries of "non_expert_bytes"
+constexpr size_t kNameLength = 255;                  // a program's file name, a method name (NAME_MAX)
+}  // namespace limits
+
 struct ProgramFile {
   std::string name;  // "backbone" | "experts"
-  std::string file;  // relative to the bundle directory
+  std::string file;  // a plain file name inside the bundle directory (no '/', no '..')
   int64_t bytes = 0;
   std::string sha256;
   std::vector<std::string> methods;
@@ -30,9 +50,10 @@ struct BundleManifest {
   int64_t max_seq_len = 0, max_chunk = 0, threads = 1;
   // model config (cosmoes.config.ModelConfig)
   int64_t vocab_size = 0, dim = 0, n_layers = 0, num_experts = 0, top_k = 0;
+  int64_t n_heads = 0, n_kv_heads = 0, head_dim = 0, ffn_dim = 0;
   double router_temperature = 1.0;
   bool norm_topk_prob = true;
-  bool is_moe = false;
+  bool is_moe = false;  // config.num_experts > 0
   std::vector<ProgramFile> programs;
   std::vector<std::vector<ExpertEntry>> experts;  // [layer][expert]; empty for dense models
   std::map<std::string, int64_t> non_expert_bytes;
@@ -44,8 +65,15 @@ struct BundleManifest {
   std::string path(const ProgramFile& p) const { return dir + "/" + p.file; }
 };
 
-// Reads and validates <dir>/manifest.json: format and version, every program present with its recorded size, an
-// ExecuTorch header, and (check_sha) its sha256. Throws cosmoes::Error with one line naming the problem.
+// Reads and validates <dir>/manifest.json: format and version; every field's type and range (limits above); the
+// rules between fields (attention heads, top_k, the expert table against n_layers x num_experts, every method the
+// runtime will call listed by its program); every program a plain file inside `dir` (a symbolic link must stay
+// inside it too) with its recorded size, an ExecuTorch header and (check_sha) its sha256. Nothing is opened
+// before the manifest passed. Throws cosmoes::Error with one line naming the file, the field and its value.
 BundleManifest load_bundle_manifest(const std::string& dir, bool check_sha);
+
+// The methods of each program that the runtime calls for this manifest (embed, context, layer_i [+ layer_i_ffn],
+// head; the experts' methods), by program name.
+std::map<std::string, std::vector<std::string>> required_methods(const BundleManifest& m);
 
 }  // namespace cosmoes

@@ -13,6 +13,9 @@ class Parser {
   explicit Parser(const std::string& text) : s_(text) {}
 
   Value document() {
+    if (s_.size() > kMaxBytes)
+      throw Error("JSON text of " + std::to_string(s_.size()) + " bytes exceeds the limit of " +
+                  std::to_string(kMaxBytes));
     Value v = value(0);
     skip_ws();
     if (i_ != s_.size()) fail("trailing characters");
@@ -22,6 +25,7 @@ class Parser {
  private:
   const std::string& s_;
   size_t i_ = 0;
+  size_t values_ = 0;  // values parsed so far, against kMaxValues
 
   [[noreturn]] void fail(const std::string& why) const {
     throw Error("invalid JSON at byte " + std::to_string(i_) + ": " + why);
@@ -46,7 +50,8 @@ class Parser {
   }
 
   Value value(int depth) {
-    if (depth > 64) fail("nested too deeply");
+    if (depth > kMaxDepth) fail("nested deeper than " + std::to_string(kMaxDepth) + " levels");
+    if (++values_ > kMaxValues) fail("more than " + std::to_string(kMaxValues) + " values");
     Value v;
     char c = peek();
     if (c == '{') {
@@ -57,6 +62,8 @@ class Parser {
         if (peek() != '"') fail("expected a key");
         std::string key = string();
         expect(':');
+        // which of two values would count differs between readers; cosmoes' Python reader refuses them too
+        if (v.object.count(key)) fail("duplicate key " + quote(key));
         v.object[key] = value(depth + 1);
         if (peek() == ',') { ++i_; continue; }
         expect('}');
@@ -87,12 +94,32 @@ class Parser {
     return v;
   }
 
+  bool digit_at(size_t k) const { return k < s_.size() && s_[k] >= '0' && s_[k] <= '9'; }
+  size_t digits(size_t k) const {
+    while (digit_at(k)) ++k;
+    return k;
+  }
+
+  // RFC 8259's number grammar, checked before strtod sees it: strtod alone also takes "inf", "nan", hex and "+1".
   double number() {
-    const char* begin = s_.c_str() + i_;
-    char* end = nullptr;
-    double d = std::strtod(begin, &end);
-    if (end == begin || !std::isfinite(d)) fail("expected a value");
-    i_ += static_cast<size_t>(end - begin);
+    size_t k = i_;
+    if (k < s_.size() && s_[k] == '-') ++k;
+    if (!digit_at(k)) fail("expected a value");
+    k = s_[k] == '0' ? k + 1 : digits(k);
+    if (k < s_.size() && s_[k] == '.') {
+      if (!digit_at(k + 1)) fail("expected a digit after '.'");
+      k = digits(k + 1);
+    }
+    if (k < s_.size() && (s_[k] == 'e' || s_[k] == 'E')) {
+      ++k;
+      if (k < s_.size() && (s_[k] == '+' || s_[k] == '-')) ++k;
+      if (!digit_at(k)) fail("expected a digit in the exponent");
+      k = digits(k);
+    }
+    std::string text = s_.substr(i_, k - i_);  // strtod stops at a NUL byte, which a std::string may hold
+    double d = std::strtod(text.c_str(), nullptr);
+    if (!std::isfinite(d)) fail("number out of range");
+    i_ = k;
     return d;
   }
 
@@ -128,14 +155,46 @@ class Parser {
     }
   }
 
+  // \uXXXX, or a surrogate pair of two: a lone or reversed surrogate is not a character, so it is refused.
+  unsigned escaped_code_point() {
+    unsigned cp = hex4();
+    if (cp >= 0xDC00 && cp < 0xE000) fail("lone low surrogate in \\u escape");
+    if (cp < 0xD800 || cp >= 0xDC00) return cp;
+    if (s_.compare(i_, 2, "\\u") != 0) fail("lone high surrogate in \\u escape");
+    i_ += 2;
+    unsigned low = hex4();
+    if (low < 0xDC00 || low >= 0xE000) fail("high surrogate without its low half in \\u escape");
+    return 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
+  }
+
+  // One multi-byte UTF-8 character copied as is; overlong forms, surrogates and code points past U+10FFFF are not
+  // UTF-8 (RFC 3629), so they are refused rather than passed on to file names and messages.
+  void utf8_sequence(std::string& out) {
+    const auto byte = [&](size_t k) { return k < s_.size() ? static_cast<unsigned char>(s_[k]) : 0u; };
+    unsigned lead = byte(i_), n = lead >= 0xF0 ? 3 : lead >= 0xE0 ? 2 : lead >= 0xC0 ? 1 : 0;
+    if (n == 0 || lead > 0xF4) fail("invalid UTF-8");
+    unsigned cp = lead & (0x3F >> n);
+    for (unsigned k = 1; k <= n; ++k) {
+      if ((byte(i_ + k) & 0xC0) != 0x80) fail("invalid UTF-8");
+      cp = (cp << 6) | (byte(i_ + k) & 0x3F);
+    }
+    static const unsigned kMin[] = {0, 0x80, 0x800, 0x10000};
+    if (cp < kMin[n] || cp > 0x10FFFF || (cp >= 0xD800 && cp < 0xE000)) fail("invalid UTF-8");
+    out.append(s_, i_, n + 1);
+    i_ += n + 1;
+  }
+
   std::string string() {
     expect('"');
     std::string out;
     while (true) {
       if (i_ >= s_.size()) fail("unterminated string");
-      char c = s_[i_++];
-      if (c == '"') return out;
-      if (c != '\\') { out += c; continue; }
+      unsigned char c = static_cast<unsigned char>(s_[i_]);
+      if (c == '"') return ++i_, out;
+      if (c < 0x20) fail("control character in a string");
+      if (c >= 0x80) { utf8_sequence(out); continue; }
+      ++i_;
+      if (c != '\\') { out += static_cast<char>(c); continue; }
       if (i_ >= s_.size()) fail("unterminated escape");
       char e = s_[i_++];
       switch (e) {
@@ -145,16 +204,7 @@ class Parser {
         case 'n': out += '\n'; break;
         case 'r': out += '\r'; break;
         case 't': out += '\t'; break;
-        case 'u': {
-          unsigned cp = hex4();
-          if (cp >= 0xD800 && cp < 0xDC00 && s_.compare(i_, 2, "\\u") == 0) {
-            i_ += 2;
-            unsigned low = hex4();
-            cp = 0x10000 + ((cp - 0xD800) << 10) + (low - 0xDC00);
-          }
-          utf8(out, cp);
-          break;
-        }
+        case 'u': utf8(out, escaped_code_point()); break;
         default: fail("bad escape");
       }
     }
@@ -190,6 +240,8 @@ double Value::as_number(const std::string& what) const {
 int64_t Value::as_int(const std::string& what) const {
   double d = as_number(what);
   if (d != std::floor(d)) throw Error("'" + what + "' should be an integer");
+  // casting a double outside int64's range is undefined behaviour, and past 2^53 it is no longer exact anyway
+  if (std::fabs(d) > kMaxExactInt) throw Error("'" + what + "' is out of range");
   return static_cast<int64_t>(d);
 }
 
@@ -204,6 +256,21 @@ bool Value::as_bool(const std::string& what) const {
 }
 
 Value parse(const std::string& text) { return Parser(text).document(); }
+
+std::string describe(const Value& v) {
+  if (v.type == Value::Type::Bool) return v.boolean ? "true" : "false";
+  if (v.type == Value::Type::Number) {
+    char buf[32];
+    if (v.number == std::floor(v.number) && std::fabs(v.number) <= kMaxExactInt)
+      std::snprintf(buf, sizeof buf, "%lld", static_cast<long long>(v.number));
+    else
+      std::snprintf(buf, sizeof buf, "%.17g", v.number);
+    return buf;
+  }
+  if (v.type == Value::Type::String)
+    return v.string.size() <= 80 ? quote(v.string) : quote(v.string.substr(0, 77)) + "...";
+  return type_name(v.type);
+}
 
 std::string quote(const std::string& s) {
   std::string out = "\"";

@@ -9,12 +9,15 @@
 
 #include <executorch/extension/module/module.h>
 #include <executorch/extension/tensor/tensor.h>
+#include <executorch/runtime/platform/platform.h>
+#include <unistd.h>
 
 #if defined(__GLIBC__)
 #include <malloc.h>
 #endif
 
 #include "errors.h"
+#include "pte.h"
 
 // The wheel ships libexecutorch_threadpool but not its header; these two members are its stable public API
 // (extension/threadpool/threadpool.h upstream), declared here so the runner can size the pool like the Python
@@ -43,20 +46,56 @@ double ms_since(Clock::time_point t0) {
   return std::chrono::duration<double, std::milli>(Clock::now() - t0).count();
 }
 
-std::string et_error(EtError e) { return "ExecuTorch error " + std::to_string(static_cast<int>(e)); }
+std::string et_error(EtError e) {
+  return "ExecuTorch error " + std::to_string(static_cast<int>(e)) + " (" + executorch::runtime::to_string(e) + ")";
+}
 
-std::vector<EValue> run(Module& program, const std::string& method, std::vector<EValue> inputs, double& ms) {
+// The method ExecuTorch is loading or running (null: none), for the line an ExecuTorch abort prints.
+const std::string* g_method = nullptr;
+
+struct InMethod {
+  explicit InMethod(const std::string& method) : previous(g_method) { g_method = &method; }
+  ~InMethod() { g_method = previous; }
+  const std::string* previous;
+};
+
+// ExecuTorch's abort (a failed ET_CHECK in a kernel or delegate, after it logged why): the same one error line and
+// exit status 2 as every other refusal, instead of SIGABRT.
+void abort_as_error() {
+  std::fprintf(stderr, "error: ExecuTorch stopped %s%s: the program is corrupt or not one this runtime can run (its "
+               "reason is logged above); re-export the bundle\n", g_method ? "in method " : "outside any method",
+               g_method ? g_method->c_str() : "");
+  std::fflush(stderr);
+  std::_Exit(2);
+}
+
+// Runs a method and checks it returned at least `outputs` values, so callers may index them.
+std::vector<EValue> run(Module& program, const std::string& method, std::vector<EValue> inputs, size_t outputs,
+                        double& ms) {
+  InMethod in(method);
   auto t0 = Clock::now();
   auto result = program.execute(method, inputs);
   if (!result.ok()) throw cosmoes::Error("running " + method + " failed: " + et_error(result.error()));
   ms += ms_since(t0);
+  if (result->size() < outputs)
+    throw cosmoes::Error("method " + method + " returned " + std::to_string(result->size()) + " values, expected " +
+                         std::to_string(outputs));
   return std::move(result.get());
 }
 
-std::vector<float> copy_floats(const EValue& v) {
-  const auto& t = v.toTensor();
-  const float* p = t.const_data_ptr<float>();
-  return std::vector<float>(p, p + t.numel());
+// A float tensor output of `numel` elements, copied (outputs alias the shared arena). The signatures were checked
+// when the programs opened; this catches a program whose execution disagrees with its own metadata, before any
+// caller indexes past the buffer.
+const float* checked_floats(const EValue& v, int64_t numel, const std::string& what) {
+  if (!v.isTensor() || v.toTensor().scalar_type() != executorch::aten::ScalarType::Float ||
+      v.toTensor().numel() != numel)
+    throw cosmoes::Error(what + " did not return a float tensor of " + std::to_string(numel) + " elements");
+  return v.toTensor().const_data_ptr<float>();
+}
+
+std::vector<float> copy_floats(const EValue& v, int64_t numel, const std::string& what) {
+  const float* p = checked_floats(v, numel, what);
+  return std::vector<float>(p, p + numel);
 }
 
 // Softmax(τ·scores) over one token's experts in fp32, then the top-k ids and (optionally renormalised) weights,
@@ -78,6 +117,100 @@ void route_token(const float* scores_E, int64_t E, int64_t K, float tau, bool re
     ids_K[k] = order[k];
     weights_K[k] = renorm ? probs[order[k]] / total : probs[order[k]];
   }
+}
+
+// -- Method signatures: what the runtime passes and reads, checked against each program's metadata -------------
+using executorch::aten::ScalarType;
+
+struct Dim {
+  enum Kind { Any, Exact, AtLeast } kind;
+  int64_t n;
+};
+Dim any() { return {Dim::Any, 0}; }
+Dim eq(int64_t n) { return {Dim::Exact, n}; }
+Dim ge(int64_t n) { return {Dim::AtLeast, n}; }  // a dynamic dimension: its planned upper bound must reach n
+
+struct TensorSpec {
+  ScalarType dtype;
+  std::vector<Dim> dims;
+};
+
+struct Signature {
+  std::vector<TensorSpec> inputs, outputs;
+};
+
+std::string show(ScalarType dtype, const std::vector<std::string>& dims) {
+  std::string out = dtype == ScalarType::Float ? "float [" : dtype == ScalarType::Long ? "int64 [" : "dtype " +
+                    std::to_string(static_cast<int>(dtype)) + " [";
+  for (size_t i = 0; i < dims.size(); ++i) out += (i ? ", " : "") + dims[i];
+  return out + "]";
+}
+
+std::string show(const TensorSpec& spec) {
+  std::vector<std::string> dims;
+  for (const Dim& d : spec.dims)
+    dims.push_back(d.kind == Dim::Any ? "*" : (d.kind == Dim::AtLeast ? ">=" : "") + std::to_string(d.n));
+  return show(spec.dtype, dims);
+}
+
+bool matches(const et::TensorInfo& info, const TensorSpec& spec) {
+  auto sizes = info.sizes();
+  if (info.scalar_type() != spec.dtype || sizes.size() != spec.dims.size()) return false;
+  for (size_t i = 0; i < sizes.size(); ++i) {
+    const Dim& d = spec.dims[i];
+    if ((d.kind == Dim::Exact && sizes[i] != d.n) || (d.kind == Dim::AtLeast && sizes[i] < d.n)) return false;
+  }
+  return true;
+}
+
+// An FFN (an expert or a dense layer's layer_i_ffn): up to max_chunk tokens x dim in, as many rows out.
+Signature ffn_signature(const BundleManifest& m) {
+  return {{{ScalarType::Float, {ge(m.max_chunk), eq(m.dim)}}}, {{ScalarType::Float, {any(), eq(m.dim)}}}};
+}
+
+// What the runtime calls backbone method `method` (a name required_methods gives) with and reads from it, for this
+// manifest (see run_chunk): T tokens of a chunk, S cache slots, D = dim, hd = head_dim.
+Signature backbone_signature(const BundleManifest& m, const std::string& method) {
+  const int64_t T = m.max_chunk, S = m.max_seq_len, D = m.dim, hd = m.head_dim;
+  const auto F = ScalarType::Float, I = ScalarType::Long;
+  const TensorSpec out_1TD{F, {eq(1), any(), eq(D)}};
+  if (method == "embed") return {{{I, {eq(1), ge(T)}}}, {out_1TD}};
+  if (method == "context")
+    return {{{I, {ge(T)}}, {I, {ge(S)}}}, {{F, {any(), eq(hd)}}, {F, {any(), eq(hd)}}, {F, {any(), ge(S)}}}};
+  if (method == "head") return {{{F, {eq(1), ge(1), eq(D)}}}, {{F, {eq(1), any(), eq(m.vocab_size)}}}};
+  if (method.size() > 4 && method.compare(method.size() - 4, 4, "_ffn") == 0) return ffn_signature(m);
+  Signature s{{{F, {eq(1), ge(T), eq(D)}}, {F, {ge(T), eq(hd)}}, {F, {ge(T), eq(hd)}}, {F, {ge(T), ge(S)}}},
+              {out_1TD, out_1TD}};  // layer_i: hidden state, RoPE cos/sin, causal bias -> attention out, FFN input
+  if (m.is_moe) s.outputs.push_back({F, {eq(1), any(), eq(m.num_experts)}});  // router scores
+  return s;
+}
+
+// One tensor of a method's metadata against what the runtime uses; throws naming the program and method.
+void check_tensor(const std::string& where, const char* kind, size_t i, et::Result<et::Tag> tag,
+                  et::Result<et::TensorInfo> info, const TensorSpec& spec) {
+  std::string what = where + ": " + kind + " " + std::to_string(i);
+  if (!tag.ok() || tag.get() != et::Tag::Tensor || !info.ok())
+    throw cosmoes::Error(what + " is not a tensor; the runtime uses " + show(spec));
+  if (!matches(info.get(), spec)) {
+    std::vector<std::string> dims;
+    for (int32_t n : info->sizes()) dims.push_back(std::to_string(n));
+    throw cosmoes::Error(what + " is " + show(info->scalar_type(), dims) + ", the runtime uses " + show(spec) +
+                         " for this manifest");
+  }
+}
+
+void check_signature(Module& mod, const std::string& path, const std::string& method, const Signature& want) {
+  const std::string where = "program " + path + " method " + method;
+  auto meta = mod.method_meta(method);
+  if (!meta.ok()) throw cosmoes::Error(where + ": unreadable metadata (" + et_error(meta.error()) + ")");
+  if (meta->num_inputs() != want.inputs.size() || meta->num_outputs() != want.outputs.size())
+    throw cosmoes::Error(where + " takes " + std::to_string(meta->num_inputs()) + " inputs and returns " +
+                         std::to_string(meta->num_outputs()) + " outputs; the runtime passes " +
+                         std::to_string(want.inputs.size()) + " and reads " + std::to_string(want.outputs.size()));
+  for (size_t i = 0; i < want.inputs.size(); ++i)
+    check_tensor(where, "input", i, meta->input_tag(i), meta->input_tensor_meta(i), want.inputs[i]);
+  for (size_t i = 0; i < want.outputs.size(); ++i)
+    check_tensor(where, "output", i, meta->output_tag(i), meta->output_tensor_meta(i), want.outputs[i]);
 }
 
 }  // namespace
@@ -158,8 +291,11 @@ const std::string& ExpertCache::acquire(int64_t layer, int64_t expert) {
     evict(layer, order.front());
   }
   auto t0 = Clock::now();
+  InMethod in(method);
   EtError err = program_.load_method(method);
-  if (err != EtError::Ok) throw cosmoes::Error("loading expert method " + method + " failed: " + et_error(err));
+  if (err != EtError::Ok)
+    throw cosmoes::Error("loading expert method " + method + " of " + m_.path(m_.program("experts")) + " failed: " +
+                         et_error(err));
   stats_.load_ms += ms_since(t0);
   stats_.loads += 1;
   order.push_back(expert);
@@ -201,6 +337,7 @@ Runtime::Runtime(const std::string& bundle_dir, const RuntimeOptions& options) {
   auto t0 = Clock::now();
   m_ = load_bundle_manifest(bundle_dir, options.check_sha);
   verify_ms_ = ms_since(t0);
+  if (options.budget_mb > 1e9) throw cosmoes::Error("a memory budget must be at most 1e9 MB");  // int64 bytes
   policy_ = options.budget_mb > 0 ? Policy::from_budget(m_, static_cast<int64_t>(options.budget_mb * 1e6))
                                   : Policy::parse(options.policy, m_.top_k);
   // 0 (from the option or the recipe) means one thread per core, as in the Python runtime
@@ -216,41 +353,64 @@ Runtime::Runtime(const std::string& bundle_dir, const RuntimeOptions& options) {
 
 Runtime::~Runtime() = default;
 
-void Runtime::open_programs() {
+// Opens a program and checks, before any method is loaded or run, that it has every method the manifest lists and
+// that each one the runtime calls takes and returns the tensors the runtime passes and reads.
+std::unique_ptr<Module> Runtime::open_program(const ProgramFile& p, const std::vector<std::string>& calls) {
   // Mmap: segments are paged in when a method's weights are packed and unmapped afterwards, so an unloaded expert
   // costs no memory. Shared arenas: the KV caches are shared mutable buffers that every layer method must see.
-  auto open = [&](const ProgramFile& p) {
-    auto mod = std::make_unique<Module>(m_.path(p), Module::LoadMode::Mmap, nullptr, nullptr, nullptr, true);
-    EtError err = mod->load();
-    if (err != EtError::Ok) throw cosmoes::Error("ExecuTorch cannot open " + m_.path(p) + ": " + et_error(err));
-    auto names = mod->method_names();
-    if (!names.ok()) throw cosmoes::Error("cannot list the methods of " + m_.path(p));
-    for (const auto& method : p.methods)
-      if (!names.get().count(method))
-        throw cosmoes::Error("program " + m_.path(p) + " lacks method '" + method + "' listed in the manifest");
-    return mod;
-  };
-  auto planned = [&](Module& mod, const ProgramFile& p) {
-    std::vector<int64_t> largest;
-    for (const auto& method : p.methods) {
-      auto meta = mod.method_meta(method);
-      if (!meta.ok()) continue;
-      for (size_t i = 0; i < meta->num_memory_planned_buffers(); ++i) {
-        if (largest.size() <= i) largest.resize(i + 1, 0);
-        largest[i] = std::max<int64_t>(largest[i], meta->memory_planned_buffer_size(i).get());
-      }
+  auto mod = std::make_unique<Module>(m_.path(p), Module::LoadMode::Mmap, nullptr, nullptr, nullptr, true);
+  // InternalConsistency runs the flatbuffer verifier over the whole program: a file whose bytes were altered (and
+  // its manifest size and sha256 rewritten to match) is refused here instead of crashing Method::init later.
+  EtError err = mod->load(et::Program::Verification::InternalConsistency);
+  if (err != EtError::Ok) throw cosmoes::Error("ExecuTorch cannot open " + m_.path(p) + ": " + et_error(err));
+  check_operator_table(m_.path(p));
+  auto names = mod->method_names();
+  if (!names.ok()) throw cosmoes::Error("cannot list the methods of " + m_.path(p));
+  for (const auto& method : p.methods)
+    if (!names.get().count(method))
+      throw cosmoes::Error("program " + m_.path(p) + " lacks method '" + method + "' listed in the manifest");
+  for (const auto& method : calls)
+    check_signature(*mod, m_.path(p), method, p.name == "backbone" ? backbone_signature(m_, method) : ffn_signature(m_));
+  arena_bytes_ += planned_bytes(*mod, p);
+  return mod;
+}
+
+// The program's memory-planned buffers: each shared arena is as large as its largest user.
+int64_t Runtime::planned_bytes(Module& mod, const ProgramFile& p) const {
+  std::vector<int64_t> largest;
+  for (const auto& method : p.methods) {
+    auto meta = mod.method_meta(method);
+    if (!meta.ok()) continue;
+    for (size_t i = 0; i < meta->num_memory_planned_buffers(); ++i) {
+      auto size = meta->memory_planned_buffer_size(i);
+      if (!size.ok()) throw cosmoes::Error("program " + m_.path(p) + " method " + method + ": unreadable buffer plan");
+      if (largest.size() <= i) largest.resize(i + 1, 0);
+      largest[i] = std::max<int64_t>(largest[i], size.get());
     }
-    for (int64_t b : largest) arena_bytes_ += b;
-  };
-  backbone_ = open(m_.program("backbone"));
-  planned(*backbone_, m_.program("backbone"));
+  }
+  int64_t total = 0;
+  for (int64_t b : largest) total += b;
+  // A corrupt plan asks for absurd buffers; Module would allocate (and zero) them at the first load_method.
+  const int64_t ram = static_cast<int64_t>(::sysconf(_SC_PHYS_PAGES)) * ::sysconf(_SC_PAGE_SIZE);
+  if (ram > 0 && total > ram)
+    throw cosmoes::Error("program " + m_.path(p) + " plans " + std::to_string(total / 1000000) +
+                         " MB of activation buffers, more than this machine's " + std::to_string(ram / 1000000) +
+                         " MB of memory; re-export the bundle");
+  return total;
+}
+
+void Runtime::open_programs() {
+  auto calls = required_methods(m_);
+  backbone_ = open_program(m_.program("backbone"), calls["backbone"]);
   for (const auto& method : m_.program("backbone").methods) {
+    InMethod in(method);
     EtError err = backbone_->load_method(method);
-    if (err != EtError::Ok) throw cosmoes::Error("loading method " + method + " failed: " + et_error(err));
+    if (err != EtError::Ok)
+      throw cosmoes::Error("loading method " + method + " of " + m_.path(m_.program("backbone")) + " failed: " +
+                           et_error(err));
   }
   if (m_.is_moe) {
-    expert_program_ = open(m_.program("experts"));
-    planned(*expert_program_, m_.program("experts"));
+    expert_program_ = open_program(m_.program("experts"), calls["experts"]);
     experts_ = std::make_unique<ExpertCache>(*expert_program_, m_, policy_);
   }
 }
@@ -298,25 +458,29 @@ void Runtime::run_chunk(const int64_t* ids, int64_t T, std::vector<float>* last_
   auto pos_T = from_blob(positions_L.data() + pos_, {static_cast<int>(T)}, executorch::aten::ScalarType::Long);
   auto pos_L = from_blob(positions_L.data(), {L}, executorch::aten::ScalarType::Long);
   // Outputs alias the shared activation arena, so each is copied before the next method runs.
-  std::vector<float> h_TD = copy_floats(run(*backbone_, "embed", {EValue(ids_t)}, stage_ms_.embed)[0]);
+  std::vector<float> h_TD = copy_floats(run(*backbone_, "embed", {EValue(ids_t)}, 1, stage_ms_.embed)[0], T * D,
+                                        "embed");
   // RoPE tables + causal bias, once per call for all layers (timed with embed: both are per-call work)
-  auto ctx = run(*backbone_, "context", {EValue(pos_T), EValue(pos_L)}, stage_ms_.embed);
-  std::vector<float> cos_Td = copy_floats(ctx[0]), sin_Td = copy_floats(ctx[1]), bias_TL = copy_floats(ctx[2]);
-  const int d = static_cast<int>(ctx[0].toTensor().size(1));
+  auto ctx = run(*backbone_, "context", {EValue(pos_T), EValue(pos_L)}, 3, stage_ms_.embed);
+  const int d = static_cast<int>(m_.head_dim);
+  std::vector<float> cos_Td = copy_floats(ctx[0], T * d, "context"), sin_Td = copy_floats(ctx[1], T * d, "context"),
+                     bias_TL = copy_floats(ctx[2], T * L, "context");
   auto cos_t = from_blob(cos_Td.data(), {static_cast<int>(T), d});
   auto sin_t = from_blob(sin_Td.data(), {static_cast<int>(T), d});
   auto bias_t = from_blob(bias_TL.data(), {static_cast<int>(T), L});
   std::vector<float> ff_TD(T * D);
   for (int64_t i = 0; i < m_.n_layers; ++i) {
     auto h_t = from_blob(h_TD.data(), {1, static_cast<int>(T), static_cast<int>(D)});
-    auto outs = run(*backbone_, "layer_" + std::to_string(i), {EValue(h_t), EValue(cos_t), EValue(sin_t), EValue(bias_t)},
-                    stage_ms_.layers);
-    std::vector<float> attn_TD = copy_floats(outs[0]), x_TD = copy_floats(outs[1]);
+    const std::string layer = "layer_" + std::to_string(i);
+    auto outs = run(*backbone_, layer, {EValue(h_t), EValue(cos_t), EValue(sin_t), EValue(bias_t)},
+                    m_.is_moe ? 3 : 2, stage_ms_.layers);
+    std::vector<float> attn_TD = copy_floats(outs[0], T * D, layer), x_TD = copy_floats(outs[1], T * D, layer);
     if (m_.is_moe) {
-      moe(i, x_TD, copy_floats(outs[2]), T, ff_TD);
+      moe(i, x_TD, copy_floats(outs[2], T * m_.num_experts, layer), T, ff_TD);
     } else {
       auto x_t = from_blob(x_TD.data(), {static_cast<int>(T), static_cast<int>(D)});
-      ff_TD = copy_floats(run(*backbone_, "layer_" + std::to_string(i) + "_ffn", {EValue(x_t)}, stage_ms_.experts)[0]);
+      ff_TD = copy_floats(run(*backbone_, layer + "_ffn", {EValue(x_t)}, 1, stage_ms_.experts)[0], T * D,
+                          layer + "_ffn");
     }
     for (int64_t j = 0; j < T * D; ++j) h_TD[j] = attn_TD[j] + ff_TD[j];
   }
@@ -324,7 +488,7 @@ void Runtime::run_chunk(const int64_t* ids, int64_t T, std::vector<float>* last_
   if (!last_logits) return;  // a prompt's earlier chunks only fill the KV caches
   std::vector<float> last_D(h_TD.end() - D, h_TD.end());
   auto last_t = from_blob(last_D.data(), {1, 1, static_cast<int>(D)});
-  *last_logits = copy_floats(run(*backbone_, "head", {EValue(last_t)}, stage_ms_.head)[0]);
+  *last_logits = copy_floats(run(*backbone_, "head", {EValue(last_t)}, 1, stage_ms_.head)[0], m_.vocab_size, "head");
 }
 
 void Runtime::moe(int64_t layer, const std::vector<float>& x_TD, const std::vector<float>& scores_TE, int64_t T,
@@ -356,8 +520,8 @@ void Runtime::moe(int64_t layer, const std::vector<float>& x_TD, const std::vect
         }
     const std::string& method = experts_->acquire(layer, e);
     auto x_t = from_blob(x_ND.data(), {static_cast<int>(token.size()), static_cast<int>(D)});
-    auto outs = run(*expert_program_, method, {EValue(x_t)}, stage_ms_.experts);
-    const float* y_ND = outs[0].toTensor().const_data_ptr<float>();
+    auto outs = run(*expert_program_, method, {EValue(x_t)}, 1, stage_ms_.experts);
+    const float* y_ND = checked_floats(outs[0], static_cast<int64_t>(token.size()) * D, method);
     for (size_t n = 0; n < token.size(); ++n) {
       const float w = weights_TK[token[n] * K + slot[n]];
       float* out = &out_TD[token[n] * D];
@@ -427,6 +591,10 @@ int64_t Sampler::pick(const std::vector<float>& logits) {
   for (size_t k = 0; k < keep; ++k)
     if ((r -= cand[k].first) <= 0) return cand[k].second;
   return cand[keep - 1].second;
+}
+
+void report_executorch_aborts() {
+  et::register_pal(et::PalImpl::create(nullptr, abort_as_error, nullptr, nullptr, nullptr, nullptr, nullptr, __FILE__));
 }
 
 void return_freed_weights_to_os() {

@@ -113,6 +113,9 @@ class Runtime {
   ExpertStats dense_stats_;
 
   void open_programs();
+  std::unique_ptr<executorch::extension::module::Module> open_program(const ProgramFile& p,
+                                                                      const std::vector<std::string>& calls);
+  int64_t planned_bytes(executorch::extension::module::Module& mod, const ProgramFile& p) const;
   void check_ids(const std::vector<int64_t>& ids) const;
   std::vector<float> feed(const std::vector<int64_t>& ids);
   void run_chunk(const int64_t* ids, int64_t T, std::vector<float>* last_logits);
@@ -131,6 +134,11 @@ class Sampler {
   std::mt19937_64 rng_;
   std::vector<std::pair<double, int64_t>> candidates_;  // (unnormalised probability, token id), reused per token
 };
+
+// Makes an ExecuTorch abort (a failed check inside a kernel or delegate, which logs its reason first) end the process
+// with one "error: ..." line naming the method that was running and exit status 2, as every other refusal does,
+// instead of SIGABRT. Process-wide: front ends (the runner, a fuzz target) call it once at start.
+void report_executorch_aborts();
 
 // Makes the C library give an evicted expert's memory back to the OS when it is freed (glibc: a process-wide
 // mmap threshold); every Runtime calls it.

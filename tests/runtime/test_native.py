@@ -157,3 +157,110 @@ def test_bad_options_are_one_line_errors(runner, micro_bundle_8da4w, args, messa
 def test_missing_bundle_through_python(runner, tmp_path):
     with pytest.raises(CosmoesError, match="bundle not found"):
         generate_native(tmp_path / "nope", [1, 2], 4)
+
+
+# -- hostile manifests: every number and name is checked before it is used (export/runtime/bundle.cpp) ----------
+def _edit_manifest(bundle, tmp_path, edit):
+    dst = _copy(bundle, tmp_path)
+    m = json.loads((dst / MANIFEST_NAME).read_text())
+    edit(m, dst)
+    (dst / MANIFEST_NAME).write_text(json.dumps(m))
+    return dst
+
+
+def _set(path, value):
+    def edit(m, _dst):
+        *keys, last = path
+        for k in keys:
+            m = m[k]
+        m[last] = value
+    return edit
+
+
+def _outside_link(m, dst):
+    (dst.parent / "elsewhere.pte").write_bytes((dst / "experts.pte").read_bytes())
+    (dst / "experts.pte").unlink()
+    (dst / "experts.pte").symlink_to(dst.parent / "elsewhere.pte")
+
+
+def _drop_layer(m, _dst):
+    del m["experts"]["1"]
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set(["config", "top_k"], 100), "manifest.json: config.top_k = 100 must be between 1 and num_experts (4)"),
+    (_set(["config", "n_layers"], 5000), "config.n_layers = 5000 must be between 1 and 1024"),
+    (_set(["config", "vocab_size"], 1e300), "config.vocab_size = 1.0000000000000001e+300 must be an integer"),
+    (_set(["config", "dim"], 63), "config.dim = 63 must be a multiple of n_heads (2)"),
+    (_set(["config", "dim"], 6), "config.dim = 6 gives an odd head_dim"),
+    (_set(["config", "n_kv_heads"], 3), "config.n_heads = 2 must be a multiple of n_kv_heads (3)"),
+    (_set(["config", "router_temperature"], "hot"), 'config.router_temperature = "hot" must be a positive number'),
+    (_set(["max_chunk"], 65), "max_chunk = 65 must be between 1 and max_seq_len (64)"),
+    (_set(["threads"], -1), "threads = -1 must be between 0 and 1024"),
+    (_set(["programs", "experts", "file"], "../experts.pte"), "programs.experts.file = \"../experts.pte\" must be "
+                                                              "a plain file name inside the bundle directory"),
+    (_set(["programs", "experts", "file"], "/etc/passwd"), "must be a plain file name inside the bundle directory"),
+    (_set(["programs", "experts", "bytes"], -5), "programs.experts.bytes = -5 must be between 1 and"),
+    (_set(["programs", "backbone", "methods"], ["embed", "context", "head", "layer_0"]),
+     'programs.backbone.methods lacks "layer_1", which the runtime calls'),
+    (_set(["experts", "0", "1", "method"], "layer_0_expert_0"), "is already another expert's method"),
+    (_set(["experts", "0", "1", "program"], "backbone"), 'experts.0.1.program = "backbone" must be "experts"'),
+    (_drop_layer, "experts has 1 layers, config.n_layers = 2 and num_experts = 4 need 2"),
+    (_outside_link, "is a symbolic link to"),
+])
+def test_hostile_manifest_fields_are_one_line_errors(runner, micro_bundle_8da4w, tmp_path, edit, message):
+    proc = _run(runner, _edit_manifest(micro_bundle_8da4w, tmp_path, edit), "--prompt-ids", "1")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+    assert message in proc.stderr
+
+
+@pytest.mark.parametrize("text, message", [
+    ("[" * 100000 + "]" * 100000, "nested deeper than 64 levels"),
+    ('{"format": "cosmoes-executorch-bundle", "format_version": 1e999}', "number out of range"),
+    ('{"format": "cosmoes-executorch-bundle", "format_version": 2, "x": "\xff"}', "invalid UTF-8"),
+    ('{"format": "cosmoes-executorch-bundle", "format_version": 0x2}', "invalid JSON"),
+    ('{"format": "cosmoes-executorch-bundle", "x": "\\udc00"}', "lone low surrogate"),
+    (" " * (17 << 20), "more than a manifest may"),
+])
+def test_hostile_json_is_refused_cleanly(runner, micro_bundle_8da4w, tmp_path, text, message):
+    bundle = _copy(micro_bundle_8da4w, tmp_path)
+    (bundle / MANIFEST_NAME).write_bytes(text.encode("latin-1"))
+    proc = _run(runner, bundle, "--prompt-ids", "1")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and message in proc.stderr
+
+
+# -- altered programs whose manifest was rewritten to match: refused, never a crash --------------------------------
+GARBLE_CASES = [(bundle, program, seed) for bundle in ("micro_bundle_8da4w", "micro_bundle_fp32")
+                for program in ("backbone", "experts") for seed in range(10)]
+
+
+def _garble(bundle, tmp_path, program, seed):
+    """A copy of the bundle with 1-64 random bytes of one program overwritten and its size and sha256 rewritten."""
+    import hashlib
+    import random
+
+    dst = _copy(bundle, tmp_path)
+    m = json.loads((dst / MANIFEST_NAME).read_text())
+    path = dst / m["programs"][program]["file"]
+    data = bytearray(path.read_bytes())
+    rng = random.Random(seed)
+    at, n = rng.randrange(len(data)), rng.choice([1, 4, 16, 64])
+    data[at:at + n] = bytes(rng.randrange(256) for _ in range(len(data[at:at + n])))
+    path.write_bytes(bytes(data))
+    m["programs"][program].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    (dst / MANIFEST_NAME).write_text(json.dumps(m))
+    return dst
+
+
+@pytest.mark.parametrize("bundle, program, seed", GARBLE_CASES)
+def test_garbled_program_is_refused_or_runs_never_crashes(runner, bundle, program, seed, tmp_path, request):
+    path = _garble(request.getfixturevalue(bundle), tmp_path, program, seed)
+    proc = subprocess.run([str(runner), str(path), "--prompt-ids", "1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16,17,18",
+                           "--gen", "4", "--policy", "lru:2"], capture_output=True, text=True, errors="replace",
+                          timeout=120)
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert proc.returncode in (0, 2), f"exit {proc.returncode}: {proc.stderr[-2000:]}"
+    if proc.returncode == 2:
+        assert len(errors) == 1 and proc.stderr.rstrip("\n").endswith(errors[0])
+    else:
+        assert errors == []
