@@ -18,7 +18,7 @@ except ImportError:  # pragma: no cover
 # the library's configs, torch-free, so `--help` and `info` start in a fraction of a second: each option's default
 # is the library's (`_default`), never a second literal that could drift from it
 from cosmoes.bench.harness import BenchConfig
-from cosmoes.config import DataConfig, TrainConfig
+from cosmoes.config import DataConfig, TrainConfig, check_out_dir, check_out_file
 from cosmoes.errors import CosmoesError, InvalidValue
 from cosmoes.eval.harness import EvalConfig
 from cosmoes.export.bundle import ExportConfig
@@ -196,6 +196,7 @@ def export(source: str = typer.Argument(..., help="checkpoint directory or prese
     """Export a model to an ExecuTorch bundle with one loadable, freeable method per expert (§3.4.2)."""
     from cosmoes.export.bundle import export_bundle
 
+    check_out_dir("out", out)
     cfg = ExportConfig(target=target, quant=quant, group_size=group_size, quant_embedding=quant_embedding,
                        max_seq_len=max_seq_len, max_chunk=max_chunk, seed=seed)
     export_bundle(source, out, cfg)
@@ -221,18 +222,39 @@ def generate(bundle: Path = typer.Argument(..., help="exported bundle directory"
              policy: str = typer.Option("swap", "--policy", help="expert cache: all, swap (Eq. 8) or lru:N"),
              temperature: float = typer.Option(0.0, "--temperature", help="0 = greedy"),
              top_p: float = typer.Option(1.0, "--top-p"), seed: int = typer.Option(0, "--seed"),
+             threads: Optional[int] = typer.Option(None, "--threads", help="ExecuTorch threads, 0 = every core "
+                                                                            "(default: the bundle's recipe)"),
              stats: bool = typer.Option(False, "--stats", help="also print one JSON line of expert-cache stats")):
     """Continue a prompt with an exported bundle (ExecuTorch), loading experts only when the router picks them."""
-    from cosmoes.runtime.python import BundleRuntime
+    from cosmoes.runtime.python import BundleRuntime, check_generation
 
-    runtime = BundleRuntime(bundle, policy=policy)
+    _check_utf8("prompt", prompt)
+    check_generation(max_new_tokens, temperature, top_p)  # before the bundle loads
+    runtime = BundleRuntime(bundle, policy=policy, threads=threads)
     tokenizer = runtime.tokenizer()
-    ids = tokenizer(prompt)["input_ids"]
+    ids = _tokenizer_call(lambda: tokenizer(prompt)["input_ids"])
     new = runtime.generate(ids, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
                            eos_id=tokenizer.eos_token_id)
-    typer.echo(prompt + tokenizer.decode(new, skip_special_tokens=True))
+    typer.echo(prompt + _tokenizer_call(lambda: tokenizer.decode(new, skip_special_tokens=True)))
     if stats:
         typer.echo(json.dumps({"policy": str(runtime.policy), "new_tokens": len(new)} | runtime.stats.to_dict()))
+
+
+def _check_utf8(name: str, text: str) -> None:
+    """Bytes that are not UTF-8 reach Python as lone surrogates (PEP 383), which no tokenizer can encode."""
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidValue(name, "is not valid UTF-8") from None
+
+
+def _tokenizer_call(fn):
+    """The tokenizers library raises its own exception types (TypeError, its Exception): one line instead."""
+    try:
+        return fn()
+    except Exception as exc:  # noqa: BLE001 (any failure of the library is the same user-facing problem)
+        first = (str(exc).splitlines() or [type(exc).__name__])[0]
+        raise CosmoesError(f"the bundle's tokenizer failed: {first}") from None
 
 
 @app.command()
@@ -285,6 +307,7 @@ def bench(bundle: Path = typer.Argument(..., help="exported bundle directory"),
                       temperature=temperature, top_p=top_p, seed=seed, warmup=warmup, repeats=repeats,
                       threads=threads, compare=compare, runner=str(runner) if runner else None)
     out = out or Path("bench") / bundle.resolve().name
+    check_out_dir("out", out)
     report = run_bench(bundle, cfg, out, log=lambda line: typer.echo(line, err=True))
     typer.echo(format_table(report))
     typer.echo(f"results: {out}/bench.json, bench.csv, bench.png", err=True)
@@ -308,6 +331,8 @@ def eval_(checkpoint: Path = typer.Argument(..., help="checkpoint directory (wit
     """Zero-shot EleutherAI lm-eval of a checkpoint or bundle on the paper's Table 2 tasks; prints a Table 2 row."""
     from cosmoes.eval.harness import evaluate, format_table, write_report_json
 
+    if json_out is not None:
+        check_out_file("json", json_out)  # before the evaluation, not after it
     names = [n.strip() for item in tasks or [] for n in item.split(",") if n.strip()]
     chosen = {"tasks": tuple(names)} if names else {}  # none given: EvalConfig's default, the paper's ten
     cfg = EvalConfig(limit=limit, batch_size=batch_size, data_dir=data_dir, **chosen)
@@ -331,6 +356,7 @@ def routing(checkpoints: List[Path] = typer.Argument(..., help="MoE checkpoint, 
     """Expert replacements (ExRep) and ΔUniform per layer on held-out text (§3.4.2, Table 3, Figures 5–6)."""
     from cosmoes.eval.routing_report import format_routing_table, routing_reports, write_routing_outputs
 
+    check_out_dir("out", out)
     reports = routing_reports(checkpoints, list(data or []) or None, samples, max_tokens)
     typer.echo(format_routing_table(reports))
     for path in write_routing_outputs(reports, out, layer=layer):
@@ -381,7 +407,18 @@ def reproduce(steps: int = typer.Option(_default(ReproduceConfig, "steps"), help
                           models=_csv(models) if models else ALL_MODELS, data=list(data or []),
                           routing_samples=samples, routing_tokens=max_tokens, eval_blocks=eval_blocks,
                           eval_limit=eval_limit, eval_tasks=_csv(eval_tasks or ""), threads=threads, offload=offload)
+    _check_reproduce(cfg)
     typer.echo(results_table(run_reproduction(cfg)))
+
+
+def _check_reproduce(cfg: ReproduceConfig) -> None:
+    """The training numbers every model will use, refused now as `train` refuses them (not hours later, after the
+    first models have trained); the output directories too."""
+    check_out_dir("out", cfg.out)
+    check_out_dir("results", cfg.results)
+    TrainConfig(out=cfg.out, steps=cfg.steps, batch_size=cfg.batch_size, seq_len=cfg.seq_len, lr=cfg.lr,
+                warmup_steps=cfg.warmup_steps or 0, lb_coef=cfg.lb_coef, bles_coef=cfg.bles_coef,
+                bles_temperature=cfg.bles_temperature)
 
 
 def _csv(text: str) -> tuple[str, ...]:

@@ -6,12 +6,12 @@ No torch import here: configs are plain data that the CLI, the exporter and the 
 from __future__ import annotations
 
 import dataclasses
-import json
+import math
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from cosmoes.artifacts import config_path
-from cosmoes.errors import CosmoesError
+from cosmoes.errors import CosmoesError, InvalidValue
 
 LLAMA3_VOCAB = 128256
 
@@ -38,7 +38,8 @@ class ModelConfig:
     name: str = "custom"
 
     def __post_init__(self) -> None:
-        self.validate()
+        if _CHECK_ON_INIT:
+            self.validate()
 
     # -- derived shapes -------------------------------------------------------------------
     @property
@@ -62,19 +63,10 @@ class ModelConfig:
         return "wd-moe" if self.is_wd else ("moe" if self.is_moe else "dense")
 
     def validate(self) -> None:
-        if self.dim % self.n_heads:
-            raise CosmoesError(f"dim {self.dim} is not divisible by n_heads {self.n_heads}")
-        if self.head_dim % 2:
-            raise CosmoesError(f"head_dim {self.head_dim} must be even for RoPE")
-        if self.n_heads % self.kv_heads:
-            raise CosmoesError(f"n_heads {self.n_heads} is not a multiple of n_kv_heads {self.kv_heads}")
-        if self.is_moe and not 1 <= self.top_k <= self.num_experts:
-            raise CosmoesError(f"top_k must be between 1 and num_experts ({self.num_experts}), got {self.top_k}")
-        if self.wd_rank is not None and (self.wd_rank < 1 or not self.is_moe):
-            raise CosmoesError("wd_rank needs a positive rank and an MoE model (num_experts > 0)")
-        for name in ("vocab_size", "dim", "n_layers", "ffn_dim", "max_seq_len"):
-            if getattr(self, name) < 1:
-                raise CosmoesError(f"{name} must be positive, got {getattr(self, name)}")
+        """The rules of a config.json (types, ranges, cross-field), from the one schema in cosmoes.schema."""
+        from cosmoes.schema import check_model_config
+
+        check_model_config(self.to_dict())
 
     # -- parameter counts (closed form; tests check them against the built model) ----------
     def expert_params(self) -> int:
@@ -124,6 +116,10 @@ class ModelConfig:
         return dataclasses.replace(self, **changes)
 
 
+# The presets below are built unchecked: checking imports pydantic (~0.1 s), which `cosmoes --help` should not pay.
+# tests/test_config.py checks every preset against the schema; every other ModelConfig is checked when built.
+_CHECK_ON_INIT = False
+
 # transformers-style field name -> ModelConfig field
 _HF_NAMES = {
     "vocab_size": "vocab_size", "hidden_size": "dim", "num_hidden_layers": "n_layers",
@@ -170,6 +166,7 @@ PRESETS: dict[str, ModelConfig] = {
 }
 for _name, _cfg in PRESETS.items():
     _cfg.name = _name
+_CHECK_ON_INIT = True
 
 
 def get_preset(name: str) -> ModelConfig:
@@ -186,15 +183,10 @@ def load_model_config(source: str | Path) -> ModelConfig:
         return get_preset(str(source))
     if not path.exists():
         raise CosmoesError(f"no config.json at {path}: not a cosmoes checkpoint")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CosmoesError(f"corrupt config {path}: {exc}") from None
-    if data.get("model_type") == "cosmoe":
-        return ModelConfig.from_hf_dict(data)
-    if "model_type" in data:
-        raise CosmoesError(f"{path} is a {data['model_type']!r} checkpoint; bring it in with `cosmoes convert --from`")
-    return ModelConfig.from_dict(data)
+    from cosmoes.schema import model_config_fields, read_json
+
+    # the raw JSON is checked first, so an error names the key as the file spells it (hidden_size, not dim)
+    return ModelConfig(**model_config_fields(read_json(path), path))
 
 
 def solve_ffn_dim(cfg: ModelConfig, target_params: float, active: bool, multiple_of: int = 16) -> int:
@@ -269,6 +261,22 @@ class TrainConfig:
     data: DataConfig = field(default_factory=DataConfig)
     progress: bool = True
 
+    def __post_init__(self) -> None:
+        self.validate()
+
+    def validate(self) -> None:
+        """Refuse numbers no run can use (InvalidValue names the field; the CLI shows it as its flag)."""
+        for name in ("steps", "batch_size", "grad_accum", "log_every", "eval_every", "eval_batches", "save_every"):
+            check_int(name, getattr(self, name), low=1)
+        check_int("warmup_steps", self.warmup_steps, low=0)
+        check_int("seq_len", self.seq_len, low=2)  # a block needs an input token and the token it predicts
+        check_number("lr", self.lr, low=0.0, inclusive=False)
+        check_number("bles_temperature", self.bles_temperature, low=0.0, inclusive=False)
+        for name in ("lb_coef", "bles_coef", "weight_decay", "min_lr_ratio"):
+            check_number(name, getattr(self, name), low=0.0)
+        check_number("grad_clip", self.grad_clip, low=0.0, inclusive=False)
+        check_out_dir("out", self.out)
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -277,6 +285,60 @@ class TrainConfig:
         d = dict(d)
         d["data"] = DataConfig(**d.get("data", {}))
         return cls(**d)
+
+
+# -- numbers and paths a user gives ------------------------------------------------------------------------------
+# Library configs (TrainConfig, ExportConfig, BenchConfig, the runtime) refuse bad values with InvalidValue, so the
+# library and the command line say the same thing; the CLI shows the name as the flag (`--lr must be ...`).
+
+def check_int(name: str, value, low: int, high: int | None = None) -> None:
+    """An integer (not a bool or float) in [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise InvalidValue(name, f"must be an integer, got {value!r}")
+    if value < low:
+        raise InvalidValue(name, f"must be at least {low}, got {value}")
+    if high is not None and value > high:
+        raise InvalidValue(name, f"must be at most {high}, got {value}")
+
+
+def check_number(name: str, value, low: float, inclusive: bool = True) -> None:
+    """A finite number >= low (> low unless inclusive); NaN and inf typed on a command line arrive as floats."""
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value) \
+        and (value >= low if inclusive else value > low)
+    if not ok:
+        raise InvalidValue(name, f"must be finite and {'>=' if inclusive else '>'} {low:g}, got {value}")
+
+
+MAX_THREADS = 1024  # the most threads any runtime is asked for (a recipe, a phone); 0 means one per core
+
+
+def check_threads(threads, most: int) -> None:
+    """A thread count for a runtime: 0 (one per usable core) up to ``most`` (usually the usable cores)."""
+    if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= most:
+        raise InvalidValue("threads", f"must be between 0 (one per core) and {most}, got {threads}")
+
+
+def check_out_dir(name: str, path: str | Path) -> None:
+    """An output directory that can be created: neither it nor its nearest existing ancestor is a regular file."""
+    blocker = _file_in_the_way(Path(path))
+    if blocker is not None:
+        raise InvalidValue(name, f"must be a directory, but {blocker} is an existing file")
+
+
+def check_out_file(name: str, path: str | Path) -> None:
+    """An output file that can be written: not a directory, and no regular file where its folders would go."""
+    path = Path(path)
+    if path.is_dir():
+        raise InvalidValue(name, f"must be a file, but {path} is a directory")
+    blocker = _file_in_the_way(path.parent)
+    if blocker is not None:
+        raise InvalidValue(name, f"must be a file in a directory, but {blocker} is an existing file")
+
+
+def _file_in_the_way(folder: Path) -> Path | None:
+    # mkdir(parents=True) fails with a traceback-worthy OSError when any of these is a file; say so up front
+    existing = next((p for p in (folder, *folder.parents) if p.exists()), None)
+    return existing if existing is not None and not existing.is_dir() else None
 
 
 def human(n: float) -> str:
@@ -316,4 +378,5 @@ def _table1(name: str) -> dict | None:
 
 
 __all__ = ["ModelConfig", "DataConfig", "TrainConfig", "PRESETS", "get_preset", "load_model_config", "align",
-           "solve_ffn_dim", "describe", "human"]
+           "solve_ffn_dim", "describe", "human", "check_int", "check_number", "check_threads", "check_out_dir",
+           "check_out_file"]

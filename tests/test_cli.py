@@ -157,3 +157,133 @@ def test_load_model_without_weights_is_a_one_line_error(tiny_checkpoint, tmp_pat
     (broken / "model.safetensors").unlink()
     with pytest.raises(CosmoesError, match="no weights"):
         load_model(broken)
+
+
+# -- numbers and paths from the user: refused by the library's configs, printed as the flag that set them ------------
+
+def cli_error(monkeypatch, capsys, *args: str) -> str:
+    """The one line `cosmoes ARGS` prints on stderr through the real entry point (exit 2)."""
+    from cosmoes.cli import main
+
+    monkeypatch.setattr(sys, "argv", ["cosmoes", *map(str, args)])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    err = capsys.readouterr().err
+    assert exit_info.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+    return err[len("error: "):].rstrip("\n")
+
+
+@pytest.fixture
+def plain_file(tmp_path):
+    path = tmp_path / "file.txt"
+    path.write_text("not a directory\n")
+    return path
+
+
+@pytest.mark.parametrize("flag,value,message", [
+    ("--lr", "nan", "--lr must be finite and > 0, got nan"), ("--lr", "inf", "--lr must be finite and > 0, got inf"),
+    ("--lr", "-1", "--lr must be finite and > 0, got -1.0"),
+    ("--batch-size", "0", "--batch-size must be at least 1, got 0"),
+    ("--grad-accum", "0", "--grad-accum must be at least 1, got 0"),
+    ("--save-every", "0", "--save-every must be at least 1, got 0"), ("--steps", "0", "--steps must be at least 1, got 0"),
+    ("--eval-every", "0", "--eval-every must be at least 1, got 0"),
+    ("--log-every", "0", "--log-every must be at least 1, got 0"),
+    ("--warmup-steps", "-1", "--warmup-steps must be at least 0, got -1"),
+    ("--seq-len", "1", "--seq-len must be at least 2, got 1"),
+    ("--lb-coef", "-0.5", "--lb-coef must be finite and >= 0, got -0.5"),
+    ("--bles-coef", "nan", "--bles-coef must be finite and >= 0, got nan"),
+    ("--bles-temperature", "0", "--bles-temperature must be finite and > 0, got 0.0"),
+    ("--bles-temperature", "inf", "--bles-temperature must be finite and > 0, got inf"),
+])
+def test_train_refuses_bad_numbers(monkeypatch, capsys, tmp_path, flag, value, message):
+    assert cli_error(monkeypatch, capsys, "train", "--out", tmp_path / "run", flag, value) == message
+    assert not (tmp_path / "run").exists()
+
+
+def test_out_must_not_be_an_existing_file(monkeypatch, capsys, plain_file, tmp_path):
+    file_ = f"--out must be a directory, but {plain_file} is an existing file"
+    assert cli_error(monkeypatch, capsys, "train", "--out", plain_file) == file_
+    assert cli_error(monkeypatch, capsys, "train", "--out", plain_file / "run") == file_
+    assert cli_error(monkeypatch, capsys, "export", "tiny-moe", "--target", "host", "--out", plain_file) == file_
+    assert cli_error(monkeypatch, capsys, "bench", tmp_path / "nowhere", "--out", plain_file) == file_
+    assert cli_error(monkeypatch, capsys, "routing", tmp_path / "nowhere", "--out", plain_file) == file_
+    assert cli_error(monkeypatch, capsys, "reproduce", "--out", plain_file) == file_
+    assert cli_error(monkeypatch, capsys, "reproduce", "--results", plain_file / "r") == \
+        f"--results must be a directory, but {plain_file} is an existing file"
+    assert cli_error(monkeypatch, capsys, "eval", tmp_path / "nowhere", "--json", plain_file / "report.json") == \
+        f"--json must be a file in a directory, but {plain_file} is an existing file"
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--lr", "nan"], "--lr must be finite and > 0, got nan"),
+    (["--batch-size", "0"], "--batch-size must be at least 1, got 0"),
+    (["--warmup-steps", "-2"], "--warmup-steps must be at least 0, got -2"),
+    (["--bles-temperature", "-1"], "--bles-temperature must be finite and > 0, got -1.0"),
+])
+def test_reproduce_refuses_bad_numbers_before_training_anything(monkeypatch, capsys, tmp_path, args, message):
+    assert cli_error(monkeypatch, capsys, "reproduce", "--out", tmp_path / "runs", *args) == message
+    assert not (tmp_path / "runs").exists()
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-chunk", "0"], "--max-chunk must be positive, got 0"),
+    (["--max-seq-len", "2000000"], "--max-seq-len must be at most 1048576, got 2000000"),
+    (["--group-size", "0"], "--group-size must be positive, got 0"),
+])
+def test_export_refuses_bad_numbers(monkeypatch, capsys, tmp_path, args, message):
+    assert cli_error(monkeypatch, capsys, "export", "tiny-moe", "--target", "host", "--out", tmp_path / "b",
+                     *args) == message
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--max-new-tokens", "0"], "--max-new-tokens must be at least 1, got 0"),
+    (["--temperature", "nan"], "--temperature must be finite and >= 0, got nan"),
+    (["--temperature", "inf"], "--temperature must be finite and >= 0, got inf"),
+    (["--temperature", "-1"], "--temperature must be finite and >= 0, got -1.0"),
+    (["--top-p", "0"], "--top-p must be in (0, 1], got 0.0"),
+    (["--top-p", "nan"], "--top-p must be in (0, 1], got nan"),
+])
+def test_generate_refuses_bad_numbers_before_opening_the_bundle(monkeypatch, capsys, tmp_path, args, message):
+    assert cli_error(monkeypatch, capsys, "generate", tmp_path / "nowhere", "--prompt", "x", *args) == message
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--budget-mb", "nan"], "--budget-mb must be finite and > 0, got nan"),
+    (["--budget-mb", "0"], "--budget-mb must be finite and > 0, got 0.0"),
+    (["--temperature", "inf"], "--temperature must be finite and >= 0, got inf"),
+    (["--threads", "-1"], "--threads must be between 0 (one per core) and {cores}, got -1"),
+    (["--threads", "100000"], "--threads must be between 0 (one per core) and {cores}, got 100000"),
+])
+def test_bench_refuses_bad_numbers_before_opening_the_bundle(monkeypatch, capsys, tmp_path, args, message):
+    from cosmoes.system import usable_cores
+
+    assert cli_error(monkeypatch, capsys, "bench", tmp_path / "nowhere", "--out", tmp_path / "o", *args) == \
+        message.format(cores=usable_cores())
+
+
+def test_a_prompt_that_is_not_utf8_is_one_line_from_a_real_process(tmp_path):
+    # the shell hands the bytes over as they are; Python turns them into lone surrogates (PEP 383)
+    proc = subprocess.run([sys.executable, "-m", "cosmoes.cli", "generate", str(tmp_path), "--prompt".encode(),
+                           b"\xff\xfe"], capture_output=True, timeout=120)
+    assert proc.returncode == 2 and proc.stdout == b""
+    assert proc.stderr == b"error: --prompt is not valid UTF-8\n"
+
+
+def test_tokenizer_exceptions_become_one_line():
+    from cosmoes.cli import _tokenizer_call
+
+    def broken():
+        raise TypeError("TextEncodeInput must be Union[TextInputSequence, Tuple[InputSequence, InputSequence]]\nmore")
+
+    with pytest.raises(CosmoesError) as err:
+        _tokenizer_call(broken)
+    assert str(err.value) == ("the bundle's tokenizer failed: TextEncodeInput must be Union[TextInputSequence, "
+                              "Tuple[InputSequence, InputSequence]]")
+
+
+def test_a_damaged_checkpoint_config_is_one_line_for_info(tmp_path, monkeypatch, capsys, tiny_checkpoint):
+    broken = shutil.copytree(tiny_checkpoint, tmp_path / "broken")
+    data = json.loads((broken / "config.json").read_text())
+    (broken / "config.json").write_text(json.dumps(data | {"num_attention_heads": 0}))
+    assert cli_error(monkeypatch, capsys, "info", broken) == \
+        f"{broken / 'config.json'}: num_attention_heads = 0 must be at least 1"

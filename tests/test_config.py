@@ -102,21 +102,64 @@ def test_get_preset_returns_a_fresh_copy():
     assert get_preset("tiny-moe").top_k == PRESETS["tiny-moe"].top_k == 2
 
 
-@pytest.mark.parametrize("changes,match", [
-    ({"top_k": 9}, "top_k"), ({"top_k": 0}, "top_k"), ({"n_heads": 3}, "divisible"),
-    ({"n_kv_heads": 3}, "multiple"), ({"wd_rank": 0}, "wd_rank"), ({"ffn_dim": 0}, "ffn_dim"),
-])
-def test_invalid_configs_raise_one_line_errors(changes, match):
-    with pytest.raises(CosmoesError, match=match) as err:
+# every rule of the config schema (cosmoes.schema.ModelConfigSchema) with its exact one-line message; tiny-moe is
+# dim 128, 4 heads, 2 kv heads, 8 experts with top_k 2
+RULES = [
+    ({"top_k": 9}, "top_k = 9 must be between 1 and num_experts (8)"),
+    ({"top_k": 0}, "top_k = 0 must be between 1 and num_experts (8)"),
+    ({"n_heads": 3}, "n_heads = 3 must divide dim (128)"),
+    ({"dim": 132, "n_heads": 4}, "n_heads = 4 must leave an even head_dim (dim 132 / n_heads = 33)"),
+    ({"n_kv_heads": 3}, "n_kv_heads = 3 must divide n_heads (4)"),
+    ({"wd_rank": 0}, "wd_rank = 0 must be at least 1"),
+    ({"ffn_dim": 0}, "ffn_dim = 0 must be at least 1"),
+    ({"vocab_size": 0}, "vocab_size = 0 must be at least 1"),
+    ({"vocab_size": (1 << 24) + 1}, "vocab_size = 16777217 must be at most 16777216"),
+    ({"dim": 65538}, "dim = 65538 must be at most 65536"),
+    ({"n_layers": 0}, "n_layers = 0 must be at least 1"),
+    ({"n_layers": 1025}, "n_layers = 1025 must be at most 1024"),
+    ({"n_heads": 0}, "n_heads = 0 must be at least 1"),
+    ({"n_kv_heads": 0}, "n_kv_heads = 0 must be at least 1"),
+    ({"max_seq_len": 0}, "max_seq_len = 0 must be at least 1"),
+    ({"max_seq_len": (1 << 20) + 1}, "max_seq_len = 1048577 must be at most 1048576"),
+    ({"num_experts": 1025}, "num_experts = 1025 must be at most 1024"),
+    ({"num_experts": -1}, "num_experts = -1 must be at least 0"),
+    ({"norm_eps": 0.0}, "norm_eps = 0.0 must be greater than 0"),
+    ({"norm_eps": float("nan")}, "norm_eps = NaN must be a finite number"),
+    ({"rope_theta": -1.0}, "rope_theta = -1.0 must be greater than 0"),
+    ({"rope_theta": float("inf")}, "rope_theta = Infinity must be a finite number"),
+    ({"router_temperature": 0}, "router_temperature = 0 must be greater than 0"),
+    ({"dim": True}, "dim = true must be an integer"),
+    ({"dim": 128.0}, "dim = 128.0 must be an integer"),
+    ({"dim": "128"}, 'dim = "128" must be an integer'),
+    ({"dim": 10 ** 400}, "dim = a 401-digit integer must be at most 65536"),
+    ({"tie_embeddings": 1}, "tie_embeddings = 1 must be true or false"),
+    ({"name": 5}, "name = 5 must be a string"),
+]
+
+
+@pytest.mark.parametrize("changes,message", RULES)
+def test_invalid_configs_raise_one_line_errors(changes, message):
+    with pytest.raises(CosmoesError) as err:
         get_preset("tiny-moe").replace(**changes)
-    assert "\n" not in str(err.value)
+    assert str(err.value) == message
 
 
 def test_top_k_above_num_experts_is_rejected_on_construction():
     with pytest.raises(CosmoesError, match="top_k"):
         ModelConfig(num_experts=4, top_k=5)
-    with pytest.raises(CosmoesError, match="wd_rank"):
+    with pytest.raises(CosmoesError) as err:
         get_preset("tiny-dense").replace(wd_rank=8)  # WD needs experts
+    assert str(err.value) == "wd_rank = 8 needs an MoE model (num_experts >= 1)"
+
+
+def test_a_dense_model_ignores_top_k():
+    assert not get_preset("tiny-dense").replace(top_k=0).is_moe
+
+
+@pytest.mark.parametrize("name", list(PRESETS))
+def test_every_preset_obeys_the_schema(name):
+    # presets are built unchecked at import (pydantic stays out of `cosmoes --help`): check them here
+    PRESETS[name].validate()
 
 
 @pytest.mark.parametrize("name", MOE_PRESETS)
@@ -165,7 +208,7 @@ def test_load_model_config_errors(tmp_path):
     corrupt.parent.mkdir()
     corrupt.write_text('{"dim": 128, "n_layers":')
     for source in (corrupt, corrupt.parent):
-        with pytest.raises(CosmoesError, match="corrupt config"):
+        with pytest.raises(CosmoesError, match="config.json: not valid JSON"):
             load_model_config(source)
     with pytest.raises(CosmoesError, match="no config.json"):
         load_model_config(tmp_path / "missing.json")
@@ -181,3 +224,130 @@ def test_load_model_config_errors(tmp_path):
     bad_values.write_text(json.dumps({**get_preset("tiny-moe").to_dict(), "top_k": 12}))
     with pytest.raises(CosmoesError, match="top_k"):
         load_model_config(bad_values)
+
+
+# -- config.json against the schema: one line naming the file, the field (as the file spells it) and the value ---------
+
+def hf_config(**changes) -> dict:
+    """tiny-moe's checkpoint config.json (transformers' names, as CosmoeConfig.save_pretrained writes them)."""
+    return {"model_type": "cosmoe", "architectures": ["CosmoeForCausalLM"], "transformers_version": "5.0.0",
+            **get_preset("tiny-moe").to_hf_dict(), **changes}
+
+
+def config_error(tmp_path, data, name="config.json") -> str:
+    path = tmp_path / name
+    path.write_bytes(data if isinstance(data, bytes) else json.dumps(data).encode())
+    with pytest.raises(CosmoesError) as err:
+        load_model_config(path)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"{path}: ") or message.startswith(f"{path} is a ")
+    return message[len(str(path)) + 2:]
+
+
+@pytest.mark.parametrize("changes,message", [
+    ({"num_attention_heads": 0}, "num_attention_heads = 0 must be at least 1"),
+    ({"num_experts_per_tok": 100}, "num_experts_per_tok = 100 must be between 1 and num_experts (8)"),
+    ({"num_attention_heads": 3}, "num_attention_heads = 3 must divide hidden_size (128)"),
+    ({"num_key_value_heads": 3}, "num_key_value_heads = 3 must divide num_attention_heads (4)"),
+    ({"hidden_size": 1.5}, "hidden_size = 1.5 must be an integer"),
+    ({"rms_norm_eps": -1}, "rms_norm_eps = -1 must be greater than 0"),
+    ({"max_position_embeddings": 0}, "max_position_embeddings = 0 must be at least 1"),
+    ({"num_experts": 0, "wd_rank": 8}, "wd_rank = 8 needs an MoE model (num_experts >= 1)"),
+    ({"model_type": 5}, 'model_type = 5 must be "cosmoe"'),
+])
+def test_checkpoint_config_json_errors_use_the_files_names(tmp_path, changes, message):
+    assert config_error(tmp_path, hf_config(**changes)) == message
+
+
+def test_checkpoint_config_json_missing_field_and_foreign_keys(tmp_path):
+    data = hf_config()
+    del data["hidden_size"]
+    assert config_error(tmp_path, data) == "hidden_size is missing"
+    # keys transformers adds (and cosmoes' own names) are not a checkpoint's fields: ignored, as transformers does
+    assert load_model_config_from(tmp_path, hf_config(dim=5, use_cache=True)) == get_preset("tiny-moe")
+
+
+def load_model_config_from(tmp_path, data) -> ModelConfig:
+    path = tmp_path / "ok.json"
+    path.write_text(json.dumps(data))
+    return load_model_config(path)
+
+
+def test_own_names_config_json_refuses_unknown_and_missing_fields(tmp_path):
+    own = get_preset("tiny-moe").to_dict()
+    assert config_error(tmp_path, {**own, "num_expert": 8}) == "num_expert = 8 is not a known field"
+    assert config_error(tmp_path, {**own, "top_k": 100}) == "top_k = 100 must be between 1 and num_experts (8)"
+    del own["dim"]
+    assert config_error(tmp_path, own) == "dim is missing"
+    optional = {k: v for k, v in get_preset("tiny-dense").to_dict().items()
+                if k in ("vocab_size", "dim", "n_layers", "n_heads", "ffn_dim")}
+    assert load_model_config_from(tmp_path, optional) == ModelConfig(**optional)  # the rest: ModelConfig's defaults
+
+
+@pytest.mark.parametrize("data,message", [
+    (b"", "not valid JSON (Expecting value: line 1 column 1 (char 0))"),
+    (b"\xff\xfe{}", "not valid UTF-8 (byte 0)"),
+    (b"[" * 100_000 + b"]" * 100_000, "not valid JSON (nested too deeply)"),
+    (b'{"a":' * 50_000 + b"1" + b"}" * 50_000, "not valid JSON (nested too deeply)"),
+    (b"[1, 2]", "must hold a JSON object, not [1, 2]"),
+    (b"null", "must hold a JSON object, not null"),
+    (b'{"dim": 1, "dim": 2}', 'not valid JSON (duplicate key "dim")'),
+    (json.dumps(hf_config(hidden_size="HUGE")).replace('"HUGE"', "1e400").encode(),
+     "hidden_size = Infinity must be an integer"),
+    (json.dumps(hf_config(rms_norm_eps="NAN")).replace('"NAN"', "NaN").encode(),
+     "rms_norm_eps = NaN must be a finite number"),
+    (b'{"model_type": "cosmoe"}', "vocab_size is missing"),
+    (b'{"model_type": "cosmoe", "preset_name": "\\ud800"}', "not valid JSON text (a \\u escape of a lone surrogate)"),
+    (b'{"vocab_size": 1' + b"0" * 400 + b"}", "vocab_size = a 401-digit integer must be at most 16777216"),
+    (b'{"vocab_size": 1' + b"0" * 5000 + b"}", None),  # beyond Python's 4300-digit int parsing limit
+    (json.dumps({**get_preset("tiny-moe").to_dict(), "name": "a\nb", "dim": [[[[1]]]]}).encode(),
+     "dim = [[[[1]]]] must be an integer"),
+])
+def test_damaged_config_json_is_one_line(tmp_path, data, message):
+    got = config_error(tmp_path, data)
+    assert got == message if message else got.startswith("not valid JSON (Exceeds the limit (4300 digits)")
+
+
+def test_a_file_name_that_is_not_utf8_still_prints_as_one_line(tmp_path):
+    path = tmp_path / "bad\udcff\nname.json"
+    path.write_text("[]")
+    with pytest.raises(CosmoesError) as err:
+        load_model_config(path)
+    assert str(err.value).endswith("bad\\xff\\nname.json: must hold a JSON object, not []")
+    str(err.value).encode("utf-8")  # printable: no lone surrogates left
+
+
+def test_train_config_refuses_numbers_no_run_can_use(tmp_path):
+    from cosmoes.config import TrainConfig
+    from cosmoes.errors import InvalidValue
+
+    plain = tmp_path / "file.txt"
+    plain.write_text("x")
+    cases = [
+        (dict(lr=float("nan")), "lr must be finite and > 0, got nan"), (dict(lr=0.0), "lr must be finite and > 0, got 0.0"),
+        (dict(lr=float("inf")), "lr must be finite and > 0, got inf"),
+        *[(dict([(f, 0)]), f"{f} must be at least 1, got 0")
+          for f in ("batch_size", "grad_accum", "save_every", "steps", "eval_every", "log_every")],
+        (dict(warmup_steps=-1), "warmup_steps must be at least 0, got -1"),
+        (dict(seq_len=1), "seq_len must be at least 2, got 1"), (dict(steps=2.5), "steps must be an integer, got 2.5"),
+        (dict(lb_coef=-0.1), "lb_coef must be finite and >= 0, got -0.1"),
+        (dict(bles_coef=float("nan")), "bles_coef must be finite and >= 0, got nan"),
+        (dict(bles_temperature=0.0), "bles_temperature must be finite and > 0, got 0.0"),
+        (dict(out=str(plain)), f"out must be a directory, but {plain} is an existing file"),
+        (dict(out=str(plain / "run")), f"out must be a directory, but {plain} is an existing file"),
+    ]
+    for changes, message in cases:
+        with pytest.raises(InvalidValue) as err:
+            TrainConfig(**changes)
+        assert str(err.value) == message, changes
+    assert TrainConfig(out=str(tmp_path / "new" / "run"), warmup_steps=0, seq_len=2).steps == 200
+
+
+def test_a_config_that_is_not_a_regular_file_is_refused_without_reading_it(tmp_path):
+    import os
+
+    fifo = tmp_path / "config.json"
+    os.mkfifo(fifo)  # opening it would block until a writer came
+    with pytest.raises(CosmoesError) as err:
+        load_model_config(fifo)
+    assert str(err.value) == f"{fifo}: not a regular file"

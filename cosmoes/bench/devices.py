@@ -107,6 +107,7 @@ class AdbDevice:
         raise CosmoesError(f"{self._name()} is not reachable: {last_line(proc.stderr or proc.stdout)}")
 
     def shell(self, command: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
+        """Run ``command`` with the phone's sh: whoever builds it quotes each word (shlex.join)."""
         return self._adb("shell", command, timeout=timeout, check=check)
 
     def info(self) -> dict:
@@ -114,23 +115,23 @@ class AdbDevice:
                  "android": "ro.build.version.release", "abi": "ro.product.cpu.abi"}
         out = {"kind": "adb", "serial": self.serial}
         for key, prop in props.items():
-            out[key] = self.shell(f"getprop {prop}", timeout=30, check=False).stdout.strip()
+            out[key] = self.shell(shlex.join(["getprop", prop]), timeout=30, check=False).stdout.strip()
         return out
 
     # -- files --------------------------------------------------------------------------------------------------
     def push(self, local: Path, remote: str, sha256: str | None = None) -> bool:
         """Push unless the device already has the same bytes (``sha256``: the local file's, if already known)."""
-        have = self.shell(f"sha256sum {shlex.quote(remote)} 2>/dev/null", check=False).stdout.split()
+        have = self.shell(f"{shlex.join(['sha256sum', remote])} 2>/dev/null", check=False).stdout.split()
         if have and have[0] == (sha256 or sha256_file(local)):
             return False
-        self.shell(f"mkdir -p {shlex.quote(remote.rsplit('/', 1)[0])}")
+        self.shell(shlex.join(["mkdir", "-p", remote.rsplit("/", 1)[0]]))
         self._adb("push", str(local), remote, timeout=3600)
         return True
 
     def prepare(self, bundle: Path, manifest: Manifest, prompt_file: Path) -> None:
         """Push what the run needs; ``manifest`` was loaded (and its programs verified) by the caller."""
         self.bundle_dir = f"{REMOTE_ROOT}/bundles/{bundle.resolve().name}"
-        files = [(self.runner, f"{REMOTE_ROOT}/bin/{self.runner.name}", None),
+        files = [(self.runner, self.remote_runner, None),
                  (prompt_file, self.prompt_path, None),
                  (bundle / MANIFEST_NAME, f"{self.bundle_dir}/{MANIFEST_NAME}", None)]
         files += [(lib, f"{REMOTE_ROOT}/lib/{lib.name}", None) for lib in sorted(self.runner.parent.glob("*.so"))]
@@ -139,16 +140,26 @@ class AdbDevice:
                   for p in manifest.programs.values()]
         pushed = [remote for local, remote, sha in files if self.push(local, remote, sha)]
         self.log(f"adb: pushed {len(pushed)} of {len(files)} files ({len(files) - len(pushed)} already on the device)")
-        self.shell(f"chmod 755 {REMOTE_ROOT}/bin/{self.runner.name}")
+        self.shell(shlex.join(["chmod", "755", self.remote_runner]))
+
+    @property
+    def remote_runner(self) -> str:
+        return f"{REMOTE_ROOT}/bin/{self.runner.name}"
 
     def run(self, args: list[str], timeout: float) -> dict:
+        # `adb shell` hands one string to the phone's sh: every word built from a user's path or value (the runner's
+        # file name, the bundle folder's name, prompt and flags) is quoted, so a folder named `x; rm -rf ~` is a name
         stats = f"{REMOTE_ROOT}/out/stats.json"
-        command = (f"mkdir -p {REMOTE_ROOT}/out && rm -f {stats} && cd {REMOTE_ROOT} && "
-                   f"LD_LIBRARY_PATH={REMOTE_ROOT}/lib {REMOTE_ROOT}/bin/{self.runner.name} "
-                   f"{shlex.join([self.bundle_dir, *args, '--stats-json', stats])}")
+        command = " && ".join([shlex.join(["mkdir", "-p", f"{REMOTE_ROOT}/out"]), shlex.join(["rm", "-f", stats]),
+                               shlex.join(["cd", REMOTE_ROOT]),
+                               "LD_LIBRARY_PATH=" + shlex.quote(f"{REMOTE_ROOT}/lib") + " "
+                               + shlex.join([self.remote_runner, self.bundle_dir, *args, "--stats-json", stats])])
         proc = self.shell(command, timeout=timeout, check=False)
         if proc.returncode != 0:
             raise CosmoesError(f"on {self._name()}: {runner_error(proc.returncode, proc.stderr + proc.stdout)}")
         with tempfile.TemporaryDirectory() as tmp:
             self._adb("pull", stats, f"{tmp}/stats.json", timeout=120)
-            return json.loads(Path(f"{tmp}/stats.json").read_text())
+            try:
+                return json.loads(Path(f"{tmp}/stats.json").read_text())
+            except (OSError, ValueError) as exc:  # a runner killed mid-write leaves a torn file
+                raise CosmoesError(f"on {self._name()}: unreadable runner statistics ({exc})") from None

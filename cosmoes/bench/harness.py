@@ -17,12 +17,13 @@ from pathlib import Path
 from typing import Callable
 
 from cosmoes.bench.devices import open_device, parse_device
+from cosmoes.config import MAX_THREADS, check_number, check_threads
 from cosmoes.errors import CosmoesError, InvalidValue
 from cosmoes.export.manifest import Manifest, load_manifest
 from cosmoes.export.policy import sweep_policies
 from cosmoes.provenance import command_line, git_commit
 from cosmoes.runtime.native import last_line
-from cosmoes.system import resolve_threads
+from cosmoes.system import resolve_threads, usable_cores
 
 
 @dataclass
@@ -53,13 +54,19 @@ class BenchConfig:
                 raise InvalidValue(name, f"must be at least 1, got {getattr(self, name)}")
         if self.warmup < 0:
             raise InvalidValue("warmup", f"must be >= 0, got {self.warmup}")
-        if not self.temperature >= 0:
-            raise InvalidValue("temperature", f"must be >= 0, got {self.temperature}")
+        check_number("temperature", self.temperature, low=0.0)
         if not 0 < self.top_p <= 1:
             raise InvalidValue("top_p", f"must be in (0, 1], got {self.top_p}")
         if not 0 <= self.prompt_doc < PROMPT_DOCS:
             raise InvalidValue("prompt_doc", f"must be in 0..{PROMPT_DOCS - 1}, got {self.prompt_doc}")
-        parse_device(self.device)
+        for budget in self.budgets_mb:
+            check_number("budget_mb", budget, low=0.0, inclusive=False)
+        check_number("timeout_s", self.timeout_s, low=0.0, inclusive=False)
+        kind, _ = parse_device(self.device)
+        if self.threads is not None:
+            # this machine's cores bound a local run; a phone's are unknown until it answers, so only the manifest's
+            # bound applies there
+            check_threads(self.threads, usable_cores() if kind == "local" else MAX_THREADS)
 
 
 PROMPT_DOCS = 50  # held-out documents a prompt can start at; each has 400+ tokens, so prompts do not overlap

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
-from cosmoes.errors import CosmoesError
+from cosmoes.errors import CosmoesError, InvalidValue
 from cosmoes.artifacts import MANIFEST_NAME
 from cosmoes.export.manifest import Manifest, load_manifest, write_manifest
 from cosmoes.export.policy import parse_policy, valid_policies
@@ -41,6 +41,7 @@ class ExportConfig:
     def resolve(self) -> tuple["ExportConfig", Recipe]:
         """The config with every default filled in from the target's recipe, validated."""
         from cosmoes.export.recipes import load_recipe
+        from cosmoes.schema import MAX_SEQ_LEN
 
         recipe = load_recipe(self.target)
         cfg = dataclasses.replace(self)
@@ -51,8 +52,12 @@ class ExportConfig:
         check_quant(cfg.target, cfg.quant, cfg.quant_embedding)
         for name in ("max_chunk", "max_seq_len", "group_size"):
             value = getattr(cfg, name)
-            if value is not None and value < 1:
-                raise CosmoesError(f"{name.replace('_', '-')} must be positive, got {value}")
+            if value is None:
+                continue
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidValue(name.replace("_", "-"), f"must be positive, got {value}")
+            if name != "group_size" and value > MAX_SEQ_LEN:  # the manifest's bound: such a bundle would not load
+                raise InvalidValue(name.replace("_", "-"), f"must be at most {MAX_SEQ_LEN}, got {value}")
         if cfg.quant == "8da4w" and cfg.group_size % MIN_GROUP:
             raise CosmoesError(f"group size {cfg.group_size} is not supported by XNNPACK's 4-bit kernels: "
                                f"use a multiple of {MIN_GROUP}")

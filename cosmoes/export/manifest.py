@@ -127,7 +127,8 @@ def sha256_file(path: str | Path) -> str:
 def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
     """Read and validate a bundle's manifest; every problem is a one-line CosmoesError.
 
-    Always checked: the manifest parses, its format version is not newer than ours, the quantisation is one the
+    Always checked: the manifest obeys the schema (cosmoes.schema.ManifestSchema: format and version, types, ranges,
+    the expert table against the config), no file it names leads outside the bundle, the quantisation is one the
     target allows, every program file exists with the recorded size. With ``verify`` also: each file's sha256,
     that it is a well-formed .pte, and that it has every method the manifest lists (read from the program itself).
     """
@@ -137,30 +138,37 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
     path = bundle_dir / MANIFEST_NAME
     if not path.is_file():
         raise CosmoesError(f"not a cosmoes bundle (no {MANIFEST_NAME}): {bundle_dir}")
-    try:
-        data = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, ValueError) as exc:
-        raise CosmoesError(f"corrupt bundle manifest {path}: {exc}") from None
-    if not isinstance(data, dict) or data.get("format") != FORMAT_NAME:
-        raise CosmoesError(f"{path} is not a cosmoes bundle manifest")
-    version = data.get("format_version")
-    if not isinstance(version, int):
-        raise CosmoesError(f"corrupt bundle manifest {path}: format_version missing")
-    if version > FORMAT_VERSION:
-        raise CosmoesError(f"bundle format {version} is newer than this cosmoes supports ({FORMAT_VERSION}); "
-                           "upgrade cosmoes")
-    if version < FORMAT_VERSION:
-        raise CosmoesError(f"bundle format {version} is older than this cosmoes supports ({FORMAT_VERSION}): "
-                           f"re-export it with `cosmoes export`")
-    try:
-        manifest = Manifest.from_dict(data)
-    except (TypeError, ValueError, AttributeError) as exc:
-        raise CosmoesError(f"corrupt bundle manifest {path}: {exc}") from None
+    from cosmoes.schema import check_manifest, read_json
+
+    data = read_json(path)
+    check_manifest(data, path)  # every type, range and cross-field rule (cosmoes.schema.ManifestSchema)
+    manifest = Manifest.from_dict(data)
+    _check_inside(bundle_dir, manifest)
     _check_quant(manifest)
     for name, prog in manifest.programs.items():
         _check_program(bundle_dir, name, prog, verify)
     ensure_runtime_kernels(manifest)
     return manifest
+
+
+def _check_inside(bundle_dir: Path, manifest: Manifest) -> None:
+    """Every file the manifest names stays inside the bundle, symlinks followed, before anything is opened.
+
+    The schema already refuses names with a directory part; a symlink inside the bundle could still point anywhere.
+    """
+    from cosmoes.schema import one_line
+
+    root = bundle_dir.resolve()
+    names = [(f"programs.{name}.file", prog["file"]) for name, prog in manifest.programs.items()]
+    names += [("tokenizer", manifest.tokenizer)] if manifest.tokenizer else []
+    for field_name, file_name in names:
+        where = f"{bundle_dir / MANIFEST_NAME}: {field_name} = {json.dumps(file_name, ensure_ascii=False)}"
+        try:
+            target = (bundle_dir / file_name).resolve()
+        except (OSError, RuntimeError):  # a symlink loop (RuntimeError before Python 3.13)
+            raise CosmoesError(one_line(f"{where} is a symlink that cannot be resolved")) from None
+        if root not in target.parents:
+            raise CosmoesError(one_line(f"{where} links to {target}, outside the bundle"))
 
 
 def ensure_runtime_kernels(manifest: Manifest) -> None:

@@ -24,11 +24,12 @@ from typing import Callable, Sequence
 
 import torch
 
-from cosmoes.errors import CosmoesError
+from cosmoes.config import MAX_THREADS, check_int, check_number, check_threads
+from cosmoes.errors import CosmoesError, InvalidValue
 from cosmoes.export.policy import CachePolicy, parse_policy
 from cosmoes.model import route
 from cosmoes.quiet import native_stderr_hidden
-from cosmoes.system import resolve_threads
+from cosmoes.system import resolve_threads, usable_cores
 
 
 def load_method_uncached(program, name: str):
@@ -64,8 +65,7 @@ def set_threads(threads: int) -> None:
     """Size ExecuTorch's process-wide thread pool (the XNNPACK kernels'); 0 means one thread per usable core."""
     from executorch.extension.pybindings import portable_lib
 
-    if threads < 0:
-        raise CosmoesError(f"threads must be >= 0 (0 = every core), got {threads}")
+    check_threads(threads, MAX_THREADS)
     threads = resolve_threads(threads)
     with native_stderr_hidden():  # the pool's first use logs cpuinfo probes, and a reset says so, on fd 2
         if portable_lib._threadpool_get_thread_count() != threads:
@@ -193,6 +193,8 @@ class BundleRuntime:
         self.manifest = load_manifest(self.bundle_dir)  # validates every file before any runtime work
         self.config = self.manifest.model_config()
         self.policy = parse_policy(policy, self.config.top_k)
+        if threads is not None:  # a caller's count is bounded by this machine; the recipe's (a phone's) is not
+            check_threads(threads, usable_cores())
         set_threads(threads if threads is not None else self.manifest.threads)
         self.max_chunk = min(self.manifest.max_chunk, self.config.max_seq_len)
         self._open_programs()
@@ -257,9 +259,8 @@ class BundleRuntime:
                  top_p: float = 1.0, seed: int = 0, eos_id: int | None = None) -> list[int]:
         """New token ids after the prompt: greedy when temperature == 0, else temperature/top-p sampling
         seeded by ``seed``. Stops early after ``eos_id`` if given."""
+        check_generation(max_new_tokens, temperature, top_p)
         ids_T = self._as_ids(prompt_ids)
-        if max_new_tokens < 1:
-            raise CosmoesError(f"max_new_tokens must be at least 1, got {max_new_tokens}")
         if len(ids_T) + max_new_tokens - 1 > self.config.max_seq_len:
             raise CosmoesError(f"prompt ({len(ids_T)} tokens) + {max_new_tokens} new tokens exceed the bundle's "
                                f"max_seq_len {self.config.max_seq_len}")
@@ -330,13 +331,18 @@ class BundleRuntime:
         return out_TD
 
 
+def check_generation(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """The numbers of a generation request, checked before any work (InvalidValue: the CLI names the flag)."""
+    check_int("max_new_tokens", max_new_tokens, low=1)
+    check_number("temperature", temperature, low=0.0)
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):  # NaN fails both comparisons
+        raise InvalidValue("top_p", f"must be in (0, 1], got {top_p}")
+
+
 def make_sampler(temperature: float, top_p: float, seed: int) -> Callable[[torch.Tensor], int]:
     """Next-token choice from logits (V,): argmax at temperature 0, else transformers' temperature and top-p
     warpers and a draw from a generator seeded once, so a seed reproduces the whole sequence."""
-    if not temperature >= 0:
-        raise CosmoesError(f"temperature must be >= 0, got {temperature}")
-    if not 0 < top_p <= 1:
-        raise CosmoesError(f"top_p must be in (0, 1], got {top_p}")
+    check_generation(1, temperature, top_p)
     if temperature == 0:
         return lambda logits_V: int(logits_V.argmax())
     from transformers.generation.logits_process import (LogitsProcessorList, TemperatureLogitsWarper,
@@ -354,4 +360,5 @@ def make_sampler(temperature: float, top_p: float, seed: int) -> Callable[[torch
 
 
 __all__ = ["BundleRuntime", "CachePolicy", "ExpertCache", "RuntimeStats", "parse_policy", "make_sampler",
+           "check_generation",
            "load_method_uncached", "release_heap", "set_threads"]

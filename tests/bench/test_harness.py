@@ -184,3 +184,63 @@ def test_bad_bench_options(micro_bundle_8da4w, tmp_path):
     os.environ.pop("COSMOES_ADB", None)
     result = _bench_process(tmp_path / "missing", tmp_path / "o")
     assert result.returncode == 2 and result.stderr.strip() == f"error: bundle not found: {tmp_path / 'missing'}"
+
+
+@pytest.mark.parametrize("changes,message", [
+    (dict(budgets_mb=[float("nan")]), "budget_mb must be finite and > 0, got nan"),
+    (dict(budgets_mb=[5.0, -1.0]), "budget_mb must be finite and > 0, got -1.0"),
+    (dict(temperature=float("inf")), "temperature must be finite and >= 0, got inf"),
+    (dict(temperature=float("nan")), "temperature must be finite and >= 0, got nan"),
+    (dict(threads=-1), "threads must be between 0 (one per core) and {cores}, got -1"),
+    (dict(threads=10_000), "threads must be between 0 (one per core) and {cores}, got 10000"),
+    (dict(device="adb", threads=2000), "threads must be between 0 (one per core) and 1024, got 2000"),
+])
+def test_bench_config_refuses_bad_numbers(changes, message):
+    from cosmoes.errors import InvalidValue
+    from cosmoes.system import usable_cores
+
+    with pytest.raises(InvalidValue) as err:
+        BenchConfig(**changes).validate()
+    assert str(err.value) == message.format(cores=usable_cores())
+
+
+def test_a_phone_may_get_more_threads_than_this_machine_has_cores():
+    BenchConfig(device="adb", threads=64).validate()  # the phone's cores are not this machine's
+
+
+HOSTILE_NAME = "x; rm -rf ~; touch pwned $(touch pwned2) `touch pwned3` 'q\""
+
+
+def test_adb_commands_quote_user_paths_and_values(fake_adb, tmp_path, monkeypatch):
+    from cosmoes.bench.devices import REMOTE_ROOT, AdbDevice
+    from cosmoes.export.manifest import sha256_file
+
+    home = tmp_path / "home"  # if anything went unquoted, `rm -rf ~` would hit this, not the real home
+    (home / "keep").mkdir(parents=True)
+    monkeypatch.setenv("HOME", str(home))
+    bundle = tmp_path / HOSTILE_NAME
+    bundle.mkdir()
+    (bundle / "manifest.json").write_text("{}\n")
+    (bundle / "p.pte").write_bytes(b"program")
+    runner = tmp_path / "bin" / "cosmoes runner; touch pwned4"
+    runner.parent.mkdir()
+    # stands in for the runner: records the argument list it got (and where it ran) as its statistics
+    runner.write_text(f"#!/bin/bash\nexec {shlex.quote(sys.executable)} -c 'import json, os, sys\n"
+                      "json.dump({\"argv\": sys.argv[1:], \"cwd\": os.getcwd()}, open(sys.argv[-1], \"w\"))' \"$@\"\n")
+    runner.chmod(0o755)
+    prompt = tmp_path / "prompt.txt"
+    prompt.write_text("1 2 3\n")
+    manifest = Manifest(target="host", quant="none", group_size=None, quant_embedding="none", max_seq_len=8,
+                        max_chunk=8, config={}, programs={"p": {"file": "p.pte", "sha256": sha256_file(bundle / "p.pte")}})
+    device = AdbDevice(None, str(runner), log=lambda _: None)
+    device.prepare(bundle, manifest, prompt)
+    args = ["--policy", "lru:2; touch pwned5", "--prompt-file", device.prompt_path, "--note", "$(touch pwned6)"]
+    stats = device.run(args, timeout=60)
+
+    remote_bundle = fake_adb / f"data/local/tmp/cosmoes/bundles/{HOSTILE_NAME}"
+    assert (remote_bundle / "p.pte").read_bytes() == b"program" and (remote_bundle / "manifest.json").is_file()
+    assert stats["argv"][0] == str(remote_bundle)  # the folder's name arrived as one argument, as it is
+    assert stats["argv"][1:-2] == [a.replace("/data/local/tmp", str(fake_adb / "data/local/tmp")) for a in args]
+    assert stats["argv"][-2] == "--stats-json" and stats["cwd"] == str(fake_adb) + REMOTE_ROOT
+    assert (home / "keep").is_dir()
+    assert not [p for p in tmp_path.rglob("pwned*")] and not list(Path.cwd().glob("pwned*"))
