@@ -54,8 +54,24 @@ def json_damage(text: str, seed: int = 0) -> dict[str, tuple[bytes, str]]:
     return out
 
 
+# values a field may legitimately take: null (not set), 0 (dense model, every core), a float or large float
+NULLABLE = {"num_key_value_heads", "n_kv_heads", "wd_rank", "group_size"}
+ZERO_OK = {"num_experts", "threads"}
+FLOATS = {"rms_norm_eps", "norm_eps", "rope_theta", "router_temperature"}
+
+
+def _expectation(field: str, tag: str) -> str:
+    name = field.rsplit(".", 1)[-1]
+    if (tag == "null" and name in NULLABLE) or (tag == "zero" and name in ZERO_OK):
+        return ANY
+    if name in FLOATS and tag in ("float", "huge"):
+        return ANY
+    return REFUSE
+
+
 def field_damage(data: dict, fields: list[str]) -> dict[str, tuple[bytes, str]]:
-    """For each dotted field: wrong types and out-of-range numbers, each refused; and the field missing."""
+    """For each dotted field: wrong types and out-of-range numbers (refused unless the value is legitimate for that
+    field); and the field missing (an optional field may go)."""
     bad_values = {"str": "x", "float": 1.5, "bool": True, "null": None, "list": [1], "zero": 0, "neg": -1,
                   "huge": 10 ** 30, "huger": "HUGE"}
     out = {}
@@ -65,7 +81,7 @@ def field_damage(data: dict, fields: list[str]) -> dict[str, tuple[bytes, str]]:
             node, key = _walk(copy, dotted)
             node[key] = value
             text = json.dumps(copy).replace('"HUGE"', "1" + "0" * 400)  # an integer no int64 holds
-            out[f"{dotted}={tag}"] = (text.encode(), REFUSE)
+            out[f"{dotted}={tag}"] = (text.encode(), _expectation(dotted, tag))
         copy = json.loads(json.dumps(data))
         node, key = _walk(copy, dotted)
         del node[key]
