@@ -2,6 +2,9 @@
 
 import json
 import os
+import pickle
+import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,7 +15,7 @@ import torch
 from cosmoes.checkpoint import load_model
 from cosmoes.data import DataConfig
 from cosmoes.errors import CosmoesError
-from cosmoes.train import TrainConfig, lr_at, train
+from cosmoes.train import STATE_JSON, STATE_TENSORS, TrainConfig, lr_at, train
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -97,3 +100,174 @@ def test_fsdp2_two_processes_match_one(tmp_path):
         assert abs(ra["lb_loss"] - rb["lb_loss"]) < 1e-4, (ra, rb)
     summary = json.loads((multi / "summary.json").read_text())
     assert summary["world_size"] == 2
+
+
+# -- resume: the training state is data (safetensors + JSON), checked before use -------------------------------------
+
+@pytest.fixture(scope="module")
+def stopped_run(tmp_path_factory):
+    """A 6-step run stopped (checkpointed) after step 2; tests resume copies of it."""
+    out = tmp_path_factory.mktemp("stopped") / "run"
+    train(small_cfg(out, steps=6, log_every=1), stop_at=2)
+    return out
+
+
+def copy_run(stopped_run: Path, tmp_path: Path) -> Path:
+    out = tmp_path / "run"
+    shutil.copytree(stopped_run, out)
+    return out
+
+
+def test_checkpoint_holds_no_pickle(stopped_run):
+    ckpt = stopped_run / "checkpoint"
+    assert {STATE_JSON, STATE_TENSORS, "train_config.json", "model.safetensors"} <= {p.name for p in ckpt.iterdir()}
+    assert not list(ckpt.glob("*.pt")) and not list(ckpt.glob("*.bin"))
+    meta = json.loads((ckpt / STATE_JSON).read_text())
+    assert meta["step"] == 2 and meta["scheduler"]["last_epoch"] == 2
+
+
+def test_resume_names_the_settings_that_differ(stopped_run, tmp_path):
+    out = copy_run(stopped_run, tmp_path)
+    with pytest.raises(CosmoesError) as err:
+        train(small_cfg(out, steps=6, log_every=1, lr=1e-3, preset="tiny-wd"), resume=True)
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(f"cannot resume {out}: ")
+    assert "preset tiny-moe -> tiny-wd" in message and "lr 0.003 -> 0.001" in message
+    assert "steps" not in message.split(":", 1)[1].replace("warmup_steps", "")
+    assert message.endswith("differ from the run's train_config.json")
+
+
+def test_resume_may_extend_steps_and_drops_torn_metrics(stopped_run, tmp_path, capsys):
+    out = copy_run(stopped_run, tmp_path)
+    metrics = out / "metrics.jsonl"
+    lines = metrics.read_text().splitlines()
+    metrics.write_text("\n".join([lines[0], "\x00garbled", *lines[1:], '{"step": 3, "loss": 9.0']))  # torn last line
+    train(small_cfg(out, steps=8, log_every=1), resume=True)
+    warnings = [line for line in capsys.readouterr().err.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "metrics.jsonl: dropped 2 unreadable lines (2, 4)" in warnings[0]
+    assert [r["step"] for r in read_metrics(out)] == list(range(1, 9))
+    assert json.loads((out / "train_config.json").read_text())["steps"] == 8
+
+
+def test_a_torn_last_line_alone_is_named_so(stopped_run, tmp_path, capsys):
+    out = copy_run(stopped_run, tmp_path)
+    with (out / "metrics.jsonl").open("a") as f:
+        f.write('{"step": 3, "lo')
+    train(small_cfg(out, steps=6, log_every=1), resume=True, stop_at=3)
+    assert "dropped a torn last line" in capsys.readouterr().err
+    assert [r["step"] for r in read_metrics(out)] == [1, 2, 3]
+
+
+def live_trainer(cfg: TrainConfig):
+    """(model, optimiser, scheduler) as a resumed run builds them, to read a training state against."""
+    from cosmoes.config import get_preset
+    from cosmoes.model import Transformer
+    from cosmoes.train import build_optimizer
+
+    model = Transformer(get_preset(cfg.preset))
+    return (model, *build_optimizer(model, cfg))
+
+
+def edit_json(path: Path, edit) -> None:
+    data = json.loads(path.read_text())
+    edit(data)
+    path.write_text(json.dumps(data))
+
+
+def _set(path: list, value):
+    def edit(data):
+        for key in path[:-1]:
+            data = data[key]
+        data[path[-1]] = value
+    return edit
+
+
+STATE_CORRUPTIONS = {
+    "step": (_set(["step"], -1), "step is -1"),
+    "step-type": (_set(["step"], "2"), "step is '2'"),
+    "format": (_set(["format"], "pickle"), "format is not"),
+    "lr": (_set(["optimizer", "param_groups", 0, "lr"], float("nan")), "param_groups[0].lr is NaN, not a finite"),
+    "lr-type": (_set(["optimizer", "param_groups", 0, "lr"], "0.1"), "param_groups[0].lr"),
+    "params": (_set(["optimizer", "param_groups", 0, "params"], []), "param_groups[0].params"),
+    "unknown-group-field": (_set(["optimizer", "param_groups", 0, "__class__"], 1), "param_groups[0].__class__"),
+    "missing-param": (lambda d: d["optimizer"]["state"].pop("output.weight"), "optimizer.state does not list"),
+    "state-names": (_set(["optimizer", "state", "norm.weight"], "exp_avg"), "optimizer.state.norm.weight"),
+    "missing-tensor": (lambda d: d["optimizer"]["state"]["norm.weight"].append("momentum"),
+                       "optimizer/norm.weight/momentum is missing"),
+    "scheduler-lambda": (_set(["scheduler", "lr_lambdas"], [{"__code__": 1}]), "scheduler.lr_lambdas[0]"),
+    "scheduler-field": (_set(["scheduler", "optimizer"], None), "scheduler.optimizer is not a field"),
+    "scheduler-step": (_set(["scheduler", "last_epoch"], 1), "scheduler.last_epoch is 1, not the step 2"),
+    "python-random": (_set(["python_random"], [3, [1, 2], None]), "python_random is not"),
+    "not-an-object": (lambda d: d.clear(), "format is not"),
+}
+
+
+@pytest.mark.parametrize("case", sorted(STATE_CORRUPTIONS))
+def test_training_state_is_validated(stopped_run, tmp_path, case):
+    from cosmoes.train import read_training_state
+
+    out = copy_run(stopped_run, tmp_path)
+    ckpt = out / "checkpoint"
+    edit, expected = STATE_CORRUPTIONS[case]
+    edit_json(ckpt / STATE_JSON, edit)
+    with pytest.raises(CosmoesError) as err:
+        read_training_state(ckpt, *live_trainer(small_cfg(out, steps=6)))
+    message = str(err.value)
+    assert "\n" not in message and expected in message
+    assert message.startswith(f"corrupt training state {ckpt / STATE_JSON}: ") or "is missing" in expected
+
+
+def test_training_state_tensors_are_checked(stopped_run, tmp_path):
+    from safetensors.torch import load_file, save_file
+
+    from cosmoes.train import read_training_state
+
+    ckpt = copy_run(stopped_run, tmp_path) / "checkpoint"
+    live = live_trainer(small_cfg(ckpt.parent, steps=6))
+    tensors = load_file(ckpt / STATE_TENSORS)
+    cases = [("optimizer/norm.weight/exp_avg", torch.zeros(3), "is [3] torch.float32 where the parameter is [128]"),
+             ("optimizer/norm.weight/step", torch.tensor(-1.0), "not a non-negative step"),
+             ("rng/torch", torch.zeros(7, dtype=torch.uint8), "rng/torch is missing or not"),
+             ("extra", torch.zeros(1), "extra is not part of")]
+    for name, value, problem in cases:
+        save_file({**tensors, name: value}, ckpt / STATE_TENSORS)
+        with pytest.raises(CosmoesError, match=re.escape(f"{ckpt / STATE_TENSORS}: ") + ".*" + re.escape(problem)):
+            read_training_state(ckpt, *live)
+    (ckpt / STATE_TENSORS).write_bytes(b"\x80\x04not safetensors")
+    with pytest.raises(CosmoesError, match=f"corrupt training state {ckpt / STATE_TENSORS}: "):
+        read_training_state(ckpt, *live)
+
+
+def test_an_older_pickled_state_is_refused_unread(stopped_run, tmp_path):
+    out = copy_run(stopped_run, tmp_path)
+    marker = tmp_path / "pwned"
+    for name in (STATE_JSON, STATE_TENSORS):
+        (out / "checkpoint" / name).unlink()
+    (out / "checkpoint" / "trainer_state.pt").write_bytes(pickle.dumps(Payload(marker)))
+    with pytest.raises(CosmoesError, match="written by an older cosmoes .*; start a new run$"):
+        train(small_cfg(out, steps=6), resume=True)
+    assert not marker.exists()
+
+
+def test_resume_past_the_last_step_is_refused(stopped_run, tmp_path):
+    out = copy_run(stopped_run, tmp_path)
+    with pytest.raises(CosmoesError, match="at step 2, past --steps 1"):
+        train(small_cfg(out, steps=1), resume=True)
+
+
+class Payload:
+    """Unpickling this creates ``marker``: proof that a file was unpickled."""
+
+    def __init__(self, marker: Path):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return open, (self.marker, "w")
+
+
+def test_no_torch_load_without_weights_only():
+    """Every torch.load in the repository says weights_only=True (pickle runs code; tensors-only loading does not)."""
+    folders = [p for p in REPO.iterdir() if p.is_dir() and not p.name.startswith(".")]
+    sources = [p for folder in folders for p in folder.rglob("*.py") if p != Path(__file__).resolve()]
+    calls = [(p, line) for p in sources for line in p.read_text().splitlines() if "torch.load(" in line]
+    assert all("weights_only=True" in line for _, line in calls), calls

@@ -76,7 +76,11 @@ def _run_state(tcfg: TrainConfig) -> str:
             return "done"
     except (OSError, ValueError):
         pass
-    return "resume" if (out / "checkpoint" / "trainer_state.pt").exists() else "fresh"
+    from cosmoes.train import STATE_JSON, STATE_TENSORS
+
+    # a checkpoint of an older cosmoes (pickled trainer_state.pt) cannot be resumed: such a run starts afresh
+    state = [out / "checkpoint" / name for name in (STATE_JSON, STATE_TENSORS)]
+    return "resume" if all(p.is_file() for p in state) else "fresh"
 
 
 def train_models(cfg: ReproduceConfig, log: Callable[[str], None]) -> dict[str, dict]:
