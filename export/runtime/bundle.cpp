@@ -129,10 +129,36 @@ class Fields {
   std::string file_;
 };
 
+template <size_t N>
+const std::string& one_of(const Fields& f, const Value& root, const std::string& key, const char* const (&allowed)[N]) {
+  const Value& v = f.get(root, key, key);
+  const std::string& s = f.string(v, key);
+  std::string list;
+  for (const char* a : allowed) {
+    if (s == a) return s;
+    list += std::string(list.empty() ? "" : ", ") + a;
+  }
+  f.fail(key, v, "must be one of " + list);
+}
+
+// group_size: null (no grouped quantisation) or a positive multiple of 32; 8da4w needs one.
+void check_group_size(const Fields& f, const Value& root, const std::string& quant) {
+  const Value& v = f.get(root, "group_size", "group_size");
+  if (v.is_null()) {
+    if (quant == "8da4w") f.fail("group_size", v, "must be set for quant 8da4w");
+    return;
+  }
+  int64_t g = f.integer(v, "group_size", limits::kMinGroup, limits::kFfnDim);
+  if (g % limits::kMinGroup) f.fail("group_size", v, "must be a multiple of " + std::to_string(limits::kMinGroup));
+}
+
 void read_header(const Fields& f, const Value& root, BundleManifest& m) {
-  m.target = f.string(root, "target", "target");
-  m.quant = f.string(root, "quant", "quant");
-  m.quant_embedding = f.string(root, "quant_embedding", "quant_embedding");
+  m.target = one_of(f, root, "target", kTargets);
+  m.quant = one_of(f, root, "quant", kQuants);
+  m.quant_embedding = one_of(f, root, "quant_embedding", kEmbeddingQuants);
+  check_group_size(f, root, m.quant);
+  // null: the bundle ships no tokenizer; else a directory inside the bundle (the runtime itself takes token ids)
+  if (root.has("tokenizer") && !root.at("tokenizer").is_null()) f.name(root.at("tokenizer"), "tokenizer", true);
   m.max_seq_len = f.integer(root, "max_seq_len", "max_seq_len", 1, limits::kSeqLen);
   const Value& chunk = f.get(root, "max_chunk", "max_chunk");
   m.max_chunk = f.integer(chunk, "max_chunk", INT64_MIN, INT64_MAX);
@@ -173,6 +199,9 @@ void read_config(const Fields& f, const Value& root, BundleManifest& m) {
   if (m.is_moe && m.n_layers * m.num_experts > limits::kExpertTable)
     f.fail("config.num_experts", f.get(cfg, "num_experts", ""),
            "x n_layers (" + std::to_string(m.n_layers) + ") must be at most " + std::to_string(limits::kExpertTable));
+  const Value& seq = f.get(cfg, "max_seq_len", "config.max_seq_len");
+  if (f.integer(seq, "config.max_seq_len", 1, limits::kSeqLen) != m.max_seq_len)
+    f.fail("config.max_seq_len", seq, "must equal max_seq_len (" + std::to_string(m.max_seq_len) + ")");
   m.router_temperature = f.positive(cfg, "router_temperature", "config.router_temperature");
   m.norm_topk_prob = f.boolean(cfg, "norm_topk_prob", "config.norm_topk_prob");
 }
@@ -216,7 +245,7 @@ ExpertEntry read_expert(const Fields& f, const Value& x, const std::string& fiel
   if (std::find(listed.begin(), listed.end(), e.method) == listed.end())
     f.fail(field + ".method", method, "is not among programs.experts.methods");
   if (!used.insert(e.method).second) f.fail(field + ".method", method, "is already another expert's method");
-  e.bytes = f.integer(x, "bytes", field + ".bytes", 0, limits::kBytes);
+  e.bytes = f.integer(x, "bytes", field + ".bytes", 1, limits::kBytes);  // every expert holds weights
   return e;
 }
 
@@ -225,7 +254,7 @@ void read_experts(const Fields& f, const Value& root, BundleManifest& m) {
   const Value& layers = f.object(root, "experts", "experts");
   int64_t want = m.is_moe ? m.n_layers : 0;
   if (static_cast<int64_t>(layers.object.size()) != want)
-    f.fail("experts", "has " + std::to_string(layers.object.size()) + " layers, config.n_layers = " +
+    f.fail("experts", "has " + std::to_string(layers.object.size()) + " layer(s), config.n_layers = " +
                           std::to_string(m.n_layers) + " and num_experts = " + std::to_string(m.num_experts) +
                           " need " + std::to_string(want));
   if (!m.is_moe) return;
@@ -235,7 +264,7 @@ void read_experts(const Fields& f, const Value& root, BundleManifest& m) {
     const std::string field = "experts." + std::to_string(i);
     const Value& layer = f.object(layers, std::to_string(i), field);
     if (static_cast<int64_t>(layer.object.size()) != m.num_experts)
-      f.fail(field, "has " + std::to_string(layer.object.size()) + " experts, config.num_experts = " +
+      f.fail(field, "has " + std::to_string(layer.object.size()) + " expert(s), config.num_experts = " +
                         std::to_string(m.num_experts));
     for (int64_t e = 0; e < m.num_experts; ++e) {
       const std::string key = std::to_string(e);

@@ -17,18 +17,25 @@ constexpr int kBundleFormatVersion = 2;  // cosmoes/export/manifest.py FORMAT_VE
 namespace limits {
 constexpr int64_t kVocab = int64_t{1} << 24;         // config.vocab_size
 constexpr int64_t kDim = int64_t{1} << 16;           // config.dim
-constexpr int64_t kFfnDim = int64_t{1} << 18;        // config.ffn_dim
+constexpr int64_t kFfnDim = int64_t{1} << 20;        // config.ffn_dim
 constexpr int64_t kLayers = 1024;                    // config.n_layers
-constexpr int64_t kHeads = 1024;                     // config.n_heads, n_kv_heads
+constexpr int64_t kHeads = 65536;                    // config.n_heads, n_kv_heads (also bounded by dim)
 constexpr int64_t kExperts = 1024;                   // config.num_experts (per layer)
-constexpr int64_t kExpertTable = int64_t{1} << 16;   // n_layers x num_experts
+constexpr int64_t kExpertTable = int64_t{1} << 16;   // n_layers x num_experts (fits json::kMaxBytes)
 constexpr int64_t kSeqLen = int64_t{1} << 20;        // max_seq_len (max_chunk is 1..max_seq_len)
 constexpr int64_t kThreads = 1024;                   // threads (0 = one per core)
 constexpr int64_t kBytes = int64_t{1} << 40;         // any byte count: a program file, an expert, a weight kind
 constexpr int64_t kPrograms = 16;                    // entries of "programs"
 constexpr int64_t kByteKinds = 64;                   // entries of "non_expert_bytes"
 constexpr size_t kNameLength = 255;                  // a program's file name, a method name (NAME_MAX)
+constexpr int64_t kMinGroup = 32;                    // group_size: a positive multiple (recipes.MIN_GROUP)
 }  // namespace limits
+
+// The values cosmoes/export/recipes.py allows (its targets' recipes, QUANT_MODES less the refused 4w,
+// EMBEDDING_QUANT_MODES): a manifest naming anything else was not written by cosmoes export.
+inline const char* const kTargets[] = {"android", "host", "ios"};
+inline const char* const kQuants[] = {"none", "8da4w", "8da8w"};
+inline const char* const kEmbeddingQuants[] = {"none", "int8", "int4"};
 
 struct ProgramFile {
   std::string name;  // "backbone" | "experts"

@@ -191,6 +191,10 @@ def _drop_layer(m, _dst):
     (_set(["config", "top_k"], 100), "manifest.json: config.top_k = 100 must be between 1 and num_experts (4)"),
     (_set(["config", "n_layers"], 5000), "config.n_layers = 5000 must be between 1 and 1024"),
     (_set(["config", "vocab_size"], 1e300), "config.vocab_size = 1.0000000000000001e+300 must be an integer"),
+    (_set(["quant"], "4w"), 'quant = "4w" must be one of none, 8da4w, 8da8w'),
+    (_set(["group_size"], None), "group_size = null must be set for quant 8da4w"),
+    (_set(["tokenizer"], "../../etc"), 'tokenizer = "../../etc" must be a plain file name inside the bundle'),
+    (_set(["config", "max_seq_len"], 32), "config.max_seq_len = 32 must equal max_seq_len (64)"),
     (_set(["config", "dim"], 63), "config.dim = 63 must be a multiple of n_heads (2)"),
     (_set(["config", "dim"], 6), "config.dim = 6 gives an odd head_dim"),
     (_set(["config", "n_kv_heads"], 3), "config.n_heads = 2 must be a multiple of n_kv_heads (3)"),
@@ -205,7 +209,7 @@ def _drop_layer(m, _dst):
      'programs.backbone.methods lacks "layer_1", which the runtime calls'),
     (_set(["experts", "0", "1", "method"], "layer_0_expert_0"), "is already another expert's method"),
     (_set(["experts", "0", "1", "program"], "backbone"), 'experts.0.1.program = "backbone" must be "experts"'),
-    (_drop_layer, "experts has 1 layers, config.n_layers = 2 and num_experts = 4 need 2"),
+    (_drop_layer, "experts has 1 layer(s), config.n_layers = 2 and num_experts = 4 need 2"),
     (_outside_link, "is a symbolic link to"),
 ])
 def test_hostile_manifest_fields_are_one_line_errors(runner, micro_bundle_8da4w, tmp_path, edit, message):
