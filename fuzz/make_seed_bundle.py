@@ -56,7 +56,7 @@ def seed_manifest(bundle: Path, renames: dict[str, str]) -> dict:
         program["file"] = renames.get(program["file"], program["file"])
         program.pop("export_seconds", None)
     manifest.pop("source", None)
-    manifest["created"] = ""
+    manifest.update(created="", export_seconds=None)  # the same bytes from every export
     return manifest
 
 
