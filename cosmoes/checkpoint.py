@@ -265,8 +265,10 @@ def model_from_source(source: str | Path, seed: int = 0):
 def init_checkpoint(source: str | Path, out: str | Path, seed: int = 0, tokenizer=None) -> Path:
     """Write a randomly initialised checkpoint of a preset name or config.json, as `cosmoes train --preset` reads
     them (used for speed benchmarks of paper-sized models)."""
+    from cosmoes.config import check_out_dir
     from cosmoes.model import Transformer, init_weights
 
+    check_out_dir("out", out)
     model = init_weights(Transformer(load_model_config(source)), seed=seed)
     return save_checkpoint(model, out, tokenizer=tokenizer)
 

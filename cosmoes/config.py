@@ -40,6 +40,9 @@ class ModelConfig:
     def __post_init__(self) -> None:
         if _CHECK_ON_INIT:
             self.validate()
+        # a config.json may spell a float as an integer (1 for tau); torch's kernels take these as doubles
+        for name in ("norm_eps", "rope_theta", "router_temperature"):
+            setattr(self, name, float(getattr(self, name)))
 
     # -- derived shapes -------------------------------------------------------------------
     @property

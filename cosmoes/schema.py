@@ -148,7 +148,8 @@ def _plain_file_name(name: str) -> str:
 
 
 FileName = Annotated[str, AfterValidator(_plain_file_name)]
-Count = Annotated[int, Field(ge=0)]
+MAX_BYTES = 2 ** 40  # 1 TiB: no file of a bundle is larger; the native reader uses the same bound
+Count = Annotated[int, Field(ge=0, le=MAX_BYTES)]
 
 
 class ProgramSchema(BaseModel):
@@ -170,7 +171,7 @@ class ExpertSchema(BaseModel):
 
     program: str
     method: str
-    bytes: int = Field(ge=1)  # every expert holds weights
+    bytes: int = Field(ge=1, le=MAX_BYTES)  # every expert holds weights
 
 
 class SourceSchema(BaseModel):

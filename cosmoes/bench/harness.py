@@ -20,7 +20,7 @@ from cosmoes.bench.devices import open_device, parse_device
 from cosmoes.config import MAX_THREADS, check_number, check_threads
 from cosmoes.errors import CosmoesError, InvalidValue
 from cosmoes.export.manifest import Manifest, load_manifest
-from cosmoes.export.policy import sweep_policies
+from cosmoes.export.policy import parse_policy, sweep_policies
 from cosmoes.provenance import command_line, git_commit
 from cosmoes.runtime.native import last_line
 from cosmoes.system import resolve_threads, usable_cores
@@ -149,6 +149,8 @@ def run_bench(bundle: str | Path, cfg: BenchConfig, out: str | Path,
     cfg.validate()
     bundle, out = Path(bundle), Path(out)
     manifest = load_manifest(bundle)
+    for policy in cfg.policies:  # a typo is the user's to fix, not a run to record as failed
+        parse_policy(policy, manifest.config["top_k"])
     prompt = bench_prompt(bundle, manifest, cfg.prompt_len, cfg.prompt_doc)
     if cfg.prompt_len + cfg.gen - 1 > manifest.max_seq_len:
         raise CosmoesError(f"a prompt of {cfg.prompt_len} tokens + {cfg.gen} new tokens exceed the bundle's max_seq_len "

@@ -143,6 +143,7 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
     data = read_json(path)
     check_manifest(data, path)  # every type, range and cross-field rule (cosmoes.schema.ManifestSchema)
     manifest = Manifest.from_dict(data)
+    manifest.config = manifest.model_config().to_dict()  # with every default filled in, as the runtimes read it
     _check_inside(bundle_dir, manifest)
     _check_quant(manifest)
     for name, prog in manifest.programs.items():

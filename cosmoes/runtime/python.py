@@ -40,7 +40,21 @@ def load_method_uncached(program, name: str):
     executorch 1.5) returns a method that is destroyed with its last reference, XNNPACK runtime and packed
     weights included. This is the one place that relies on that private attribute.
     """
-    return program._program.load_method(name)
+    try:
+        return program._program.load_method(name)
+    except RuntimeError as exc:  # ExecuTorch refuses a damaged method (its hash may have been rewritten to match)
+        raise CosmoesError(f"ExecuTorch cannot load method {name}: {_first_line(exc)}; re-export the bundle") from None
+
+
+def _load_program(runtime, path: Path):
+    try:
+        return runtime.load_program(path)
+    except (RuntimeError, ValueError) as exc:
+        raise CosmoesError(f"ExecuTorch cannot open {path}: {_first_line(exc)}; re-export the bundle") from None
+
+
+def _first_line(exc: BaseException) -> str:
+    return (str(exc).strip().splitlines() or [type(exc).__name__])[0]
 
 
 def _find_malloc_trim() -> Callable | None:
@@ -206,7 +220,7 @@ class BundleRuntime:
         runtime = Runtime.get()
         expert_methods = {e["method"] for lay in self.manifest.experts.values() for e in lay.values()}
         with native_stderr_hidden():  # XNNPACK's first method load probes the CPU and logs it on fd 2
-            self._programs = {name: runtime.load_program(self.manifest.program_path(self.bundle_dir, name))
+            self._programs = {name: _load_program(runtime, self.manifest.program_path(self.bundle_dir, name))
                               for name in self.manifest.programs}
             self._methods = {m: load_method_uncached(prog, m) for name, prog in self._programs.items()
                              for m in self.manifest.programs[name]["methods"] if m not in expert_methods}
@@ -289,8 +303,12 @@ class BundleRuntime:
                                f"{self.config.max_seq_len}")
         chunks = ids_T.split(self.max_chunk)
         last = len(chunks) - 1
-        out = [self._run_chunk(c, "all" if all_logits else ("last" if i == last else "none"))
-               for i, c in enumerate(chunks)]
+        try:
+            out = [self._run_chunk(c, "all" if all_logits else ("last" if i == last else "none"))
+                   for i, c in enumerate(chunks)]
+        except RuntimeError as exc:  # a method of a damaged program failed inside ExecuTorch
+            raise CosmoesError(f"ExecuTorch failed running {self.bundle_dir}: {_first_line(exc)}; "
+                               "re-export the bundle") from None
         return torch.cat([o for o in out if o is not None])
 
     def _run_chunk(self, ids_T: torch.Tensor, logits: str) -> torch.Tensor | None:
