@@ -53,9 +53,10 @@ def _bounded(default, low: int, high: int, ours: str, doc: str):
     return Field(default, ge=low, le=high, alias=_TO_HF[ours], description=doc)
 
 
-def _positive(default, ours: str, doc: str):
-    # finite (allow_inf_nan=False below) and > 0: norm_eps, rope_theta and tau all divide or scale
-    return Field(default, gt=0, alias=_TO_HF[ours], description=doc)
+def _positive(default, high: float, ours: str, doc: str):
+    # finite (allow_inf_nan=False below) and > 0: norm_eps, rope_theta and tau all divide or scale; past `high`
+    # no model is meaningful, and export's constant folding of such a model ran for minutes without end
+    return Field(default, gt=0, le=high, alias=_TO_HF[ours], description=doc)
 
 
 class ModelConfigSchema(BaseModel):
@@ -79,11 +80,11 @@ class ModelConfigSchema(BaseModel):
     num_experts: int = _bounded(_DEFAULTS["num_experts"], 0, 1024, "num_experts", "experts per layer; 0 = dense")
     top_k: int = _bounded(_DEFAULTS["top_k"], 0, 1024, "top_k", "experts per token; 1..num_experts for an MoE")
     norm_topk_prob: bool = Field(_DEFAULTS["norm_topk_prob"], alias=_TO_HF["norm_topk_prob"])
-    router_temperature: float = _positive(_DEFAULTS["router_temperature"], "router_temperature", "tau of Eq. 2")
+    router_temperature: float = _positive(_DEFAULTS["router_temperature"], 1e4, "router_temperature", "tau of Eq. 2")
     wd_rank: int | None = _bounded(_DEFAULTS["wd_rank"], 1, 1 << 20, "wd_rank",
                                    "rank of weight-decomposed experts (null: full rank); MoE only")
-    norm_eps: float = _positive(_DEFAULTS["norm_eps"], "norm_eps", "RMSNorm epsilon")
-    rope_theta: float = _positive(_DEFAULTS["rope_theta"], "rope_theta", "RoPE base")
+    norm_eps: float = _positive(_DEFAULTS["norm_eps"], 1.0, "norm_eps", "RMSNorm epsilon")
+    rope_theta: float = _positive(_DEFAULTS["rope_theta"], 1e12, "rope_theta", "RoPE base")
     max_seq_len: int = _bounded(_DEFAULTS["max_seq_len"], 1, MAX_SEQ_LEN, "max_seq_len", "longest sequence")
     tie_embeddings: bool = Field(_DEFAULTS["tie_embeddings"], alias=_TO_HF["tie_embeddings"])
     name: str = Field(_DEFAULTS["name"], max_length=256, alias=_TO_HF["name"])

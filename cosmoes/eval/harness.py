@@ -340,8 +340,6 @@ def check_eval_config(cfg: EvalConfig) -> list[TaskSpec]:
         raise InvalidValue("limit", f"must be at least 1, got {cfg.limit}")
     if cfg.batch_size < 1:
         raise InvalidValue("batch_size", f"must be at least 1, got {cfg.batch_size}")
-    if cfg.data_dir is not None and not Path(cfg.data_dir).expanduser().is_dir():
-        raise InvalidValue("data_dir", f"must be a directory of evaluation data, got {cfg.data_dir}")
     return specs
 
 
