@@ -205,7 +205,7 @@ class ManifestSchema(BaseModel):
     format_version: int = Field(json_schema_extra={"const": FORMAT_VERSION})
     target: Literal[tuple(targets())]
     quant: Literal[QUANT_MODES]
-    group_size: int | None = Field(ge=MIN_GROUP, multiple_of=MIN_GROUP)
+    group_size: int | None = Field(ge=MIN_GROUP, le=1 << 20, multiple_of=MIN_GROUP)  # as the native reader bounds it
     quant_embedding: Literal[EMBEDDING_QUANT_MODES]
     max_seq_len: int = Field(ge=1, le=MAX_SEQ_LEN)
     max_chunk: int = Field(ge=1, le=MAX_SEQ_LEN)
