@@ -88,44 +88,6 @@ class Payload:
         return open, (self.marker, "w")
 
 
-# Runs each command line of argv[1] (JSON) as `cosmoes` in a child forked from one process that has imported the
-# heavy modules once (a cold start takes ~10 s on 2 busy cores); prints the exit codes as JSON.
-DRIVER = r"""
-import json, os, sys, traceback
-import cosmoes.cli, cosmoes.train, cosmoes.hf, cosmoes.export.bundle, transformers  # noqa: F401
-codes = []
-for i, argv in enumerate(json.loads(sys.argv[1])):
-    sys.stdout.flush(); sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        for fd, name in ((1, "out"), (2, "err")):
-            os.dup2(os.open(f"{sys.argv[2]}/{i}.{name}", os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        sys.argv = ["cosmoes", *argv]
-        code = 1
-        try:
-            cosmoes.cli.main()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 0
-        except BaseException:
-            traceback.print_exc()
-        sys.stdout.flush(); sys.stderr.flush()
-        os._exit(code)
-    codes.append(os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1]))
-print(json.dumps(codes))
-"""
-
-
-def run_cli(commands: list[list[str]], logs: Path) -> list[tuple[int, str]]:
-    """(exit code, stderr) of each `cosmoes` command line, run one after another."""
-    logs.mkdir()
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    res = subprocess.run([sys.executable, "-c", DRIVER, json.dumps(commands), str(logs)], capture_output=True,
-                         text=True, env=env, timeout=900)
-    assert res.returncode == 0, res.stderr[-3000:]
-    codes = json.loads(res.stdout.splitlines()[-1])
-    return [(code, (logs / f"{i}.err").read_text()) for i, code in enumerate(codes)]
-
-
 RUN = TrainConfig(preset="tiny-moe", out="", steps=2, batch_size=2, seq_len=32, warmup_steps=1, eval_every=2,
                   data=DataConfig(sources=[str(REPO / "cosmoes/corpus/austen-persuasion.txt.gz")]))
 RUN_FLAGS = ["--preset", "tiny-moe", "--steps", "2", "--batch-size", "2", "--seq-len", "32", "--warmup-steps", "1",
@@ -158,7 +120,7 @@ def plant(run: Path, case: str, payload: bytes) -> None:
 
 
 @pytest.mark.slow
-def test_no_file_of_a_run_directory_runs_code(finished_run, tmp_path):
+def test_no_file_of_a_run_directory_runs_code(finished_run, tmp_path, cosmoes_run):
     """A pickle that would create a marker file, planted in each file in turn: resume/info/export never unpickle."""
     marker = tmp_path / "unpickled"
     payload = pickle.dumps(Payload(str(marker)))
@@ -181,7 +143,8 @@ def test_no_file_of_a_run_directory_runs_code(finished_run, tmp_path):
             commands.append(["export", str(run / "checkpoint"), "--target", "host", "--quant", "none", "--out",
                              str(tmp_path / f"bundle{i}"), "--max-chunk", "16"])
             expect.append((case, "export"))
-    results = run_cli(commands, tmp_path / "logs")
+    outcomes = [cosmoes_run.run(argv, tmp_path, timeout=600) for argv in commands]
+    results = [(o.status, o.stderr) for o in outcomes]
     assert not marker.exists()
     for (case, command), (code, err) in zip(expect, results):
         assert "Traceback" not in err, (case, command, err[-2000:])
