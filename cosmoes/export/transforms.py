@@ -47,8 +47,11 @@ class StaticKVCache(nn.Module):
         T = k_1HTd.shape[2]
         positions_T = torch.arange(L - T, L, dtype=torch.long)
         kT_HdS, v_HSd = getattr(self, self.k_name), getattr(self, self.v_name)
-        kT_HdS[:, :, positions_T] = k_1HTd[0].transpose(1, 2)
-        v_HSd[:, positions_T] = v_1HTd[0]
+        # index_put_ itself, not `cache[:, :, positions] = ...`: Python's setitem drops the value's leading size-1
+        # dims, so with one kv head (MQA) the traced values lose their head dim ((d, T) for a (1, d, T) slot) and
+        # ExecuTorch's index_put_ kernel, which does not broadcast values of lower rank, fails an ET_CHECK.
+        torch.ops.aten.index_put_(kT_HdS, [None, None, positions_T], k_1HTd[0].transpose(1, 2))
+        torch.ops.aten.index_put_(v_HSd, [None, positions_T], v_1HTd[0])
         # Attending over the L slots in use instead of all max_seq_len: a decode step then reads O(L) of cache,
         # not the whole static cache (1.8 MB per wearable layer at 512 slots, more than its attention weights).
         # slice_copy rather than a view: a view's contiguity depends on L == S, which torch.export would guard on.
