@@ -12,6 +12,7 @@ from pathlib import Path
 
 from cosmoes.artifacts import config_path
 from cosmoes.errors import CosmoesError, InvalidValue
+from cosmoes.formats import HF_NAMES
 
 LLAMA3_VOCAB = 128256
 
@@ -109,11 +110,11 @@ class ModelConfig:
 
     def to_hf_dict(self) -> dict:
         """The fields of `CosmoeConfig` (transformers' names, so generic tooling reads them)."""
-        return {field: getattr(self, ours) for field, ours in _HF_NAMES.items()}
+        return {field: getattr(self, ours) for field, ours in HF_NAMES.items()}
 
     @classmethod
     def from_hf_dict(cls, d: dict) -> "ModelConfig":
-        return cls(**{ours: d[field] for field, ours in _HF_NAMES.items() if field in d})
+        return cls(**{ours: d[field] for field, ours in HF_NAMES.items() if field in d})
 
     def replace(self, **changes) -> "ModelConfig":
         return dataclasses.replace(self, **changes)
@@ -123,15 +124,6 @@ class ModelConfig:
 # tests/test_config.py checks every preset against the schema; every other ModelConfig is checked when built.
 _CHECK_ON_INIT = False
 
-# transformers-style field name -> ModelConfig field
-_HF_NAMES = {
-    "vocab_size": "vocab_size", "hidden_size": "dim", "num_hidden_layers": "n_layers",
-    "num_attention_heads": "n_heads", "num_key_value_heads": "n_kv_heads", "intermediate_size": "ffn_dim",
-    "num_experts": "num_experts", "num_experts_per_tok": "top_k", "norm_topk_prob": "norm_topk_prob",
-    "router_temperature": "router_temperature", "wd_rank": "wd_rank", "rms_norm_eps": "norm_eps",
-    "rope_theta": "rope_theta", "max_position_embeddings": "max_seq_len", "tie_word_embeddings": "tie_embeddings",
-    "preset_name": "name",
-}
 
 
 # Table 1 of the paper. FFN widths and kv-head counts are not stated there; they are solved so that the
@@ -310,9 +302,6 @@ def check_number(name: str, value, low: float, inclusive: bool = True) -> None:
         and (value >= low if inclusive else value > low)
     if not ok:
         raise InvalidValue(name, f"must be finite and {'>=' if inclusive else '>'} {low:g}, got {value}")
-
-
-MAX_THREADS = 1024  # the most threads any runtime is asked for (a recipe, a phone); 0 means one per core
 
 
 def check_threads(threads, most: int) -> None:

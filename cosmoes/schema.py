@@ -24,21 +24,24 @@ from typing import Annotated, Any, Literal
 from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
 from pydantic_core import PydanticCustomError
 
-from cosmoes.config import _HF_NAMES, MAX_THREADS, ModelConfig
 from cosmoes.errors import CosmoesError
-from cosmoes.export.manifest import FORMAT_NAME, FORMAT_VERSION, Manifest
-from cosmoes.export.recipes import EMBEDDING_QUANT_MODES, MIN_GROUP, QUANT_MODES, targets
+from cosmoes.formats import (EMBEDDING_QUANT_MODES, FORMAT_NAME, FORMAT_VERSION, HF_NAMES, MAX_SEQ_LEN, MAX_THREADS,
+                             MIN_GROUP, QUANT_MODES, TARGETS)
 
 # Bumped when a rule changes what a config.json may hold; recorded in docs/schema/config.schema.json. (The manifest
 # carries its own format_version, which load_manifest compares with FORMAT_VERSION.)
 CONFIG_SCHEMA_VERSION = 1
-MAX_SEQ_LEN = 1 << 20  # longest sequence (and KV cache) a config or bundle may declare
 MAX_JSON_BYTES = 256 << 20  # far above any real manifest (1024 layers x 1024 experts is ~80 MB); refuses a stray file
 SCHEMA_DIR = Path(__file__).resolve().parents[1] / "docs" / "schema"
 
 _NO_VALUE = object()  # a rule about a whole table, not one value
-_TO_HF = {ours: theirs for theirs, ours in _HF_NAMES.items()}
-_DEFAULTS = {f.name: f.default for f in dataclasses.fields(ModelConfig)}  # the dataclass's defaults, not a copy
+_TO_HF = {ours: theirs for theirs, ours in HF_NAMES.items()}
+# What a key the file leaves out means. The schema is the files' definition, so it states them; the dataclasses
+# (ModelConfig, Manifest) carry the same defaults, which tests/test_schema.py holds equal.
+MODEL_DEFAULTS = {"n_kv_heads": None, "num_experts": 0, "top_k": 2, "norm_topk_prob": True, "router_temperature": 1.0,
+                  "wd_rank": None, "norm_eps": 1e-5, "rope_theta": 500000.0, "max_seq_len": 2048,
+                  "tie_embeddings": False, "name": "custom"}
+MANIFEST_DEFAULTS = {"backend": "xnnpack", "export_seconds": None, "cosmoes_version": "", "created": ""}
 
 
 def _fail(field: str, value: Any, problem: str):
@@ -74,20 +77,21 @@ class ModelConfigSchema(BaseModel):
     dim: int = _bounded(..., 1, 65536, "dim", "hidden size")
     n_layers: int = _bounded(..., 1, 1024, "n_layers", "decoder layers")
     n_heads: int = _bounded(..., 1, 65536, "n_heads", "attention heads; must divide dim")
-    n_kv_heads: int | None = _bounded(_DEFAULTS["n_kv_heads"], 1, 65536, "n_kv_heads",
+    n_kv_heads: int | None = _bounded(MODEL_DEFAULTS["n_kv_heads"], 1, 65536, "n_kv_heads",
                                       "key/value heads (null: one per head); must divide n_heads")
     ffn_dim: int = _bounded(..., 1, 1 << 20, "ffn_dim", "hidden width of the dense FFN or of each expert")
-    num_experts: int = _bounded(_DEFAULTS["num_experts"], 0, 1024, "num_experts", "experts per layer; 0 = dense")
-    top_k: int = _bounded(_DEFAULTS["top_k"], 0, 1024, "top_k", "experts per token; 1..num_experts for an MoE")
-    norm_topk_prob: bool = Field(_DEFAULTS["norm_topk_prob"], alias=_TO_HF["norm_topk_prob"])
-    router_temperature: float = _positive(_DEFAULTS["router_temperature"], 1e4, "router_temperature", "tau of Eq. 2")
-    wd_rank: int | None = _bounded(_DEFAULTS["wd_rank"], 1, 1 << 20, "wd_rank",
+    num_experts: int = _bounded(MODEL_DEFAULTS["num_experts"], 0, 1024, "num_experts", "experts per layer; 0 = dense")
+    top_k: int = _bounded(MODEL_DEFAULTS["top_k"], 0, 1024, "top_k", "experts per token; 1..num_experts for an MoE")
+    norm_topk_prob: bool = Field(MODEL_DEFAULTS["norm_topk_prob"], alias=_TO_HF["norm_topk_prob"])
+    router_temperature: float = _positive(MODEL_DEFAULTS["router_temperature"], 1e4, "router_temperature",
+                                          "tau of Eq. 2")
+    wd_rank: int | None = _bounded(MODEL_DEFAULTS["wd_rank"], 1, 1 << 20, "wd_rank",
                                    "rank of weight-decomposed experts (null: full rank); MoE only")
-    norm_eps: float = _positive(_DEFAULTS["norm_eps"], 1.0, "norm_eps", "RMSNorm epsilon")
-    rope_theta: float = _positive(_DEFAULTS["rope_theta"], 1e12, "rope_theta", "RoPE base")
-    max_seq_len: int = _bounded(_DEFAULTS["max_seq_len"], 1, MAX_SEQ_LEN, "max_seq_len", "longest sequence")
-    tie_embeddings: bool = Field(_DEFAULTS["tie_embeddings"], alias=_TO_HF["tie_embeddings"])
-    name: str = Field(_DEFAULTS["name"], max_length=256, alias=_TO_HF["name"])
+    norm_eps: float = _positive(MODEL_DEFAULTS["norm_eps"], 1.0, "norm_eps", "RMSNorm epsilon")
+    rope_theta: float = _positive(MODEL_DEFAULTS["rope_theta"], 1e12, "rope_theta", "RoPE base")
+    max_seq_len: int = _bounded(MODEL_DEFAULTS["max_seq_len"], 1, MAX_SEQ_LEN, "max_seq_len", "longest sequence")
+    tie_embeddings: bool = Field(MODEL_DEFAULTS["tie_embeddings"], alias=_TO_HF["tie_embeddings"])
+    name: str = Field(MODEL_DEFAULTS["name"], max_length=256, alias=_TO_HF["name"])
 
     @model_validator(mode="after")
     def _shape_rules(self):
@@ -185,7 +189,6 @@ class SourceSchema(BaseModel):
     seed: int | None = None
 
 
-_MD = {f.name: f.default for f in dataclasses.fields(Manifest)}
 
 
 class ManifestSchema(BaseModel):
@@ -203,7 +206,7 @@ class ManifestSchema(BaseModel):
 
     format: Literal["cosmoes-executorch-bundle"]
     format_version: int = Field(json_schema_extra={"const": FORMAT_VERSION})
-    target: Literal[tuple(targets())]
+    target: Literal[TARGETS]
     quant: Literal[QUANT_MODES]
     group_size: int | None = Field(ge=MIN_GROUP, le=1 << 20, multiple_of=MIN_GROUP)  # as the native reader bounds it
     quant_embedding: Literal[EMBEDDING_QUANT_MODES]
@@ -217,11 +220,11 @@ class ManifestSchema(BaseModel):
     tokenizer: FileName | None
     fp32_linears: list[str] = Field(default_factory=list)
     padded_linears: dict[str, list[Annotated[int, Field(ge=1)]]] = Field(default_factory=dict)
-    backend: str = _MD["backend"]
-    export_seconds: float | None = Field(_MD["export_seconds"], ge=0)
+    backend: str = MANIFEST_DEFAULTS["backend"]
+    export_seconds: float | None = Field(MANIFEST_DEFAULTS["export_seconds"], ge=0)
     source: SourceSchema = Field(default_factory=lambda: SourceSchema())
-    cosmoes_version: str = _MD["cosmoes_version"]
-    created: str = _MD["created"]
+    cosmoes_version: str = MANIFEST_DEFAULTS["cosmoes_version"]
+    created: str = MANIFEST_DEFAULTS["created"]
 
     @model_validator(mode="before")
     @classmethod
@@ -299,9 +302,11 @@ def _same_keys(where: str, table: dict, wanted: list[str], because: str) -> None
         _fail(where, _NO_VALUE, f"has an entry {json.dumps(extra)} beyond {because}")
 
 
-def check_manifest(data: Any, path: str | Path) -> None:
-    """A manifest.json's content against the schema; CosmoesError names the file, the field and the value."""
-    _validate(ManifestSchema, data, path, by_alias=False)
+def check_manifest(data: Any, path: str | Path) -> dict:
+    """A manifest.json's content against the schema; CosmoesError names the file, the field and the value.
+
+    Returns its model config with every default filled in (ModelConfig keyword arguments)."""
+    return _validate(ManifestSchema, data, path, by_alias=False).config.model_dump()
 
 
 # -- reading JSON and reporting in one line ------------------------------------------------------------------------

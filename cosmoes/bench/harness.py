@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Callable
 
 from cosmoes.bench.devices import open_device, parse_device
-from cosmoes.config import MAX_THREADS, check_number, check_threads
+from cosmoes.config import check_number, check_threads
+from cosmoes.formats import MAX_THREADS
 from cosmoes.errors import CosmoesError, InvalidValue
 from cosmoes.export.manifest import Manifest, load_manifest
 from cosmoes.export.policy import parse_policy, sweep_policies

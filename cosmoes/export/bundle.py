@@ -20,7 +20,8 @@ from cosmoes.errors import CosmoesError, InvalidValue
 from cosmoes.artifacts import MANIFEST_NAME
 from cosmoes.export.manifest import Manifest, load_manifest, write_manifest
 from cosmoes.export.policy import parse_policy, valid_policies
-from cosmoes.export.recipes import MIN_GROUP, Recipe, check_quant
+from cosmoes.export.recipes import Recipe, check_quant
+from cosmoes.formats import MIN_GROUP
 
 TOKENIZER_DIR = "tokenizer"
 PROGRAMS = ("backbone", "experts")
@@ -41,7 +42,7 @@ class ExportConfig:
     def resolve(self) -> tuple["ExportConfig", Recipe]:
         """The config with every default filled in from the target's recipe, validated."""
         from cosmoes.export.recipes import load_recipe
-        from cosmoes.schema import MAX_SEQ_LEN
+        from cosmoes.formats import MAX_SEQ_LEN
 
         recipe = load_recipe(self.target)
         cfg = dataclasses.replace(self)

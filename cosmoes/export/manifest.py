@@ -17,10 +17,7 @@ from pathlib import Path
 
 from cosmoes.artifacts import MANIFEST_NAME
 from cosmoes.errors import CosmoesError
-
-# 2: layers take RoPE tables + causal bias from a "context" method and attend over the used cache slots only
-FORMAT_VERSION = 2
-FORMAT_NAME = "cosmoes-executorch-bundle"
+from cosmoes.formats import FORMAT_NAME, FORMAT_VERSION
 
 
 @dataclass
@@ -141,9 +138,10 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
     from cosmoes.schema import check_manifest, read_json
 
     data = read_json(path)
-    check_manifest(data, path)  # every type, range and cross-field rule (cosmoes.schema.ManifestSchema)
-    manifest = Manifest.from_dict(data)
-    manifest.config = manifest.model_config().to_dict()  # with every default filled in, as the runtimes read it
+    # every type, range and cross-field rule (cosmoes.schema.ManifestSchema); the config comes back with every
+    # default filled in, as the runtimes read it
+    config = check_manifest(data, path)
+    manifest = Manifest.from_dict({**data, "config": config})
     _check_inside(bundle_dir, manifest)
     _check_quant(manifest)
     for name, prog in manifest.programs.items():

@@ -11,13 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from cosmoes.errors import CosmoesError
+from cosmoes.formats import EMBEDDING_QUANT_MODES, QUANT_MODES
 
 RECIPE_DIR = Path(__file__).parent / "recipes"
-QUANT_MODES = ("none", "8da4w", "8da8w", "4w")
-EMBEDDING_QUANT_MODES = ("none", "int8", "int4")
-
-# XNNPACK's 4-bit kernels take groups that are multiples of 32 only (per-channel too: the partitioner asserts it).
-MIN_GROUP = 32
 
 # Modes that exist in torchao but are refused for every target, with the reason the user sees.
 REFUSED_QUANT = {
@@ -76,5 +72,4 @@ def check_quant(target: str, quant: str, quant_embedding: str = "none") -> Recip
     return recipe
 
 
-__all__ = ["Recipe", "RECIPE_DIR", "MIN_GROUP", "QUANT_MODES", "EMBEDDING_QUANT_MODES", "targets", "load_recipe",
-           "check_quant"]
+__all__ = ["Recipe", "RECIPE_DIR", "targets", "load_recipe", "check_quant"]

@@ -22,7 +22,7 @@ import torch.nn as nn
 from torch.export import Dim
 
 from cosmoes.errors import CosmoesError
-from cosmoes.export.recipes import MIN_GROUP
+from cosmoes.formats import MIN_GROUP
 from cosmoes.model import Transformer, rope_cos_sin
 
 

@@ -24,7 +24,8 @@ from typing import Callable, Sequence
 
 import torch
 
-from cosmoes.config import MAX_THREADS, check_int, check_number, check_threads
+from cosmoes.config import check_int, check_number, check_threads
+from cosmoes.formats import MAX_THREADS
 from cosmoes.errors import CosmoesError, InvalidValue
 from cosmoes.export.policy import CachePolicy, parse_policy
 from cosmoes.model import route

@@ -21,6 +21,7 @@ from cosmoes.export import lower as lower_mod
 from cosmoes.export.bundle import ExportConfig, export_bundle, inspect_bundle, resident_bytes
 from cosmoes.export.manifest import load_manifest
 from cosmoes.export.recipes import load_recipe, targets
+from cosmoes.formats import TARGETS
 from cosmoes.export.transforms import (EmbedStage, ExpertStage, PaddedLinear, Stage, choose_group_size, pad_linears,
                                        quantize_model)
 from cosmoes.model import Transformer, init_weights
@@ -35,7 +36,7 @@ def run_method(pte_path, name, *inputs):
 
 
 def test_recipes_are_data_with_defaults_for_each_target():
-    assert targets() == ["android", "host", "ios"]
+    assert targets() == ["android", "host", "ios"] == list(TARGETS)  # a manifest may name exactly these
     for target in targets():
         r = load_recipe(target)
         assert r.quant in r.allowed_quant and "4w" not in r.allowed_quant
