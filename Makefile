@@ -15,9 +15,11 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 .PHONY: setup demo test fuzz sanitize
+# The native runtime's build tools and headers (export/tools.sh) come with set-up, which fails without them.
 # Fuzzing's tools (clang with libFuzzer, atheris) come with set-up when missing; without them (no apt-get) make test
 # still runs, and make fuzz is the one that fails.
 setup: $(VENV)/.installed
+	export/tools.sh install
 	@PY=$(PY) ATHERIS="$(ATHERIS)" fuzz/tools.sh install || echo "warning: fuzzing tools missing: make fuzz will fail"
 
 demo: setup

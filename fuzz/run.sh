@@ -8,13 +8,15 @@ SECONDS_EACH=${FUZZ_SECONDS:-60}
 PY=${PY:-.venv/bin/python}
 OUT=build/fuzz
 ET=$("$PY" -c "import executorch; print(list(executorch.__path__)[0])")
+TOK=$("$PY" -c "import pytorch_tokenizers; print(list(pytorch_tokenizers.__path__)[0])")
 mkdir -p "$OUT/findings" "$OUT/logs"
 
 # The tiny bundle every manifest input may name (exported once, then reused) and its valid manifests as seeds.
 "$PY" fuzz/make_seed_bundle.py "$OUT/work"
 export COSMOES_FUZZ_BUNDLE="$PWD/$OUT/work/bundle"
 
-cmake -S fuzz -B "$OUT/native" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_PREFIX_PATH="$ET" > "$OUT/logs/cmake.log"
+cmake -S fuzz -B "$OUT/native" -DCMAKE_CXX_COMPILER=clang++ -DCMAKE_PREFIX_PATH="$ET" \
+  -DCOSMOES_TOKENIZERS_DIR="$TOK" > "$OUT/logs/cmake.log"
 cmake --build "$OUT/native" -j 2 --target manifest_fuzzer >> "$OUT/logs/cmake.log"
 
 # One target: libFuzzer's flags, its own growing corpus first (new inputs land there), then the committed seeds.

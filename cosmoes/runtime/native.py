@@ -22,7 +22,7 @@ from pathlib import Path
 from cosmoes.errors import CosmoesError
 
 RUNNER_NAME = "cosmoes_runner"
-_SOURCE_GLOBS = ("CMakeLists.txt", "runtime/*.h", "runtime/*.cpp", "runner/*.cpp")
+_SOURCE_GLOBS = ("CMakeLists.txt", "cmake/*", "include/cosmoes/*.h", "runtime/*.h", "runtime/*.cpp", "runner/*.cpp")
 # Every UBSan finding stops the runner (by default UBSan prints and goes on, and a test would pass regardless).
 SANITIZE_FLAGS = "-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
 
@@ -46,6 +46,13 @@ def executorch_prefix() -> Path:
     import executorch
 
     return Path(list(executorch.__path__)[0])
+
+
+def tokenizers_prefix() -> Path:
+    """The pytorch-tokenizers wheel's package directory: the C++ tokenizer's headers and compiled library."""
+    import pytorch_tokenizers
+
+    return Path(list(pytorch_tokenizers.__path__)[0])
 
 
 def source_hash() -> str:
@@ -90,7 +97,7 @@ def build_runner(progress=None) -> Path:
             progress(f"building the native runner in {build} (once; about a minute)")
         log = build / "build.log"
         steps = [["cmake", "-S", str(source_dir()), "-B", str(build / "cmake"), *_build_type_flags(),
-                  f"-DCMAKE_PREFIX_PATH={executorch_prefix()}"],
+                  f"-DCMAKE_PREFIX_PATH={executorch_prefix()}", f"-DCOSMOES_TOKENIZERS_DIR={tokenizers_prefix()}"],
                  ["cmake", "--build", str(build / "cmake"), "-j", str(os.cpu_count() or 1)]]
         with open(log, "w") as out:
             for cmd in steps:

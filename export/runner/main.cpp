@@ -1,19 +1,22 @@
-// cosmoes_runner: generate from a bundle on token ids and report latency, memory and expert traffic as JSON.
+// cosmoes_runner: generate from a bundle and report latency, memory and expert traffic as JSON.
 //
 // The measuring and the JSON schema live in the library (runtime/stats.h), shared with every other front end;
 // this file is the command line around them.
 //
 //   cosmoes_runner BUNDLE [--policy all|swap|lru:N | --budget-mb MB] [--threads N]
-//                  [--prompt-ids 1,2,3 | --prompt-file ids.txt | --prompt-len N] [--gen N]
+//                  [--prompt TEXT | --prompt-ids 1,2,3 | --prompt-file ids.txt | --prompt-len N] [--gen N]
 //                  [--temperature T --top-p P --seed S] [--warmup N] [--repeats N]
 //                  [--stats-json PATH] [--probe] [--no-sha]
 //
-// Prints the generated ids of the last repeat on stdout (one line); any problem is one "error: ..." line on stderr
+// With --prompt, the text is encoded with the bundle's tokenizer and the continuation is streamed to stdout as it is
+// generated (the prompt first, as `cosmoes generate` prints it), stopping at the end-of-text token; otherwise the
+// generated ids of the last repeat are printed on stdout (one line). Any problem is one "error: ..." line on stderr
 // and exit status 2.
 #include <algorithm>
 #include <cstdio>
 #include <cstdlib>
 #include <fstream>
+#include <memory>
 #include <new>
 #include <random>
 #include <sstream>
@@ -24,6 +27,7 @@
 #include "runtime.h"
 #include "stats.h"
 #include "sysinfo.h"
+#include "tokenizer.h"
 
 namespace {
 
@@ -34,6 +38,8 @@ struct Args {
   cosmoes::RuntimeOptions runtime;
   cosmoes::BenchOptions bench;  // bundle, gen, warm-up, repeats, sampling, probe
   std::vector<int64_t> prompt;
+  std::string prompt_text;
+  bool has_text = false;
   std::string prompt_file;
   int64_t prompt_len = 0;
 };
@@ -77,6 +83,7 @@ Args parse_args(int argc, char** argv) {
     if (flag == "--policy") a.runtime.policy = value();
     else if (flag == "--budget-mb") a.runtime.budget_mb = to_double(flag, value());
     else if (flag == "--threads") a.runtime.threads = static_cast<int>(std::min<int64_t>(to_int(flag, value()), 1 << 20));
+    else if (flag == "--prompt") a.prompt_text = value(), a.has_text = true;
     else if (flag == "--prompt-ids") a.prompt = parse_ids(value(), flag);
     else if (flag == "--prompt-file") a.prompt_file = value();
     else if (flag == "--prompt-len") a.prompt_len = to_int(flag, value());
@@ -138,14 +145,41 @@ void write_stats(const std::string& path, const std::string& text) {
     throw Error("cannot write statistics to " + path);
 }
 
+// The bundle's tokenizer for --prompt: the prompt's ids, and a sink that prints each token's text as it completes.
+struct TextMode {
+  std::unique_ptr<cosmoes::Tokenizer> tokenizer;
+  cosmoes::Utf8Stream stream;
+
+  TextMode(const cosmoes::Runtime& rt, Args& a) {
+    if (!cosmoes::is_utf8(a.prompt_text)) throw Error("--prompt is not valid UTF-8");
+    tokenizer = std::make_unique<cosmoes::Tokenizer>(cosmoes::tokenizer_dir(rt.manifest()));
+    a.prompt = tokenizer->encode(a.prompt_text, true);
+    a.bench.stop = tokenizer->eos();
+  }
+  cosmoes::TokenSink sink(const std::string& prompt_text) {
+    std::fputs(prompt_text.c_str(), stdout);
+    std::fflush(stdout);
+    return [this](int64_t id) {
+      std::fputs(stream.push(tokenizer->token_bytes(id)).c_str(), stdout);
+      std::fflush(stdout);
+      return true;
+    };
+  }
+  void finish() { std::printf("%s\n", stream.finish().c_str()); }
+};
+
 int run_main(int argc, char** argv) {
   Args a = parse_args(argc, argv);
   cosmoes::Memory baseline = cosmoes::process_memory();  // the process before any program: libraries, heap
   cosmoes::Runtime rt(a.bench.bundle, a.runtime);
+  std::unique_ptr<TextMode> text;
+  if (a.has_text) text = std::make_unique<TextMode>(rt, a);
   std::vector<int64_t> prompt = make_prompt(a, rt.manifest().vocab_size, rt.manifest().max_seq_len);
   check_fits(prompt, a.bench.gen, rt.manifest().max_seq_len);
-  cosmoes::SessionStats s = cosmoes::measure(rt, prompt, a.bench, baseline);
-  std::printf("%s\n", cosmoes::tokens_json(s.runs.back().tokens).c_str());
+  cosmoes::SessionStats s =
+      cosmoes::measure(rt, prompt, a.bench, baseline, text ? text->sink(a.prompt_text) : nullptr);
+  if (text) text->finish();
+  else std::printf("%s\n", cosmoes::tokens_json(s.runs.back().tokens).c_str());
   if (!a.stats_json.empty()) write_stats(a.stats_json, cosmoes::stats_json(rt, prompt, a.bench, s) + "\n");
   return 0;
 }

@@ -158,7 +158,8 @@ void read_header(const Fields& f, const Value& root, BundleManifest& m) {
   m.quant_embedding = one_of(f, root, "quant_embedding", kEmbeddingQuants);
   check_group_size(f, root, m.quant);
   // null: the bundle ships no tokenizer; else a directory inside the bundle (the runtime itself takes token ids)
-  if (root.has("tokenizer") && !root.at("tokenizer").is_null()) f.name(root.at("tokenizer"), "tokenizer", true);
+  if (root.has("tokenizer") && !root.at("tokenizer").is_null())
+    m.tokenizer = f.name(root.at("tokenizer"), "tokenizer", true);
   m.max_seq_len = f.integer(root, "max_seq_len", "max_seq_len", 1, limits::kSeqLen);
   const Value& chunk = f.get(root, "max_chunk", "max_chunk");
   m.max_chunk = f.integer(chunk, "max_chunk", INT64_MIN, INT64_MAX);
@@ -413,6 +414,18 @@ BundleManifest load_bundle_manifest(const std::string& dir, bool check_sha) {
   for (const auto& p : m.programs) check_program_path(m, p, path);  // every name first, then any file's bytes
   for (const auto& p : m.programs) check_program_file(m, p, check_sha);
   return m;
+}
+
+std::string tokenizer_dir(const BundleManifest& m) {
+  const std::string none = "bundle " + m.dir + " has no tokenizer; re-export it from a checkpoint with one";
+  if (m.tokenizer.empty()) throw Error(none);
+  std::string dir = m.dir + "/" + m.tokenizer, target = real_path(dir), inside = real_path(m.dir) + "/";
+  struct stat st;
+  if (target.empty() || ::stat(dir.c_str(), &st) != 0 || !S_ISDIR(st.st_mode)) throw Error(none);
+  if (target.compare(0, inside.size(), inside) != 0)
+    throw Error(m.dir + "/manifest.json: tokenizer = " + json::quote(m.tokenizer) + " leads to " + target +
+                ", outside the bundle directory");
+  return dir;
 }
 
 }  // namespace cosmoes

@@ -64,6 +64,7 @@ struct BundleManifest {
   std::vector<ProgramFile> programs;
   std::vector<std::vector<ExpertEntry>> experts;  // [layer][expert]; empty for dense models
   std::map<std::string, int64_t> non_expert_bytes;
+  std::string tokenizer;  // directory inside the bundle; "" when the bundle ships none
 
   int64_t non_expert_total() const;
   int64_t max_expert_bytes() const;
@@ -78,6 +79,10 @@ struct BundleManifest {
 // inside it too) with its recorded size, an ExecuTorch header and (check_sha) its sha256. Nothing is opened
 // before the manifest passed. Throws cosmoes::Error with one line naming the file, the field and its value.
 BundleManifest load_bundle_manifest(const std::string& dir, bool check_sha);
+
+// The bundle's tokenizer directory, checked to lie inside the bundle (a symbolic link may not lead out); throws
+// cosmoes::Error when the bundle ships none.
+std::string tokenizer_dir(const BundleManifest& m);
 
 // The methods of each program that the runtime calls for this manifest (embed, context, layer_i [+ layer_i_ffn],
 // head; the experts' methods), by program name.

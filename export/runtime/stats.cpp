@@ -30,20 +30,31 @@ std::string list(const std::vector<T>& v) {
   return os.str() + "]";
 }
 
-// Decodes until `r` holds `gen` tokens; fills the per-token decode figures from the runtime's counters.
-void time_decode(Runtime& rt, Sampler& sampler, int64_t gen, std::vector<float>& logits, RunStats& r) {
+// Takes the sampler's next pick: false when the run ends with it (the stop token, or the sink said so).
+bool accept(int64_t token, int64_t stop, const TokenSink& sink, RunStats& r) {
+  if (token == stop) return false;
+  r.tokens.push_back(token);
+  return !sink || sink(token);
+}
+
+// Decodes until `r` holds `gen` tokens or the run ends; fills the per-token decode figures from the runtime's
+// counters.
+void time_decode(Runtime& rt, Sampler& sampler, int64_t gen, int64_t stop, const TokenSink& sink,
+                 std::vector<float>& logits, RunStats& r) {
   const int64_t loads0 = rt.expert_stats().loads;
   const StageTimes st0 = rt.stage_ms();
   const double load_ms0 = rt.expert_stats().load_ms;
   auto t1 = Clock::now();
+  int64_t steps_run = 0;
   while (static_cast<int64_t>(r.tokens.size()) < gen) {
     logits = rt.decode(r.tokens.back());
-    r.tokens.push_back(sampler.pick(logits));
+    ++steps_run;
+    if (!accept(sampler.pick(logits), stop, sink, r)) break;
   }
   double decode_ms = ms(t1);
   r.loads_decode = rt.expert_stats().loads - loads0;
-  r.decode_tok_s = gen > 1 ? (gen - 1) / (decode_ms / 1e3) : 0;
-  const double steps = static_cast<double>(std::max<int64_t>(1, gen - 1));
+  r.decode_tok_s = steps_run > 0 ? steps_run / (decode_ms / 1e3) : 0;
+  const double steps = static_cast<double>(std::max<int64_t>(1, steps_run));
   const StageTimes& st1 = rt.stage_ms();
   r.decode_ms = decode_ms / steps;
   r.decode_stages = {(st1.embed - st0.embed) / steps, (st1.layers - st0.layers) / steps,
@@ -111,28 +122,31 @@ void write_breakdown(std::ostream& os, const RunStats& last) {
 
 }  // namespace
 
-RunStats time_run(Runtime& rt, const std::vector<int64_t>& prompt, int64_t gen, const SamplingOptions& sampling) {
+RunStats time_run(Runtime& rt, const std::vector<int64_t>& prompt, int64_t gen, const SamplingOptions& sampling,
+                  int64_t stop, const TokenSink& sink) {
   RunStats r;
   Sampler sampler(sampling.temperature, sampling.top_p, sampling.seed);
   auto t0 = Clock::now();
   std::vector<float> logits = rt.prefill(prompt);
   double prefill_ms = ms(t0);
-  r.tokens.push_back(sampler.pick(logits));
+  bool going = accept(sampler.pick(logits), stop, sink, r);
   r.ttft_ms = ms(t0);
   r.prefill_tok_s = prompt.size() / (prefill_ms / 1e3);
-  time_decode(rt, sampler, gen, logits, r);
+  if (going) time_decode(rt, sampler, gen, stop, sink, logits, r);
   return r;
 }
 
-SessionStats measure(Runtime& rt, const std::vector<int64_t>& prompt, const BenchOptions& o, const Memory& baseline) {
+SessionStats measure(Runtime& rt, const std::vector<int64_t>& prompt, const BenchOptions& o, const Memory& baseline,
+                     const TokenSink& sink) {
   SessionStats s;
   s.baseline = baseline;
   s.after_load = process_memory();
-  for (int64_t w = 0; w < o.warmup; ++w) time_run(rt, prompt, o.gen, o.sampling);
+  for (int64_t w = 0; w < o.warmup; ++w) time_run(rt, prompt, o.gen, o.sampling, o.stop);
   auto& st = rt.expert_stats();
   int64_t loads0 = st.loads, evictions0 = st.evictions;
   double load_ms0 = st.load_ms;
-  for (int64_t r = 0; r < o.repeats; ++r) s.runs.push_back(time_run(rt, prompt, o.gen, o.sampling));
+  for (int64_t r = 0; r < o.repeats; ++r)
+    s.runs.push_back(time_run(rt, prompt, o.gen, o.sampling, o.stop, r + 1 == o.repeats ? sink : nullptr));
   s.loads = st.loads - loads0, s.evictions = st.evictions - evictions0, s.load_ms = st.load_ms - load_ms0;
   s.end = process_memory();
   if (o.probe) {  // after the peak is read: the probe's own buffer must not count as the model's memory

@@ -5,6 +5,7 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <string>
 #include <vector>
 
@@ -25,6 +26,7 @@ struct BenchOptions {
   int64_t gen = 32, warmup = 0, repeats = 1;
   SamplingOptions sampling;
   bool probe = false;  // also measure memory and file read bandwidth
+  int64_t stop = -1;   // a token that ends a run (the tokenizer's end of text), -1: none
 };
 
 // One generation: prefill, then decode up to `gen` tokens.
@@ -46,12 +48,19 @@ struct SessionStats {
   double mem_gbps = 0, io_mbps = 0;  // the probes; 0 without BenchOptions::probe
 };
 
-// Each run gets a fresh Sampler, so every repeat of a seeded run picks the same tokens.
-RunStats time_run(Runtime& rt, const std::vector<int64_t>& prompt, int64_t gen, const SamplingOptions& sampling);
+// Receives each new token as it is picked; returning false stops the generation.
+using TokenSink = std::function<bool(int64_t)>;
 
-// Warm-up, then the repeats. `baseline` is the process before the Runtime opened, which only the caller saw.
+// One generation: prefill, then decode until `gen` tokens, the `stop` token (>= 0; it ends the run and is not
+// kept or passed on) or the sink's false. Each run gets a fresh Sampler, so every repeat of a seeded run picks the
+// same tokens.
+RunStats time_run(Runtime& rt, const std::vector<int64_t>& prompt, int64_t gen, const SamplingOptions& sampling,
+                  int64_t stop = -1, const TokenSink& sink = nullptr);
+
+// Warm-up, then the repeats. `baseline` is the process before the Runtime opened, which only the caller saw;
+// `sink` receives the tokens of the last repeat as they are picked (the runner streams their text).
 SessionStats measure(Runtime& rt, const std::vector<int64_t>& prompt, const BenchOptions& options,
-                     const Memory& baseline);
+                     const Memory& baseline, const TokenSink& sink = nullptr);
 
 // One JSON object (no newline): medians over the runs, the last run's tokens and decode breakdown.
 std::string stats_json(Runtime& rt, const std::vector<int64_t>& prompt, const BenchOptions& options,
