@@ -224,11 +224,17 @@ def generate(bundle: Path = typer.Argument(..., help="exported bundle directory"
              top_p: float = typer.Option(1.0, "--top-p"), seed: int = typer.Option(0, "--seed"),
              threads: Optional[int] = typer.Option(None, "--threads", help="ExecuTorch threads, 0 = every core "
                                                                             "(default: the bundle's recipe)"),
-             stats: bool = typer.Option(False, "--stats", help="also print one JSON line of expert-cache stats")):
+             stats: bool = typer.Option(False, "--stats", help="also print one JSON line of expert-cache stats"),
+             native: bool = typer.Option(False, "--native", help="run on the native library (libcosmoes, its C "
+                                                                 "API and tokenizer) instead of ExecuTorch's Python "
+                                                                 "runtime")):
     """Continue a prompt with an exported bundle (ExecuTorch), loading experts only when the router picks them."""
-    from cosmoes.runtime.python import BundleRuntime, check_generation
-
     _check_utf8("prompt", prompt)
+    if native:
+        return _generate_native(bundle, prompt, max_new_tokens, policy, temperature, top_p, seed, threads, stats)
+    from cosmoes.config import check_generation
+    from cosmoes.runtime.python import BundleRuntime
+
     check_generation(max_new_tokens, temperature, top_p)  # before the bundle loads
     runtime = BundleRuntime(bundle, policy=policy, threads=threads)
     tokenizer = runtime.tokenizer()
@@ -238,6 +244,26 @@ def generate(bundle: Path = typer.Argument(..., help="exported bundle directory"
     typer.echo(prompt + _tokenizer_call(lambda: tokenizer.decode(new, skip_special_tokens=True)))
     if stats:
         typer.echo(json.dumps({"policy": str(runtime.policy), "new_tokens": len(new)} | runtime.stats.to_dict()))
+
+
+def _generate_native(bundle: Path, prompt: str, max_new_tokens: int, policy: str, temperature: float, top_p: float,
+                     seed: int, threads: Optional[int], stats: bool) -> None:
+    """`generate --native`: the text streamed as the library produces it; --stats prints its statistics JSON."""
+    from cosmoes.config import check_generation
+    from cosmoes.quiet import native_stderr_hidden
+    from cosmoes.runtime.capi import NativeSession, library
+    from cosmoes.runtime.native import library_path
+
+    check_generation(max_new_tokens, temperature, top_p)
+    path = library_path(progress=lambda line: typer.echo(line, err=True))  # built once, in sight
+    with native_stderr_hidden(), NativeSession(bundle, policy=policy, threads=threads or 0,
+                                               lib=library(path)) as session:
+        typer.echo(prompt, nl=False)
+        session.generate(prompt, max_new_tokens, temperature=temperature, top_p=top_p, seed=seed,
+                         on_piece=lambda piece: typer.echo(piece, nl=False))
+        typer.echo("")
+        if stats:
+            typer.echo(json.dumps(session.stats()))
 
 
 def _check_utf8(name: str, text: str) -> None:

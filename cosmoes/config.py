@@ -304,6 +304,14 @@ def check_number(name: str, value, low: float, inclusive: bool = True) -> None:
         raise InvalidValue(name, f"must be finite and {'>=' if inclusive else '>'} {low:g}, got {value}")
 
 
+def check_generation(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """The numbers of a generation request, checked before any work (InvalidValue: the CLI names the flag)."""
+    check_int("max_new_tokens", max_new_tokens, low=1)
+    check_number("temperature", temperature, low=0.0)
+    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):  # NaN fails both comparisons
+        raise InvalidValue("top_p", f"must be in (0, 1], got {top_p}")
+
+
 def check_threads(threads, most: int) -> None:
     """A thread count for a runtime: 0 (one per usable core) up to ``most`` (usually the usable cores)."""
     if isinstance(threads, bool) or not isinstance(threads, int) or not 0 <= threads <= most:

@@ -108,6 +108,24 @@ def build_runner(progress=None) -> Path:
     return exe
 
 
+def library_path(progress=None) -> Path:
+    """libcosmoes.so (the C API), built with the host runner."""
+    path = build_runner(progress).parent / "cmake" / "libcosmoes.so"
+    if not path.is_file():
+        raise CosmoesError(f"the native library is missing from its build directory: {path}")
+    return path
+
+
+def install_library(prefix: str | Path) -> Path:
+    """`cmake --install` of the host build into ``prefix``: include/cosmoes/cosmoes.h, lib/libcosmoes.so with the
+    shared libraries it needs, bin/cosmoes_runner and the CMake package (find_package(cosmoes))."""
+    build = build_runner().parent / "cmake"
+    proc = subprocess.run(["cmake", "--install", str(build), "--prefix", str(prefix)], capture_output=True, text=True)
+    if proc.returncode != 0:
+        raise CosmoesError(f"installing the native library failed: {last_line(proc.stderr + proc.stdout)}")
+    return Path(prefix)
+
+
 def _build_type_flags() -> list[str]:
     if not sanitize():
         return ["-DCMAKE_BUILD_TYPE=Release"]

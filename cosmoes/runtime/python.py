@@ -24,7 +24,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from cosmoes.config import check_int, check_number, check_threads
+from cosmoes.config import check_generation, check_int, check_number, check_threads
 from cosmoes.formats import MAX_THREADS
 from cosmoes.errors import CosmoesError, InvalidValue
 from cosmoes.export.policy import CachePolicy, parse_policy
@@ -348,14 +348,6 @@ class BundleRuntime:
             out_TD.index_add_(0, token_idx, y_ND * weights_TK[token_idx, slot, None].to(x_TD.dtype))
             self._experts.release(layer, e, last)
         return out_TD
-
-
-def check_generation(max_new_tokens: int, temperature: float, top_p: float) -> None:
-    """The numbers of a generation request, checked before any work (InvalidValue: the CLI names the flag)."""
-    check_int("max_new_tokens", max_new_tokens, low=1)
-    check_number("temperature", temperature, low=0.0)
-    if not (isinstance(top_p, (int, float)) and 0 < top_p <= 1):  # NaN fails both comparisons
-        raise InvalidValue("top_p", f"must be in (0, 1], got {top_p}")
 
 
 def make_sampler(temperature: float, top_p: float, seed: int) -> Callable[[torch.Tensor], int]:
