@@ -37,11 +37,13 @@ Tokenizer::Tokenizer(const std::string& path) : impl_(new Impl) {
   eos_ = static_cast<int64_t>(impl_->hf.eos_tok());
   vocab_size_ = impl_->hf.vocab_size();
   if (vocab_size_ < 1) throw Error(file + " has an empty vocabulary");
-  // Special tokens (begin/end of text, padding, ...) are the ids whose text disappears when specials are skipped.
+  // Special tokens (begin/end of text, padding, ...) are the ids whose text disappears when specials are skipped
+  // (every other token decodes to at least one byte). One pass: ~5 ms per 1000 ids here.
+  std::vector<uint64_t> one(1);
   for (int64_t id = 0; id < vocab_size_; ++id) {
-    auto skipped = impl_->hf.decode(std::vector<uint64_t>{static_cast<uint64_t>(id)}, true);
-    auto kept = impl_->hf.decode(std::vector<uint64_t>{static_cast<uint64_t>(id)}, false);
-    if (skipped.ok() && kept.ok() && skipped.get().empty() && !kept.get().empty()) special_.insert(id);
+    one[0] = static_cast<uint64_t>(id);
+    auto skipped = impl_->hf.decode(one, true);
+    if (skipped.ok() && skipped.get().empty()) special_.insert(id);
   }
 }
 
