@@ -9,7 +9,7 @@
 # references to the Python C API (Py*, never called unless Python imports the module) must resolve when a
 # non-Python process loads it. A generated C file defines each of them as a function that aborts, so a binary that
 # links the module loads without libpython; inside a Python process (ctypes) the interpreter's own symbols come
-# first and these are never used.
+# first and these are never used. runtime/tokenizer_log.cpp quiets the library's log lines the same way.
 set(COSMOES_TOKENIZERS_DIR "" CACHE PATH "pytorch_tokenizers package directory of the pytorch-tokenizers wheel")
 set(COSMOES_TOKENIZERS_SOURCE_DIR "" CACHE PATH "pytorch/tokenizers source checkout (device builds)")
 
@@ -77,11 +77,17 @@ else()
   endforeach()
   file(WRITE ${CMAKE_CURRENT_BINARY_DIR}/python_stubs.c.tmp "${_stubs}")
   configure_file(${CMAKE_CURRENT_BINARY_DIR}/python_stubs.c.tmp ${CMAKE_CURRENT_BINARY_DIR}/python_stubs.c COPYONLY)
-  add_library(cosmoes_python_stubs OBJECT ${CMAKE_CURRENT_BINARY_DIR}/python_stubs.c)
-  set_target_properties(cosmoes_python_stubs PROPERTIES POSITION_INDEPENDENT_CODE ON C_VISIBILITY_PRESET default)
+  add_library(cosmoes_python_stubs OBJECT ${CMAKE_CURRENT_BINARY_DIR}/python_stubs.c
+                                          ${CMAKE_CURRENT_SOURCE_DIR}/runtime/tokenizer_log.cpp)
+  set_target_properties(cosmoes_python_stubs PROPERTIES POSITION_INDEPENDENT_CODE ON C_VISIBILITY_PRESET default
+                                                        CXX_VISIBILITY_PRESET default)
 
   function(cosmoes_link_tokenizers target)
     target_sources(${target} PRIVATE $<TARGET_OBJECTS:cosmoes_python_stubs>)
+    get_target_property(_type ${target} TYPE)
+    if(_type STREQUAL "EXECUTABLE")  # the library defines the logger too: export ours so that it takes its place
+      target_link_options(${target} PRIVATE -Wl,--export-dynamic-symbol=_ZN10tokenizers8internal5vlogf*)
+    endif()
     set_property(TARGET ${target} APPEND PROPERTY BUILD_RPATH ${_tok_dir})
   endfunction()
 endif()
