@@ -296,9 +296,31 @@ def verify(bundle: Path = typer.Argument(..., help="exported bundle directory"),
     typer.echo(format_report(report))
 
 
+native_app = typer.Typer(no_args_is_help=True, help="Build the native runtime and runner (export/) for a target.")
+app.add_typer(native_app, name="native")
+
+
+@native_app.command("build")
+def native_build(target: str = typer.Option("host", "--target",
+                                            help="host, or linux-aarch64 (cross-built with Debian's "
+                                                 "aarch64-linux-gnu-g++ against the aarch64 executorch wheel)"),
+                 out: Optional[Path] = typer.Option(None, "--out",
+                                                    help="also copy the runner and its libraries here")):
+    """Build (cached) the native library and cosmoes_runner; print where the runner and its libraries are."""
+    from cosmoes.runtime.cross import build_native
+
+    result = build_native(target, out=out, progress=lambda line: typer.echo(line, err=True))
+    for line in result.describe():
+        typer.echo(line)
+    for warning in result.warnings:
+        typer.echo(f"warning: {warning}", err=True)
+
+
 @app.command()
 def bench(bundle: Path = typer.Argument(..., help="exported bundle directory"),
-          device: str = typer.Option(_default(BenchConfig, "device"), "--device", help="local, adb or adb:SERIAL"),
+          device: str = typer.Option(_default(BenchConfig, "device"), "--device",
+                                      help="local, adb, adb:SERIAL, or qemu[:CPU] (the linux-aarch64 runner under "
+                                           "qemu-aarch64, default CPU max; timings emulated)"),
           policy: List[str] = typer.Option(_default(BenchConfig, "policies"), "--policy",
                                            help="repeatable: all, swap, lru:N"),
           sweep: bool = typer.Option(_default(BenchConfig, "sweep"), "--sweep",

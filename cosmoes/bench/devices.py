@@ -1,8 +1,11 @@
-"""Where `cosmoes bench` runs the native runner: this machine, or an Android phone over adb (§3.4.3, Table 4).
+"""Where `cosmoes bench` runs the native runner: this machine, an Android phone over adb (§3.4.3, Table 4), or
+an emulated arm64 CPU (qemu-user).
 
-Both devices take runner flags and return the runner's JSON statistics. The adb device pushes the runner, its
+Every device takes runner flags and returns the runner's JSON statistics. The adb device pushes the runner, its
 shared libraries, the bundle and the prompt under /data/local/tmp/cosmoes/ (skipping files whose sha256 already
-matches on the phone), runs it over `adb shell` and pulls the statistics back.
+matches on the phone), runs it over `adb shell` and pulls the statistics back. The qemu device runs the
+linux-aarch64 build of the runner (cross-built on first use, cosmoes/runtime/cross.py) under `qemu-aarch64 -cpu
+CPU`: the same tokens and expert traffic as on an arm64 device, with emulated timings (labelled so).
 """
 
 from __future__ import annotations
@@ -27,17 +30,23 @@ REMOTE_ROOT = "/data/local/tmp/cosmoes"
 
 
 def parse_device(spec: str) -> tuple[str, str | None]:
-    """``local`` | ``adb`` | ``adb:SERIAL`` as (kind, serial); anything else is a one-line error."""
+    """``local`` | ``adb`` | ``adb:SERIAL`` | ``qemu`` | ``qemu:CPU`` as (kind, serial or CPU model); anything else
+    is a one-line error."""
     if spec == "local":
         return "local", None
-    if spec == "adb" or spec.startswith("adb:"):
-        return "adb", spec.partition(":")[2] or None
-    raise CosmoesError(f"unknown device {spec!r}: use local, adb or adb:SERIAL")
+    for kind in ("adb", "qemu"):
+        if spec == kind or spec.startswith(f"{kind}:"):
+            return kind, spec.partition(":")[2] or None
+    raise CosmoesError(f"unknown device {spec!r}: use local, adb, adb:SERIAL, qemu or qemu:CPU")
 
 
 def open_device(spec: str, runner: str | None, log: Callable[[str], None]):
-    kind, serial = parse_device(spec)
-    return LocalDevice(runner, log) if kind == "local" else AdbDevice(serial, runner, log)
+    kind, detail = parse_device(spec)
+    if kind == "local":
+        return LocalDevice(runner, log)
+    if kind == "qemu":
+        return QemuDevice(detail, runner, log)
+    return AdbDevice(detail, runner, log)
 
 
 class LocalDevice:
@@ -60,6 +69,46 @@ class LocalDevice:
     def run(self, args: list[str], timeout: float) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             return run_local(self.bundle, args, Path(tmp) / "stats.json", exe=self.runner, timeout=timeout).stats
+
+
+class QemuDevice:
+    """An emulated arm64 CPU on this machine: the linux-aarch64 runner (cross-built on first use, or the binary
+    given, with its libraries beside it) under ``qemu-aarch64 -cpu CPU`` (default ``max``). Tokens and expert traffic
+    are an arm64 build's; the timings are emulated, and every row and the device record say so."""
+
+    def __init__(self, cpu: str | None, runner: str | None, log: Callable[[str], None]):
+        from cosmoes.runtime import cross
+
+        self.cross, self.log = cross, log
+        self.cpu = cpu or cross.DEFAULT_QEMU_CPU
+        cross.check_qemu_cpu(self.cpu)
+        self.runner = Path(runner) if runner else cross.build_native("linux-aarch64", progress=log).runner
+        if not self.runner.is_file():
+            raise CosmoesError(f"runner not found: {self.runner}")
+        if not cross.is_aarch64_elf(self.runner):
+            raise CosmoesError(f"{self.runner} is not an aarch64 program: --device qemu runs the linux-aarch64 "
+                               "runner (cosmoes native build --target linux-aarch64, or leave --runner out)")
+        self.bundle: Path | None = None
+        self.prompt_path = ""
+
+    def info(self) -> dict:
+        return {"kind": "qemu", "emulated": True, "model": f"qemu-aarch64 -cpu {self.cpu} (emulated)",
+                "cpu": self.cpu, "emulator": self.cross.qemu_version(), "abi": "linux-aarch64",
+                "timings": "emulated: qemu-user translating arm64 code on this host, not an arm64 device's speed",
+                "host": platform.node(), "host_cpu": cpu_name(), "host_cores": usable_cores(),
+                "os": platform.platform()}
+
+    def prepare(self, bundle: Path, manifest: Manifest, prompt_file: Path) -> None:
+        self.bundle, self.prompt_path = bundle, str(prompt_file)
+        self.log(f"qemu: {self.runner} under qemu-aarch64 -cpu {self.cpu} on {cpu_name()}: timings are emulated")
+
+    def run(self, args: list[str], timeout: float) -> dict:
+        with tempfile.TemporaryDirectory() as tmp:
+            stats = self.cross.run_qemu(self.bundle, args, Path(tmp) / "stats.json", self.runner, self.cpu,
+                                        timeout=timeout).stats
+        stats["emulated"] = True
+        stats["timing"] = f"emulated (qemu-aarch64 -cpu {self.cpu})"
+        return stats
 
 
 class AdbDevice:
