@@ -31,7 +31,7 @@ from cosmoes.system import resolve_threads, usable_cores
 class BenchConfig:
     """What to benchmark and how: device, policies, prompt/generation lengths, repeats, comparison."""
 
-    device: str = "local"  # local | adb | adb:SERIAL
+    device: str = "local"  # local | adb | adb:SERIAL | qemu | qemu:CPU (the linux-aarch64 runner, emulated)
     policies: list[str] = field(default_factory=lambda: ["all", "swap"])
     sweep: bool = False  # swap, every lru:N from top_k up, and all
     budgets_mb: list[float] = field(default_factory=list)  # extra runs with --budget-mb
@@ -243,6 +243,8 @@ def format_table(report: BenchReport) -> str:
                                   for j, (c, w) in enumerate(zip(r, widths)))
     text = [fmt_row(head)]
     text += [fmt_row(r) if not str(r[1]).startswith("FAILED") else "  ".join(r) for r in lines]
+    if report.device.get("emulated"):  # a qemu run: the figures time the emulator, not a phone
+        text.append(f"timings emulated: {report.device.get('model', 'qemu')}")
     return "\n".join(text)
 
 

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from cosmoes.bench.devices import parse_device
-from cosmoes.bench.harness import BenchConfig, run_bench
+from cosmoes.bench.harness import BenchConfig, format_table, run_bench
 from cosmoes.cli import app
 from cosmoes.errors import CosmoesError
 from cosmoes.runtime import cross
@@ -66,6 +66,7 @@ def test_bench_on_qemu_matches_the_host_and_says_emulated(arm64_runner, micro_bu
     assert saved["device"]["emulated"] is True and all(r["emulated"] for r in saved["rows"])
     csv = (tmp_path / "bench.csv").read_text().splitlines()
     assert "emulated" in csv[0].split(",") and all("qemu-aarch64 -cpu cortex-a53 (emulated)" in r for r in csv[1:])
+    assert format_table(report).splitlines()[-1] == "timings emulated: qemu-aarch64 -cpu cortex-a53 (emulated)"
 
 
 def test_qemu_device_refusals(arm64_runner, micro_bundle_8da4w, tmp_path):
