@@ -114,14 +114,16 @@ def test_a_c_program_links_the_installed_package(micro_bundle_8da4w, tokenizer, 
     moved = tmp_path / "moved"
     shutil.move(str(prefix), moved)
     env = {"PATH": "/usr/bin:/bin", "LD_LIBRARY_PATH": str(moved / "lib")}
-    proc = subprocess.run([str(src / "build" / "capi_client"), str(micro_bundle_8da4w), "swap", "24", PROMPT],
-                          capture_output=True, text=True, env=env)
-    assert proc.returncode == 0, proc.stderr
-    ids, text, _ = python_generate(micro_bundle_8da4w, "swap", PROMPT, 24, tokenizer)
-    assert proc.stdout == text
-    assert f"ids: {','.join(str(i) for i in ids if i != tokenizer.eos_token_id)}" in proc.stderr
-    stats = json.loads(proc.stderr.split("stats: ", 1)[1].splitlines()[0])
-    assert stats["runner"] == "cosmoes-native" and stats["peak_rss_mb"] > 0
+    for policy in ("all", "swap", "lru:2"):
+        proc = subprocess.run([str(src / "build" / "capi_client"), str(micro_bundle_8da4w), policy, "24", PROMPT],
+                              capture_output=True, text=True, env=env)
+        assert proc.returncode == 0, proc.stderr
+        ids, text, py_stats = python_generate(micro_bundle_8da4w, policy, PROMPT, 24, tokenizer)
+        assert proc.stdout == text
+        assert f"ids: {','.join(str(i) for i in ids if i != tokenizer.eos_token_id)}" in proc.stderr
+        stats = json.loads(proc.stderr.split("stats: ", 1)[1].splitlines()[0])
+        assert stats["runner"] == "cosmoes-native" and stats["peak_rss_mb"] > 0 and stats["policy"] == policy
+        assert stats["expert_loads"] == py_stats.loads
 
 
 # -- bad input: a status and one line, never a crash ----------------------------------------------------------------
@@ -196,3 +198,28 @@ def test_generation_refusals(lib, micro_bundle_8da4w):
     lib.cosmoes_close(None)
     lib.cosmoes_reset(None)
     lib.cosmoes_free(None)
+
+
+def test_close_from_another_thread_waits_for_the_running_generation(lib, micro_bundle_8da4w):
+    import threading
+
+    s = NativeSession(micro_bundle_8da4w, threads=1, lib=lib)
+    handle, started, result = s.handle, threading.Event(), {}
+
+    def on_piece(_piece):
+        started.set()
+
+    def generate():
+        result["ids"] = s.generate("Once upon a time", 40, on_piece=on_piece)[1]
+
+    worker = threading.Thread(target=generate)
+    worker.start()
+    assert started.wait(60)
+    closer = threading.Thread(target=lib.cosmoes_close, args=(handle,))
+    closer.start()  # blocks inside the library until the generation returns
+    worker.join(120)
+    closer.join(120)
+    assert not worker.is_alive() and not closer.is_alive()
+    assert len(result["ids"]) == 40  # the generation ran to its end
+    cb = ctypes.CFUNCTYPE(ctypes.c_int, ctypes.c_char_p, ctypes.c_int32, ctypes.c_void_p)(lambda p, i, u: 0)
+    assert lib.cosmoes_generate(handle, b"hi", None, cb, None) == 5 and "closed" in last_error(lib)
