@@ -22,8 +22,7 @@ from pathlib import Path
 
 from cosmoes.config import ModelConfig
 
-# vocab 64 (the bundles ship no tokenizer), 2 layers so the per-layer rules are exercised. Not n_kv_heads=1: such a
-# model exports layers whose KV-cache write aborts ExecuTorch (see fuzz/README.md).
+# vocab 64 (the bundles ship no tokenizer), 2 layers so the per-layer rules are exercised.
 TINY_MOE = ModelConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, ffn_dim=16, num_experts=4, top_k=2,
                        max_seq_len=16, name="fuzz-moe")
 TINY_DENSE = TINY_MOE.replace(n_layers=1, num_experts=0, name="fuzz-dense")

@@ -4,7 +4,8 @@
 // error: an out-of-range operator index (or an unreadable operator name) in any earlier instruction is forgotten,
 // its kernel slot stays null, and the first execute() jumps to address 0 (SIGSEGV). A .pte with a few altered
 // bytes does this. Program verification (InternalConsistency) only checks the flatbuffer's structure, not these
-// indices, so the runtime walks the instruction tables itself before any method loads.
+// indices, so the runtime walks the instruction tables itself before any method loads. The same walk then hands
+// the program to xnnpack.cpp, which checks each XNNPACK delegate's payload (a graph XNNPACK trusts unchecked).
 #include "pte.h"
 
 #include <sys/stat.h>
@@ -14,6 +15,7 @@
 #include <vector>
 
 #include "errors.h"
+#include "xnnpack.h"
 
 namespace cosmoes {
 namespace {
@@ -27,62 +29,6 @@ constexpr uint8_t kKernelCall = 1;  // InstructionArguments: NONE = 0, KernelCal
 constexpr int kKernelCallOpIndex = 0;
 constexpr int kOperatorName = 0, kOperatorOverload = 1;
 constexpr size_t kOperatorNameBuffer = 100;  // Method::resolve_operator's kTempBufferSizeForName
-constexpr uint64_t kMaxVisits = uint64_t{1} << 24;  // tables may share vectors: bound the walk, not just the bytes
-
-// Bounds-checked reads of a little-endian flatbuffer; any offset past the end throws.
-class Flat {
- public:
-  Flat(std::vector<uint8_t> bytes, std::string path) : b_(std::move(bytes)), path_(std::move(path)) {}
-
-  [[noreturn]] void fail(const std::string& why) const { throw Error(path_ + " is a corrupt ExecuTorch program: " + why); }
-
-  uint64_t read(uint64_t at, int n) const {
-    if (at + n > b_.size()) fail("an offset points past the program's end");
-    uint64_t v = 0;
-    for (int k = n - 1; k >= 0; --k) v = (v << 8) | b_[at + k];
-    return v;
-  }
-  uint64_t root() const { return read(0, 4); }
-  // The position of a table's field, 0 if the table leaves it out.
-  uint64_t field(uint64_t table, int id) const {
-    int64_t vtable = static_cast<int64_t>(table) - static_cast<int32_t>(read(table, 4));
-    if (vtable < 0) fail("a table's vtable lies before the program");
-    uint64_t slot = 4 + 2 * static_cast<uint64_t>(id);
-    if (slot + 2 > read(vtable, 2)) return 0;
-    uint64_t offset = read(vtable + slot, 2);
-    return offset ? table + offset : 0;
-  }
-  uint64_t follow(uint64_t at) const { return at + read(at, 4); }  // an offset field to what it points at
-  uint64_t length(uint64_t vector) const { return read(vector, 4); }
-  uint64_t element(uint64_t vector, uint64_t i) const { return follow(vector + 4 + 4 * i); }  // of tables/strings
-  // A string field's C-string length (ExecuTorch reads it with c_str()), or -1 when the field is absent.
-  int64_t c_length(uint64_t table, int id) const {
-    uint64_t at = field(table, id);
-    if (!at) return -1;
-    uint64_t s = follow(at), n = length(s);
-    uint64_t k = 0;
-    while (k < n && read(s + 4 + k, 1) != 0) ++k;
-    return static_cast<int64_t>(k);
-  }
-  uint64_t stored_length(uint64_t table, int id) const {
-    uint64_t at = field(table, id);
-    return at ? length(follow(at)) : 0;
-  }
-  std::string string(uint64_t table, int id) const {
-    int64_t n = c_length(table, id);
-    std::string out;
-    for (int64_t k = 0; k < n && k < 80; ++k) out += static_cast<char>(read(follow(field(table, id)) + 4 + k, 1));
-    return out;
-  }
-  void visit() {
-    if (++visits_ > kMaxVisits) fail("its instruction tables are too large");
-  }
-
- private:
-  std::vector<uint8_t> b_;
-  std::string path_;
-  uint64_t visits_ = 0;
-};
 
 // The flatbuffer part of the file: the extended header ("eh00" at byte 8) gives its size.
 std::vector<uint8_t> read_flatbuffer(const std::string& path) {
@@ -143,13 +89,12 @@ void check_plan(Flat& fb, uint64_t plan) {
 
 void check_operator_table(const std::string& path) {
   Flat fb(read_flatbuffer(path), path);
-  uint64_t plans_at = fb.field(fb.root(), kProgramExecutionPlan);
-  if (!plans_at) return;
-  uint64_t plans = fb.follow(plans_at);
-  for (uint64_t p = 0; p < fb.length(plans); ++p) {
+  uint64_t plans = fb.target(fb.root(), kProgramExecutionPlan);
+  for (uint64_t p = 0; plans && p < fb.length(plans); ++p) {
     fb.visit();
     check_plan(fb, fb.element(plans, p));
   }
+  check_xnnpack_delegates(fb, path);
 }
 
 }  // namespace cosmoes
