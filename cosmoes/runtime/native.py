@@ -63,7 +63,9 @@ def source_hash() -> str:
     for pattern in _SOURCE_GLOBS:
         for path in sorted(src.glob(pattern)):
             h.update(path.relative_to(src).as_posix().encode() + b"\0" + path.read_bytes())
-    h.update(f"{executorch.version.__version__} {platform.machine()} {sys.platform}".encode())
+    # A CMake build directory belongs to the checkout it was configured from: `cmake --install` reads the header and
+    # CMake files from there, so another clone (or a deleted one) gets a build of its own.
+    h.update(f"{src} {executorch.version.__version__} {platform.machine()} {sys.platform}".encode())
     return h.hexdigest()[:16]
 
 
@@ -122,7 +124,7 @@ def install_library(prefix: str | Path) -> Path:
     build = build_runner().parent / "cmake"
     proc = subprocess.run(["cmake", "--install", str(build), "--prefix", str(prefix)], capture_output=True, text=True)
     if proc.returncode != 0:
-        raise CosmoesError(f"installing the native library failed: {last_line(proc.stderr + proc.stdout)}")
+        raise CosmoesError(f"installing the native library failed: {_one_line(proc.stderr or proc.stdout)}")
     return Path(prefix)
 
 
@@ -155,6 +157,11 @@ def runner_error(returncode: int, stderr: str) -> str:
         sig = -returncode if returncode < 0 else returncode - 128
         return f"the runner crashed (signal {sig}); last output: {last_line(stderr)}"
     return f"the runner failed (exit {returncode}): {last_line(stderr)}"
+
+
+def _one_line(text: str) -> str:
+    """A tool's whole message on one line (CMake spreads one error over several), at most 300 characters."""
+    return " ".join(ln.strip() for ln in text.splitlines() if ln.strip())[:300] or "no output"
 
 
 def last_line(text: str) -> str:

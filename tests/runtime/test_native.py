@@ -268,3 +268,15 @@ def test_garbled_program_is_refused_or_runs_never_crashes(runner, bundle, progra
         assert len(errors) == 1 and proc.stderr.rstrip("\n").endswith(errors[0])
     else:
         assert errors == []
+
+
+def test_each_checkout_gets_its_own_build(monkeypatch, tmp_path):
+    """A CMake build directory belongs to the checkout it was configured from (`cmake --install` reads that
+    checkout's header and CMake files): the same sources in another clone key another cache entry."""
+    from cosmoes.runtime import native
+
+    here = native.source_hash()
+    clone = tmp_path / "clone" / "export"
+    shutil.copytree(native.source_dir(), clone)
+    monkeypatch.setattr(native, "source_dir", lambda: clone)
+    assert native.source_hash() != here
