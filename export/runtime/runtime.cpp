@@ -260,8 +260,9 @@ Policy Policy::from_budget(const BundleManifest& m, int64_t budget_bytes) {
 }
 
 // -- ExpertCache ------------------------------------------------------------------------------------------------
-ExpertCache::ExpertCache(Module& program, const BundleManifest& m, Policy policy)
-    : program_(program), m_(m), policy_(policy), lru_(m.n_layers) {
+ExpertCache::ExpertCache(Module& program, executorch::runtime::HierarchicalAllocator* planned, const BundleManifest& m,
+                         Policy policy)
+    : program_(program), planned_(planned), m_(m), policy_(policy), lru_(m.n_layers) {
   stats_.selections.resize(m.n_layers);
 }
 
@@ -292,7 +293,7 @@ const std::string& ExpertCache::acquire(int64_t layer, int64_t expert) {
   }
   auto t0 = Clock::now();
   InMethod in(method);
-  EtError err = program_.load_method(method);
+  EtError err = program_.load_method(method, planned_);
   if (err != EtError::Ok)
     throw cosmoes::Error("loading expert method " + method + " of " + m_.path(m_.program("experts")) + " failed: " +
                          et_error(err));
@@ -355,10 +356,13 @@ Runtime::~Runtime() = default;
 
 // Opens a program and checks, before any method is loaded or run, that it has every method the manifest lists and
 // that each one the runtime calls takes and returns the tensors the runtime passes and reads.
-std::unique_ptr<Module> Runtime::open_program(const ProgramFile& p, const std::vector<std::string>& calls) {
+std::unique_ptr<Module> Runtime::open_program(const ProgramFile& p, const std::vector<std::string>& calls,
+                                              std::unique_ptr<LazyArena>& arena) {
   // Mmap: segments are paged in when a method's weights are packed and unmapped afterwards, so an unloaded expert
-  // costs no memory. Shared arenas: the KV caches are shared mutable buffers that every layer method must see.
-  auto mod = std::make_unique<Module>(m_.path(p), Module::LoadMode::Mmap, nullptr, nullptr, nullptr, true);
+  // costs no memory. The planned buffers are not the Module's own (zero-filled, resident from load) but one
+  // LazyArena per program that every method loads with: the KV caches are shared mutable buffers that every layer
+  // method must see, and their pages become resident only as positions fill.
+  auto mod = std::make_unique<Module>(m_.path(p), Module::LoadMode::Mmap);
   // InternalConsistency runs the flatbuffer verifier over the whole program: a file whose bytes were altered (and
   // its manifest size and sha256 rewritten to match) is refused here instead of crashing Method::init later.
   EtError err = mod->load(et::Program::Verification::InternalConsistency);
@@ -371,12 +375,12 @@ std::unique_ptr<Module> Runtime::open_program(const ProgramFile& p, const std::v
       throw cosmoes::Error("program " + m_.path(p) + " lacks method '" + method + "' listed in the manifest");
   for (const auto& method : calls)
     check_signature(*mod, m_.path(p), method, p.name == "backbone" ? backbone_signature(m_, method) : ffn_signature(m_));
-  arena_bytes_ += planned_bytes(*mod, p);
+  arena = std::make_unique<LazyArena>(planned_sizes(*mod, p));
   return mod;
 }
 
-// The program's memory-planned buffers: each shared arena is as large as its largest user.
-int64_t Runtime::planned_bytes(Module& mod, const ProgramFile& p) const {
+// The program's memory-planned buffers: each shared buffer id is as large as its largest user.
+std::vector<int64_t> Runtime::planned_sizes(Module& mod, const ProgramFile& p) const {
   std::vector<int64_t> largest;
   for (const auto& method : p.methods) {
     auto meta = mod.method_meta(method);
@@ -390,28 +394,40 @@ int64_t Runtime::planned_bytes(Module& mod, const ProgramFile& p) const {
   }
   int64_t total = 0;
   for (int64_t b : largest) total += b;
-  // A corrupt plan asks for absurd buffers; Module would allocate (and zero) them at the first load_method.
+  // A corrupt plan asks for absurd buffers: refused before any address space is reserved for them.
   const int64_t ram = static_cast<int64_t>(::sysconf(_SC_PHYS_PAGES)) * ::sysconf(_SC_PAGE_SIZE);
   if (ram > 0 && total > ram)
     throw cosmoes::Error("program " + m_.path(p) + " plans " + std::to_string(total / 1000000) +
                          " MB of activation buffers, more than this machine's " + std::to_string(ram / 1000000) +
                          " MB of memory; re-export the bundle");
-  return total;
+  return largest;
+}
+
+double Runtime::arena_mb() const {
+  int64_t total = 0;
+  for (const auto* a : {backbone_arena_.get(), expert_arena_.get()}) total += a ? a->reserved_bytes() : 0;
+  return total / 1e6;
+}
+
+double Runtime::arena_resident_mb() const {
+  int64_t total = 0;
+  for (const auto* a : {backbone_arena_.get(), expert_arena_.get()}) total += a ? a->resident_bytes() : 0;
+  return total / 1e6;
 }
 
 void Runtime::open_programs() {
   auto calls = required_methods(m_);
-  backbone_ = open_program(m_.program("backbone"), calls["backbone"]);
+  backbone_ = open_program(m_.program("backbone"), calls["backbone"], backbone_arena_);
   for (const auto& method : m_.program("backbone").methods) {
     InMethod in(method);
-    EtError err = backbone_->load_method(method);
+    EtError err = backbone_->load_method(method, backbone_arena_->planned());
     if (err != EtError::Ok)
       throw cosmoes::Error("loading method " + method + " of " + m_.path(m_.program("backbone")) + " failed: " +
                            et_error(err));
   }
   if (m_.is_moe) {
-    expert_program_ = open_program(m_.program("experts"), calls["experts"]);
-    experts_ = std::make_unique<ExpertCache>(*expert_program_, m_, policy_);
+    expert_program_ = open_program(m_.program("experts"), calls["experts"], expert_arena_);
+    experts_ = std::make_unique<ExpertCache>(*expert_program_, expert_arena_->planned(), m_, policy_);
   }
 }
 

@@ -13,6 +13,7 @@
 #include <utility>
 #include <vector>
 
+#include "arena.h"
 #include "bundle.h"
 
 namespace executorch::extension::module {
@@ -46,7 +47,9 @@ struct ExpertStats {
 // The loaded expert methods of one program, per layer in least-recently-used order.
 class ExpertCache {
  public:
-  ExpertCache(executorch::extension::module::Module& program, const BundleManifest& m, Policy policy);
+  // Every expert method loads with `planned` (its program's LazyArena), so they share one set of buffers.
+  ExpertCache(executorch::extension::module::Module& program, executorch::runtime::HierarchicalAllocator* planned,
+              const BundleManifest& m, Policy policy);
   // A layer's FFN is about to run `selected`: under swap, evict the others before anything loads.
   void begin_step(int64_t layer, const std::vector<int64_t>& selected);
   // Makes the expert's method resident (lru evicts first, so N is never exceeded); returns its method name.
@@ -56,9 +59,16 @@ class ExpertCache {
   void release(int64_t layer, int64_t expert, const std::vector<int64_t>& keep);
   ExpertStats& stats() { return stats_; }
   int64_t resident_count() const;
+  // How many experts each layer holds now (the app shows it; the stats JSON's resident_per_layer).
+  std::vector<int64_t> resident_per_layer() const {
+    std::vector<int64_t> n;
+    for (const auto& layer : lru_) n.push_back(static_cast<int64_t>(layer.size()));
+    return n;
+  }
 
  private:
   executorch::extension::module::Module& program_;
+  executorch::runtime::HierarchicalAllocator* planned_;
   const BundleManifest& m_;
   Policy policy_;
   std::vector<std::list<int64_t>> lru_;  // per layer, least recent first
@@ -89,10 +99,16 @@ class Runtime {
   ExpertStats& expert_stats() { return experts_ ? experts_->stats() : dense_stats_; }
   double verify_ms() const { return verify_ms_; }
   double load_ms() const { return load_ms_; }
-  // Memory-planned buffers (activations, KV caches) of both programs, each shared arena sized to its largest user.
-  double arena_mb() const { return arena_bytes_ / 1e6; }
+  // Memory-planned buffers (activations, KV caches) of both programs, each shared arena sized to its largest user:
+  // reserved address space, and the part of it resident now (it grows with the positions filled).
+  double arena_mb() const;
+  double arena_resident_mb() const;
   int threads() const { return threads_; }
   const StageTimes& stage_ms() const { return stage_ms_; }
+  // Experts resident per layer now (empty for a dense model).
+  std::vector<int64_t> resident_per_layer() const {
+    return experts_ ? experts_->resident_per_layer() : std::vector<int64_t>{};
+  }
 
   // Starts a new sequence with `ids`; logits (vocab) of its last position.
   std::vector<float> prefill(const std::vector<int64_t>& ids);
@@ -106,16 +122,18 @@ class Runtime {
   int threads_ = 1;
   double verify_ms_ = 0.0, load_ms_ = 0.0;
   int64_t pos_ = 0;
-  int64_t arena_bytes_ = 0;
   StageTimes stage_ms_;
+  // Declared before the Modules: a loaded method points into its arena, so the arenas are destroyed last.
+  std::unique_ptr<LazyArena> backbone_arena_, expert_arena_;
   std::unique_ptr<executorch::extension::module::Module> backbone_, expert_program_;
   std::unique_ptr<ExpertCache> experts_;  // null for a dense model
   ExpertStats dense_stats_;
 
   void open_programs();
   std::unique_ptr<executorch::extension::module::Module> open_program(const ProgramFile& p,
-                                                                      const std::vector<std::string>& calls);
-  int64_t planned_bytes(executorch::extension::module::Module& mod, const ProgramFile& p) const;
+                                                                      const std::vector<std::string>& calls,
+                                                                      std::unique_ptr<LazyArena>& arena);
+  std::vector<int64_t> planned_sizes(executorch::extension::module::Module& mod, const ProgramFile& p) const;
   void check_ids(const std::vector<int64_t>& ids) const;
   std::vector<float> feed(const std::vector<int64_t>& ids);
   void run_chunk(const int64_t* ids, int64_t T, std::vector<float>* last_logits);

@@ -82,7 +82,9 @@ void write_speed(std::ostream& os, const SessionStats& s) {
 }
 
 void write_memory(std::ostream& os, Runtime& rt, const SessionStats& s) {
+  // arena_mb is reserved address space; arena_resident_mb the part the run touched (KV positions filled, chunks run)
   os << ", \"rss_baseline_mb\": " << s.baseline.rss_mb << ", \"arena_mb\": " << rt.arena_mb()
+     << ", \"arena_resident_mb\": " << rt.arena_resident_mb()
      << ", \"rss_after_load_mb\": " << s.after_load.rss_mb << ", \"rss_end_mb\": " << s.end.rss_mb
      << ", \"peak_rss_mb\": " << s.end.peak_mb;
 }
@@ -100,7 +102,9 @@ void write_experts(std::ostream& os, Runtime& rt, const SessionStats& s) {
      << ", \"expert_resident_peak\": " << rt.expert_stats().resident_peak
      << ", \"expert_mb\": " << man.max_expert_bytes() / 1e6 << ", \"non_expert_mb\": " << man.non_expert_total() / 1e6
      << ", \"active_expert_mb\": " << man.active_expert_bytes() / 1e6 << ", \"exrep_per_layer\": " << list(exrep)
-     << ", \"exrep_mean\": " << exrep_mean;
+     << ", \"exrep_mean\": " << exrep_mean
+     // read when the statistics are asked for: nothing loads or evicts between the end of a generation and then
+     << ", \"resident_per_layer\": " << list(rt.resident_per_layer());
 }
 
 // expert_read_ms: one expert's stored bytes at the probed file read speed, to set against expert_load_ms_mean.

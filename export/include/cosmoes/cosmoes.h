@@ -92,7 +92,8 @@ COSMOES_API int cosmoes_generate_ids(cosmoes_session *session, const int32_t *pr
 
 /* Statistics of the last generation as one JSON object (the schema `cosmoes_runner --stats-json` and
  * `cosmoes bench` report: ttft_ms, prefill_tok_s, decode_tok_s, peak_rss_mb, expert_loads, exrep_mean, tokens,
- * ...), or NULL before the first generation or on failure. Free it with cosmoes_free. */
+ * resident_per_layer (the experts each layer holds at the end of the last generation), ...), or NULL before the
+ * first generation or on failure. Free it with cosmoes_free. */
 COSMOES_API char *cosmoes_stats_json(cosmoes_session *session);
 
 /* Frees memory this API returned. NULL is ignored. */
