@@ -19,12 +19,14 @@ $(VENV)/.installed: pyproject.toml
 # Fuzzing's tools (clang with libFuzzer, atheris) come with set-up when missing; without them (no apt-get) make test
 # still runs, and make fuzz is the one that fails.
 # The linux-aarch64 tools (Debian's cross g++ and qemu-user, the aarch64 executorch / pytorch-tokenizers wheels) too:
-# without them the arm64-under-qemu tests skip, saying why.
+# without them the arm64-under-qemu tests skip, saying why. The Android library module's JVM tools too (kotlinc from
+# npm, Debian's org.json): without them its JVM tests skip.
 setup: $(VENV)/.installed
 	export/tools.sh install
 	@PY=$(PY) ATHERIS="$(ATHERIS)" fuzz/tools.sh install || echo "warning: fuzzing tools missing: make fuzz will fail"
 	@PY=$(PY) export/recipes/linux-aarch64/tools.sh install \
 	  || echo "warning: linux-aarch64 tools missing: the arm64-under-qemu tests will try again, then skip"
+	@android_demo/tools.sh install || echo "warning: kotlinc / org.json missing: the Android library's JVM tests will skip"
 
 demo: setup
 	$(VENV)/bin/cosmoes demo

@@ -3,7 +3,9 @@ an emulated arm64 CPU (qemu-user).
 
 Every device takes runner flags and returns the runner's JSON statistics. The adb device pushes the runner, its
 shared libraries, the bundle and the prompt under /data/local/tmp/cosmoes/ (skipping files whose sha256 already
-matches on the phone), runs it over `adb shell` and pulls the statistics back. The qemu device runs the
+matches on the phone), runs it over `adb shell` and pulls the statistics back; with `--app` it runs the installed
+demo app's BenchActivity instead (the app's own libcosmoes through the Kotlin library module), with the bundle and
+prompt under the app's external files directory. The qemu device runs the
 linux-aarch64 build of the runner (cross-built on first use, cosmoes/runtime/cross.py) under `qemu-aarch64 -cpu
 CPU`: the same tokens and expert traffic as on an arm64 device, with emulated timings (labelled so).
 """
@@ -17,6 +19,7 @@ import shlex
 import shutil
 import subprocess
 import tempfile
+import time
 from pathlib import Path
 from typing import Callable
 
@@ -30,22 +33,29 @@ REMOTE_ROOT = "/data/local/tmp/cosmoes"
 
 
 def parse_device(spec: str) -> tuple[str, str | None]:
-    """``local`` | ``adb`` | ``adb:SERIAL`` | ``qemu`` | ``qemu:CPU`` as (kind, serial or CPU model); anything else
-    is a one-line error."""
-    if spec == "local":
-        return "local", None
+    """``local`` | ``adb`` | ``adb:SERIAL`` | ``qemu`` | ``qemu:CPU`` | ``ios`` as (kind, serial or CPU model);
+    anything else is a one-line error."""
+    if spec in ("local", "ios"):  # ios: statistics collected on an iPhone (cosmoes/bench/ios.py)
+        return spec, None
     for kind in ("adb", "qemu"):
         if spec == kind or spec.startswith(f"{kind}:"):
             return kind, spec.partition(":")[2] or None
-    raise CosmoesError(f"unknown device {spec!r}: use local, adb, adb:SERIAL, qemu or qemu:CPU")
+    raise CosmoesError(f"unknown device {spec!r}: use local, adb, adb:SERIAL, qemu or qemu:CPU, or ios "
+                       "(statistics files collected on an iPhone)")
 
 
-def open_device(spec: str, runner: str | None, log: Callable[[str], None]):
+def open_device(spec: str, runner: str | None, log: Callable[[str], None], app: bool = False):
     kind, detail = parse_device(spec)
+    if app:  # the demo app's BenchActivity on an adb device instead of a pushed runner
+        return AppDevice.open(kind, detail, runner, log)
     if kind == "local":
         return LocalDevice(runner, log)
     if kind == "qemu":
         return QemuDevice(detail, runner, log)
+    if kind == "ios":  # nothing here can drive an iPhone: its runs are read from files (cosmoes bench --stats)
+        from cosmoes.bench.ios import HOW_TO_COLLECT
+
+        raise CosmoesError(HOW_TO_COLLECT)
     return AdbDevice(detail, runner, log)
 
 
@@ -212,3 +222,101 @@ class AdbDevice:
                 return json.loads(Path(f"{tmp}/stats.json").read_text())
             except (OSError, ValueError) as exc:  # a runner killed mid-write leaves a torn file
                 raise CosmoesError(f"on {self._name()}: unreadable runner statistics ({exc})") from None
+
+
+APP_PACKAGE = "org.cosmoes.demo"
+APP_ACTIVITY = f"{APP_PACKAGE}/.BenchActivity"
+APP_ROOT = f"/sdcard/Android/data/{APP_PACKAGE}/files"  # the app's external files dir: adb writes it without root
+# The runner flags `cosmoes bench` builds and the BenchActivity extras that carry them (android_demo/README.md)
+APP_EXTRAS = {"--prompt-file": "prompt", "--gen": "gen", "--warmup": "warmup", "--repeats": "repeats",
+              "--policy": "policy", "--budget-mb": "budget_mb", "--threads": "threads"}
+
+
+class AppDevice(AdbDevice):
+    """The installed demo app on an Android device over adb (`--device adb --app`): its BenchActivity benchmarks the
+    bundle with the app's own libcosmoes (the Kotlin library module over JNI, BenchRun) instead of a pushed runner.
+    The bundle and prompt are pushed under the app's external files dir; the activity writes the statistics JSON
+    there (or {"error": ...}), which is polled for and pulled."""
+
+    POLL_S = 0.5
+
+    @classmethod
+    def open(cls, kind: str, serial: str | None, runner: str | None, log: Callable[[str], None]) -> "AppDevice":
+        if kind != "adb":
+            raise CosmoesError(f"--app runs the demo app on an Android device: use --device adb or adb:SERIAL, "
+                               f"not {kind}")
+        if runner:
+            raise CosmoesError("--app runs the installed demo app, which carries its own library: leave --runner out")
+        return cls(serial, log)
+
+    def __init__(self, serial: str | None, log: Callable[[str], None]):  # no runner: AdbDevice's checks minus that
+        self.serial, self.log = serial, log
+        self.adb = os.environ.get("COSMOES_ADB") or shutil.which("adb")
+        if not self.adb:
+            raise CosmoesError("adb not found: install Android platform-tools or set COSMOES_ADB")
+        self._check_state()
+        installed = self.shell(shlex.join(["pm", "path", APP_PACKAGE]), timeout=60, check=False)
+        if installed.returncode != 0 or "package:" not in installed.stdout:
+            raise CosmoesError(f"the demo app is not installed on {self._name()}: see android_demo/README.md")
+        self.bundle_dir = ""
+        self.prompt_path = f"{APP_ROOT}/prompt.txt"
+
+    def info(self) -> dict:
+        return {**super().info(), "client": "android-app", "app": APP_PACKAGE}
+
+    def prepare(self, bundle: Path, manifest: Manifest, prompt_file: Path) -> None:
+        """Push the bundle (its tokenizer too: the app's session opens it) and the prompt, skipping what is there."""
+        self.bundle_dir = f"{APP_ROOT}/bundles/{bundle.resolve().name}"
+        files = [(prompt_file, self.prompt_path, None),
+                 (bundle / MANIFEST_NAME, f"{self.bundle_dir}/{MANIFEST_NAME}", None)]
+        if manifest.tokenizer and (bundle / manifest.tokenizer).is_dir():
+            files += [(f, f"{self.bundle_dir}/{f.relative_to(bundle).as_posix()}", None)
+                      for f in sorted((bundle / manifest.tokenizer).rglob("*")) if f.is_file() and not f.is_symlink()]
+        files += [(bundle / p["file"], f"{self.bundle_dir}/{p['file']}", p["sha256"])
+                  for p in manifest.programs.values()]
+        pushed = [remote for local, remote, sha in files if self.push(local, remote, sha)]
+        self.log(f"adb: pushed {len(pushed)} of {len(files)} files ({len(files) - len(pushed)} already on the device)")
+
+    def extras(self, args: list[str]) -> list[str]:
+        """The runner flags as `--es KEY VALUE` words; the app has no probe (the roofline and read-time columns stay
+        empty) and decodes greedily."""
+        words, rest = ["--es", "bundle", self.bundle_dir], list(args)
+        while rest:
+            flag = rest.pop(0)
+            if flag == "--probe":
+                continue
+            if flag not in APP_EXTRAS or not rest:
+                raise CosmoesError(f"--app cannot pass {flag} to the demo app (it takes "
+                                   f"{', '.join(APP_EXTRAS)})")
+            words += ["--es", APP_EXTRAS[flag], rest.pop(0)]
+        return words
+
+    def run(self, args: list[str], timeout: float) -> dict:
+        stats = f"{APP_ROOT}/stats.json"
+        self.shell(shlex.join(["rm", "-f", stats]), timeout=60)
+        # one string for the phone's sh: every word quoted (a bundle folder named `x; rm -rf ~` stays a name)
+        start = self.shell(shlex.join(["am", "start", "-W", "-n", APP_ACTIVITY, *self.extras(args),
+                                       "--es", "stats", stats]), timeout=120, check=False)
+        errors = [ln.strip() for ln in (start.stdout + start.stderr).splitlines() if ln.startswith("Error")]
+        if start.returncode != 0 or errors:
+            raise CosmoesError(f"on {self._name()}: am start {APP_ACTIVITY} failed: "
+                               f"{errors[-1] if errors else last_line(start.stderr or start.stdout)}")
+        self._wait_for(stats, timeout)
+        with tempfile.TemporaryDirectory() as tmp:
+            self._adb("pull", stats, f"{tmp}/stats.json", timeout=120)
+            try:
+                result = json.loads(Path(f"{tmp}/stats.json").read_text())
+            except (OSError, ValueError) as exc:
+                raise CosmoesError(f"on {self._name()}: unreadable app statistics ({exc})") from None
+        if "error" in result:
+            raise CosmoesError(f"on {self._name()}: {result['error']}")
+        return result
+
+    def _wait_for(self, path: str, timeout: float) -> None:
+        """BenchActivity benchmarks on a background thread after `am start -W` returns: wait for its file."""
+        deadline = time.monotonic() + timeout
+        while self.shell(shlex.join(["test", "-f", path]), timeout=60, check=False).returncode != 0:
+            if time.monotonic() > deadline:
+                raise CosmoesError(f"{self._name()}: the demo app wrote no statistics to {path} within {timeout:.0f} s "
+                                   "(adb logcat shows why)")
+            time.sleep(self.POLL_S)

@@ -47,6 +47,7 @@ class BenchConfig:
     compare: bool = False  # add transformers eager generate (fp32) on the same weights
     probe: bool = True  # measure memory bandwidth and file read speed for the roofline / I/O columns
     runner: str | None = None  # runner binary for the device (adb: an Android build); local: built on first use
+    app: bool = False  # adb: run the installed demo app's BenchActivity instead of a pushed runner
     timeout_s: float = 1800.0
 
     def validate(self) -> None:
@@ -64,6 +65,8 @@ class BenchConfig:
             check_number("budget_mb", budget, low=0.0, inclusive=False)
         check_number("timeout_s", self.timeout_s, low=0.0, inclusive=False)
         kind, _ = parse_device(self.device)
+        if self.app and self.temperature > 0:
+            raise CosmoesError("--app decodes greedily (BenchActivity takes no sampling extras): leave --temperature out")
         if self.threads is not None:
             # this machine's cores bound a local run; a phone's are unknown until it answers, so only the manifest's
             # bound applies there
@@ -158,7 +161,7 @@ def run_bench(bundle: str | Path, cfg: BenchConfig, out: str | Path,
                            f"{manifest.max_seq_len}")
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompt.txt").write_text(" ".join(map(str, prompt)) + "\n")
-    device = open_device(cfg.device, cfg.runner, log)
+    device = open_device(cfg.device, cfg.runner, log, app=cfg.app)
     report = BenchReport(str(bundle), device.info(), dataclasses.asdict(cfg), len(prompt),
                          command=command or command_line(), commit=git_commit())
     device.prepare(bundle, manifest, out / "prompt.txt")

@@ -13,7 +13,9 @@
 #   2. configures it with its own preset `android-arm64-v8a` (+ the NDK toolchain), switching on XNNPACK, the
 #      optimized and quantized kernels and the module/data_loader/flat_tensor/named_data_map/tensor/threadpool
 #      extensions and off what cosmoes does not use (JNI, LLM runner and tokenizers, training, devtools); program
-#      verification and logging on and XNNPACK's weight cache off, as in the wheel the runtime is tested with;
+#      verification and logging on as in the wheel the runtime is tested with; XNNPACK's weight cache and shared
+#      workspace on, as ExecuTorch's android preset sets them (the wheel shares the workspace but has no weight
+#      cache: -DEXECUTORCH_XNNPACK_ENABLE_WEIGHT_CACHE=OFF in COSMOES_ET_CMAKE_ARGS builds as the wheel does);
 #      builds and installs it into $COSMOES_CACHE/executorch-v<version>/android-arm64-v8a/install;
 #   3. configures export/ with the same toolchain against that install, the tokenizer from ExecuTorch's
 #      extension/llm/tokenizers submodule (pytorch/tokenizers, with PCRE2 lookahead like the pytorch-tokenizers
@@ -28,7 +30,7 @@
 # ANDROID_PLATFORM (default android-26, what ExecuTorch's own Android build uses); PYTHON (default .venv/bin/python,
 # else python3: ExecuTorch's kernel code generation needs torch's torchgen and PyYAML); COSMOES_CACHE (default
 # ~/.cache/cosmoes); EXECUTORCH_SRC (an existing ExecuTorch checkout of that version); COSMOES_ET_CMAKE_ARGS (extra
-# -D options for ExecuTorch's configure, e.g. -DEXECUTORCH_XNNPACK_ENABLE_WEIGHT_CACHE=ON).
+# -D options for ExecuTorch's configure, e.g. -DEXECUTORCH_XNNPACK_ENABLE_WEIGHT_CACHE=OFF).
 set -euo pipefail
 
 ABI=arm64-v8a
@@ -133,7 +135,7 @@ cmake -S "$ET_SRC" -B "$ET_WORK/build" --preset "android-$ABI" ${GENERATOR[@]+"$
   -DEXECUTORCH_BUILD_ANDROID_JNI=OFF -DEXECUTORCH_BUILD_EXTENSION_LLM=OFF -DEXECUTORCH_BUILD_EXTENSION_LLM_RUNNER=OFF \
   -DEXECUTORCH_BUILD_KERNELS_LLM=OFF -DEXECUTORCH_BUILD_EXTENSION_TRAINING=OFF -DEXECUTORCH_BUILD_DEVTOOLS=OFF \
   -DEXECUTORCH_ENABLE_PROGRAM_VERIFICATION=ON -DEXECUTORCH_ENABLE_LOGGING=ON \
-  -DEXECUTORCH_XNNPACK_ENABLE_WEIGHT_CACHE=OFF \
+  -DEXECUTORCH_XNNPACK_ENABLE_WEIGHT_CACHE=ON -DEXECUTORCH_XNNPACK_SHARED_WORKSPACE=ON \
   ${ET_EXTRA[@]+"${ET_EXTRA[@]}"}
 echo "== building and installing ExecuTorch into $ET_INSTALL"
 rm -rf "$ET_INSTALL" # a fresh install: nothing left over from an earlier configuration
