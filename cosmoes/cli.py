@@ -320,7 +320,8 @@ def native_build(target: str = typer.Option("host", "--target",
 def bench(bundle: Path = typer.Argument(..., help="exported bundle directory"),
           device: str = typer.Option(_default(BenchConfig, "device"), "--device",
                                       help="local, adb, adb:SERIAL, or qemu[:CPU] (the linux-aarch64 runner under "
-                                           "qemu-aarch64, default CPU max; timings emulated)"),
+                                           "qemu-aarch64, default CPU max; timings emulated), or ios (with "
+                                           "--stats: files collected on an iPhone, ios_demo/README.md)"),
           policy: List[str] = typer.Option(_default(BenchConfig, "policies"), "--policy",
                                            help="repeatable: all, swap, lru:N"),
           sweep: bool = typer.Option(_default(BenchConfig, "sweep"), "--sweep",
@@ -346,18 +347,39 @@ def bench(bundle: Path = typer.Argument(..., help="exported bundle directory"),
                                             "ratios to it"),
           runner: Optional[Path] = typer.Option(_default(BenchConfig, "runner"), "--runner",
                                                 help="runner binary (adb: an Android build)"),
-          out: Optional[Path] = typer.Option(None, "--out", help="results directory (default: bench/<bundle>)")):
+          app: bool = typer.Option(_default(BenchConfig, "app"), "--app",
+                                   help="adb: run the installed demo app's BenchActivity (its own library, through "
+                                        "the Kotlin module) instead of a pushed runner; android_demo/README.md"),
+          out: Optional[Path] = typer.Option(None, "--out", help="results directory (default: bench/<bundle>)"),
+          stats: List[Path] = typer.Option([], "--stats",
+                                           help="repeatable, with --device ios: a statistics JSON file collected "
+                                                "on an iPhone (one row each)")):
     """Benchmark a bundle with the native runner per expert-cache policy: latency, peak RSS, expert loads (§3.4.3)."""
     from cosmoes.bench.harness import format_table, run_bench
+
+    if device == "ios" or stats:  # an iPhone's runs are collected there and read from files (cosmoes/bench/ios.py)
+        return _bench_ios(bundle, device, list(stats), out)
 
     cfg = BenchConfig(device=device, policies=list(policy), sweep=sweep,
                       budgets_mb=list(budget_mb), prompt_len=prompt_len, prompt_doc=prompt_doc, gen=gen,
                       temperature=temperature, top_p=top_p, seed=seed, warmup=warmup, repeats=repeats,
-                      threads=threads, compare=compare, runner=str(runner) if runner else None)
+                      threads=threads, compare=compare, runner=str(runner) if runner else None, app=app)
     out = out or Path("bench") / bundle.resolve().name
     check_out_dir("out", out)
     report = run_bench(bundle, cfg, out, log=lambda line: typer.echo(line, err=True))
     typer.echo(format_table(report))
+    typer.echo(f"results: {out}/bench.json, bench.csv, bench.png", err=True)
+
+
+def _bench_ios(bundle: Path, device: str, stats: list[Path], out: Optional[Path]) -> None:
+    from cosmoes.bench.harness import format_table
+    from cosmoes.bench.ios import ios_report
+
+    if device != "ios":
+        raise CosmoesError(f"--stats reads statistics collected on an iPhone: it goes with --device ios, not {device}")
+    out = out or Path("bench") / bundle.resolve().name
+    check_out_dir("out", out)
+    typer.echo(format_table(ios_report(bundle, stats, out)))
     typer.echo(f"results: {out}/bench.json, bench.csv, bench.png", err=True)
 
 
