@@ -6,6 +6,10 @@ import java.util.concurrent.atomic.AtomicInteger
 import java.util.concurrent.locks.ReentrantLock
 import kotlin.concurrent.withLock
 import kotlinx.coroutines.ExecutorCoroutineDispatcher
+import kotlinx.coroutines.NonCancellable
+import kotlinx.coroutines.currentCoroutineContext
+import kotlinx.coroutines.ensureActive
+import kotlinx.coroutines.isActive
 import kotlinx.coroutines.asCoroutineDispatcher
 import kotlinx.coroutines.channels.Channel
 import kotlinx.coroutines.channels.SendChannel
@@ -43,7 +47,15 @@ class CosmoesSession private constructor(
             }
             val dispatcher = executor.asCoroutineDispatcher()
             try {
-                val handle = withContext(dispatcher) { Native.open(utf8(bundleDir), utf8(options.toJson())) }
+                // NonCancellable: a caller cancelled while the bundle opens must not lose the native handle; it is
+                // closed below instead.
+                val handle = withContext(dispatcher + NonCancellable) {
+                    Native.open(utf8(bundleDir), utf8(options.toJson()))
+                }
+                if (!currentCoroutineContext().isActive) {
+                    withContext(dispatcher + NonCancellable) { Native.close(handle) }
+                    currentCoroutineContext().ensureActive()
+                }
                 return CosmoesSession(handle, dispatcher)
             } catch (e: Throwable) {
                 dispatcher.close()
