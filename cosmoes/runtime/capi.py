@@ -34,6 +34,7 @@ def library(path: str | Path | None = None, progress: Callable[[str], None] | No
     sigs = {
         "cosmoes_version": (c.c_char_p, []),
         "cosmoes_last_error": (c.c_char_p, []),
+        "cosmoes_last_status": (c.c_int, []),
         "cosmoes_open": (c.c_void_p, [c.c_char_p, c.c_char_p]),
         "cosmoes_generate": (c.c_int, [c.c_void_p, c.c_char_p, c.c_char_p, _TOKEN_CALLBACK, c.c_void_p]),
         "cosmoes_generate_ids": (c.c_int, [c.c_void_p, c.POINTER(c.c_int32), c.c_size_t, c.c_char_p,

@@ -12,6 +12,7 @@
 #include <new>
 #include <sstream>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "cosmoes/cosmoes.h"
@@ -32,6 +33,7 @@ using cosmoes::Error;
 using cosmoes::json::Value;
 
 thread_local std::string last_error;
+thread_local int last_status = COSMOES_OK;
 
 // A refusal of the caller's own argument (not of the bundle): reported as COSMOES_INVALID_ARGUMENT.
 struct ArgumentError : Error {
@@ -47,7 +49,7 @@ struct BundleError : Error {
 // Runs `body`, turning every exception into a status and the thread's message; `failure` is the status of a
 // cosmoes::Error that is not the caller's fault (a bad bundle when opening, a runtime failure when generating).
 template <typename F>
-int guarded(int failure, F&& body) {
+int guarded_status(int failure, F&& body) {
   try {
     body();
     last_error.clear();
@@ -74,6 +76,13 @@ int guarded(int failure, F&& body) {
     last_error = "internal error: an unknown exception";
     return COSMOES_RUNTIME_ERROR;
   }
+}
+
+// guarded_status, remembered for cosmoes_last_status (cosmoes_open returns NULL, not a status).
+template <typename F>
+int guarded(int failure, F&& body) {
+  last_status = guarded_status(failure, std::forward<F>(body));
+  return last_status;
 }
 
 void require(const void* p, const char* name) {
@@ -237,6 +246,8 @@ extern "C" {
 const char* cosmoes_version(void) { return COSMOES_VERSION; }
 
 const char* cosmoes_last_error(void) { return last_error.c_str(); }
+
+int cosmoes_last_status(void) { return last_status; }
 
 cosmoes_session* cosmoes_open(const char* bundle_dir, const char* options_json) {
   std::shared_ptr<cosmoes_session> s;

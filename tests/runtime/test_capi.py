@@ -150,13 +150,15 @@ def _open(lib, bundle, options):
 def test_bad_options_are_refused_with_one_line(lib, micro_bundle_8da4w, options, message):
     handle, error = _open(lib, micro_bundle_8da4w, options)
     assert not handle and message in error and "\n" not in error
+    assert lib.cosmoes_last_status() == 1  # COSMOES_INVALID_ARGUMENT: the caller's option, not the bundle
 
 
 def test_missing_and_corrupt_bundles_are_refused(lib, micro_bundle_8da4w, tmp_path):
-    handle, error = _open(lib, tmp_path / "nowhere", None)
-    assert not handle and "nowhere" in error
+    # a folder whose name mentions "policy" is still a missing bundle (the status, not the message, says which)
+    handle, error = _open(lib, tmp_path / "policy-nowhere", None)
+    assert not handle and "policy-nowhere" in error and lib.cosmoes_last_status() == 2  # COSMOES_BAD_BUNDLE
     handle, error = _open(lib, None, None)
-    assert not handle and error == "bundle_dir is NULL"
+    assert not handle and error == "bundle_dir is NULL" and lib.cosmoes_last_status() == 1
     broken = tmp_path / "broken"
     shutil.copytree(micro_bundle_8da4w, broken)
     with open(broken / "experts.pte", "r+b") as f:

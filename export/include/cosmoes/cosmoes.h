@@ -66,6 +66,10 @@ COSMOES_API const char *cosmoes_version(void);
 /* The one-line message of the calling thread's last failure ("" if none). Valid until the thread's next call. */
 COSMOES_API const char *cosmoes_last_error(void);
 
+/* The status of the calling thread's last call that can fail (COSMOES_OK if it succeeded): how an app tells a bad
+ * option from a bad bundle after cosmoes_open returned NULL. */
+COSMOES_API int cosmoes_last_status(void);
+
 /* Opens a bundle directory: reads and checks its manifest, verifies its programs (sha256 unless check_sha is
  * false), loads the backbone and the tokenizer. options_json keys (all optional):
  *   "policy": "all" | "swap" | "lru:N"  which experts stay resident (default "swap": only the current token's)

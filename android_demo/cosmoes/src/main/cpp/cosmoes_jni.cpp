@@ -117,12 +117,7 @@ JNIEXPORT jlong JNICALL Java_org_cosmoes_Native_open(JNIEnv* env, jobject, jbyte
   if (!utf8_arg(env, bundle_dir, "bundleDir", dir) || !utf8_arg(env, options, "options", opts)) return 0;
   cosmoes_session* s = cosmoes_open(dir.c_str(), opts.c_str());
   if (!s) {
-    // cosmoes_open gives NULL, not a status: its refusals of the options all start "options" or name the policy or
-    // the budget (capi.cpp turns those into argument errors); everything else is the bundle's
-    const std::string error = cosmoes_last_error();
-    const bool bad_option = error.rfind("options", 0) == 0 || error.find("policy") != std::string::npos ||
-                            error.find("budget") != std::string::npos;
-    throw_cosmoes(env, error.c_str(), bad_option ? COSMOES_INVALID_ARGUMENT : COSMOES_BAD_BUNDLE);
+    throw_cosmoes(env, cosmoes_last_error(), cosmoes_last_status());  // NULL carries no status: ask for it
     return 0;
   }
   return static_cast<jlong>(reinterpret_cast<intptr_t>(s));
