@@ -27,15 +27,9 @@ case ${1:-} in
 esac
 command -v git > /dev/null || die "git not found"
 
-ET_VERSION=""
-if [ -x "$ROOT/.venv/bin/python" ]; then
-  ET_VERSION=$("$ROOT/.venv/bin/python" -c 'import importlib.metadata as m; print(m.version("executorch"))' \
-    2> /dev/null || true)
-fi
-[ -n "$ET_VERSION" ] || ET_VERSION=$(sed -n 's/^ *"executorch==\([^"]*\)".*/\1/p' "$ROOT/pyproject.toml" | head -n1)
-ET_VERSION=${ET_VERSION%%+*}
-[ -n "$ET_VERSION" ] || die "cannot tell the ExecuTorch version: no executorch in .venv and no pin in pyproject.toml"
-ET_TAG=v$ET_VERSION
+. "$ROOT/export/recipes/executorch_version.sh"
+ET_TAG=$(executorch_tag "$ROOT") || die "cannot tell the ExecuTorch version: no executorch in .venv and no executorch== pin in pyproject.toml"
+ET_VERSION=${ET_TAG#v}
 
 ET_SRC=${EXECUTORCH_SRC:-${COSMOES_CACHE:-$HOME/.cache/cosmoes}/executorch-$ET_TAG/executorch}
 if [ ! -e "$ET_SRC/.git" ]; then

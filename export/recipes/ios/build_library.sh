@@ -78,16 +78,9 @@ fi
 if command -v ninja > /dev/null; then GENERATOR=Ninja; else GENERATOR="Unix Makefiles"; fi
 
 # --- the ExecuTorch version: the venv's wheel, else pyproject.toml's pin ---------------------------------------------
-ET_VERSION=""
-if [ -x "$ROOT/.venv/bin/python" ]; then
-  ET_VERSION=$("$ROOT/.venv/bin/python" -c 'import importlib.metadata as m; print(m.version("executorch"))' \
-    2> /dev/null || true)
-fi
-[ -n "$ET_VERSION" ] || ET_VERSION=$(sed -n 's/^ *"executorch==\([^"]*\)".*/\1/p' "$ROOT/pyproject.toml" | head -n1)
-ET_VERSION=${ET_VERSION%%+*}
-[ -n "$ET_VERSION" ] ||
-  die "cannot tell the ExecuTorch version: no executorch in .venv and no executorch== pin in pyproject.toml"
-ET_TAG=v$ET_VERSION
+. "$ROOT/export/recipes/executorch_version.sh"
+ET_TAG=$(executorch_tag "$ROOT") || die "cannot tell the ExecuTorch version: no executorch in .venv and no executorch== pin in pyproject.toml"
+ET_VERSION=${ET_TAG#v}
 
 # --- 1. ExecuTorch sources ------------------------------------------------------------------------------------------
 CACHE=${COSMOES_CACHE:-$HOME/.cache/cosmoes}
