@@ -125,10 +125,7 @@ class AdbDevice:
     """An Android device over adb (the `adb` on PATH, or $COSMOES_ADB)."""
 
     def __init__(self, serial: str | None, runner: str | None, log: Callable[[str], None]):
-        self.serial, self.log = serial, log
-        self.adb = os.environ.get("COSMOES_ADB") or shutil.which("adb")
-        if not self.adb:
-            raise CosmoesError("adb not found: install Android platform-tools or set COSMOES_ADB")
+        self._connect(serial, log)
         if not runner:
             raise CosmoesError("an adb device needs a runner binary: cosmoes_runner built for Android arm64-v8a "
                                "(see export/README.md)")
@@ -140,6 +137,12 @@ class AdbDevice:
         self.prompt_path = f"{REMOTE_ROOT}/prompt.txt"
 
     # -- adb plumbing -------------------------------------------------------------------------------------------
+    def _connect(self, serial: str | None, log: Callable[[str], None]) -> None:
+        self.serial, self.log = serial, log
+        self.adb = os.environ.get("COSMOES_ADB") or shutil.which("adb")
+        if not self.adb:
+            raise CosmoesError("adb not found: install Android platform-tools or set COSMOES_ADB")
+
     def _name(self) -> str:
         return f"adb device {self.serial}" if self.serial else "the adb device"
 
@@ -190,16 +193,22 @@ class AdbDevice:
     def prepare(self, bundle: Path, manifest: Manifest, prompt_file: Path) -> None:
         """Push what the run needs; ``manifest`` was loaded (and its programs verified) by the caller."""
         self.bundle_dir = f"{REMOTE_ROOT}/bundles/{bundle.resolve().name}"
-        files = [(self.runner, self.remote_runner, None),
-                 (prompt_file, self.prompt_path, None),
-                 (bundle / MANIFEST_NAME, f"{self.bundle_dir}/{MANIFEST_NAME}", None)]
+        files = [(self.runner, self.remote_runner, None)]
         files += [(lib, f"{REMOTE_ROOT}/lib/{lib.name}", None) for lib in sorted(self.runner.parent.glob("*.so"))]
+        self._push_all(files + self._bundle_files(bundle, manifest, prompt_file))
+        self.shell(shlex.join(["chmod", "755", self.remote_runner]))
+
+    def _bundle_files(self, bundle: Path, manifest: Manifest, prompt_file: Path) -> list[tuple]:
+        """(local, remote, sha256 or None) of the prompt, the manifest and the programs, under self.bundle_dir."""
+        files = [(prompt_file, self.prompt_path, None),
+                 (bundle / MANIFEST_NAME, f"{self.bundle_dir}/{MANIFEST_NAME}", None)]
         # the programs' hashes are in the verified manifest: no need to hash hundreds of MB again
-        files += [(bundle / p["file"], f"{self.bundle_dir}/{p['file']}", p["sha256"])
-                  for p in manifest.programs.values()]
+        return files + [(bundle / p["file"], f"{self.bundle_dir}/{p['file']}", p["sha256"])
+                        for p in manifest.programs.values()]
+
+    def _push_all(self, files: list[tuple]) -> None:
         pushed = [remote for local, remote, sha in files if self.push(local, remote, sha)]
         self.log(f"adb: pushed {len(pushed)} of {len(files)} files ({len(files) - len(pushed)} already on the device)")
-        self.shell(shlex.join(["chmod", "755", self.remote_runner]))
 
     @property
     def remote_runner(self) -> str:
@@ -216,12 +225,15 @@ class AdbDevice:
         proc = self.shell(command, timeout=timeout, check=False)
         if proc.returncode != 0:
             raise CosmoesError(f"on {self._name()}: {runner_error(proc.returncode, proc.stderr + proc.stdout)}")
+        return self._pull_json(stats, "runner")
+
+    def _pull_json(self, remote: str, writer: str) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
-            self._adb("pull", stats, f"{tmp}/stats.json", timeout=120)
+            self._adb("pull", remote, f"{tmp}/stats.json", timeout=120)
             try:
                 return json.loads(Path(f"{tmp}/stats.json").read_text())
-            except (OSError, ValueError) as exc:  # a runner killed mid-write leaves a torn file
-                raise CosmoesError(f"on {self._name()}: unreadable runner statistics ({exc})") from None
+            except (OSError, ValueError) as exc:  # a writer killed mid-write leaves a torn file
+                raise CosmoesError(f"on {self._name()}: unreadable {writer} statistics ({exc})") from None
 
 
 APP_PACKAGE = "org.cosmoes.demo"
@@ -250,10 +262,7 @@ class AppDevice(AdbDevice):
         return cls(serial, log)
 
     def __init__(self, serial: str | None, log: Callable[[str], None]):  # no runner: AdbDevice's checks minus that
-        self.serial, self.log = serial, log
-        self.adb = os.environ.get("COSMOES_ADB") or shutil.which("adb")
-        if not self.adb:
-            raise CosmoesError("adb not found: install Android platform-tools or set COSMOES_ADB")
+        self._connect(serial, log)
         self._check_state()
         installed = self.shell(shlex.join(["pm", "path", APP_PACKAGE]), timeout=60, check=False)
         if installed.returncode != 0 or "package:" not in installed.stdout:
@@ -267,15 +276,11 @@ class AppDevice(AdbDevice):
     def prepare(self, bundle: Path, manifest: Manifest, prompt_file: Path) -> None:
         """Push the bundle (its tokenizer too: the app's session opens it) and the prompt, skipping what is there."""
         self.bundle_dir = f"{APP_ROOT}/bundles/{bundle.resolve().name}"
-        files = [(prompt_file, self.prompt_path, None),
-                 (bundle / MANIFEST_NAME, f"{self.bundle_dir}/{MANIFEST_NAME}", None)]
+        files = []
         if manifest.tokenizer and (bundle / manifest.tokenizer).is_dir():
             files += [(f, f"{self.bundle_dir}/{f.relative_to(bundle).as_posix()}", None)
                       for f in sorted((bundle / manifest.tokenizer).rglob("*")) if f.is_file() and not f.is_symlink()]
-        files += [(bundle / p["file"], f"{self.bundle_dir}/{p['file']}", p["sha256"])
-                  for p in manifest.programs.values()]
-        pushed = [remote for local, remote, sha in files if self.push(local, remote, sha)]
-        self.log(f"adb: pushed {len(pushed)} of {len(files)} files ({len(files) - len(pushed)} already on the device)")
+        self._push_all(self._bundle_files(bundle, manifest, prompt_file) + files)
 
     def extras(self, args: list[str]) -> list[str]:
         """The runner flags as `--es KEY VALUE` words; the app has no probe (the roofline and read-time columns stay
@@ -302,12 +307,7 @@ class AppDevice(AdbDevice):
             raise CosmoesError(f"on {self._name()}: am start {APP_ACTIVITY} failed: "
                                f"{errors[-1] if errors else last_line(start.stderr or start.stdout)}")
         self._wait_for(stats, timeout)
-        with tempfile.TemporaryDirectory() as tmp:
-            self._adb("pull", stats, f"{tmp}/stats.json", timeout=120)
-            try:
-                result = json.loads(Path(f"{tmp}/stats.json").read_text())
-            except (OSError, ValueError) as exc:
-                raise CosmoesError(f"on {self._name()}: unreadable app statistics ({exc})") from None
+        result = self._pull_json(stats, "app")
         if "error" in result:
             raise CosmoesError(f"on {self._name()}: {result['error']}")
         return result

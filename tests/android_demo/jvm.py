@@ -44,6 +44,16 @@ def tools() -> dict[str, str] | str:
     return dict(line.split("=", 1) for line in out.splitlines())
 
 
+def build_or_skip() -> "JvmBuild":
+    """The JVM build for a test, or the test skipped saying which tool is missing."""
+    import pytest
+
+    env = tools()
+    if isinstance(env, str):
+        pytest.skip(env)
+    return build(env)
+
+
 def _sources() -> list[Path]:
     return sorted((MODULE / "kotlin").rglob("*.kt")) + sorted(DRIVERS.glob("*.kt"))
 

@@ -15,7 +15,7 @@ from cosmoes.runtime.capi import NativeSession
 from cosmoes.runtime.native import generate_native
 from cosmoes.runtime.python import BundleRuntime
 from cosmoes.tokenizer import default_tokenizer
-from tests.android_demo.jvm import build, tools
+from tests.android_demo.jvm import build_or_skip
 
 PROMPT = "It is a truth universally acknowledged, that a single man in possession of a good fortune"
 DRIVER = "org.cosmoes.testing.SessionDriverKt"
@@ -28,10 +28,7 @@ BENCH_KEYS = {"policy", "decode_tok_s", "ttft_ms", "prefill_tok_s", "peak_rss_mb
 
 @pytest.fixture(scope="module")
 def jvm():
-    env = tools()
-    if isinstance(env, str):
-        pytest.skip(env)
-    return build(env)
+    return build_or_skip()
 
 
 @pytest.fixture(scope="module")

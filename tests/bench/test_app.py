@@ -14,17 +14,14 @@ from cosmoes.bench.harness import BenchConfig, run_bench
 from cosmoes.errors import CosmoesError
 from cosmoes.runtime.capi import NativeSession
 from cosmoes.runtime.native import generate_native
-from tests.android_demo.jvm import JAVA_HOME, build, tools
+from tests.android_demo.jvm import JAVA_HOME, build_or_skip
 
 FAKE_ADB = Path(__file__).resolve().parents[1] / "fakes" / "adb"
 
 
 @pytest.fixture(scope="module")
 def app_build():
-    env = tools()
-    if isinstance(env, str):
-        pytest.skip(env)
-    return build(env)
+    return build_or_skip()
 
 
 @pytest.fixture
