@@ -159,9 +159,9 @@ def run_bench(bundle: str | Path, cfg: BenchConfig, out: str | Path,
     if cfg.prompt_len + cfg.gen - 1 > manifest.max_seq_len:
         raise CosmoesError(f"a prompt of {cfg.prompt_len} tokens + {cfg.gen} new tokens exceed the bundle's max_seq_len "
                            f"{manifest.max_seq_len}")
+    device = open_device(cfg.device, cfg.runner, log, app=cfg.app)  # before anything is written: a refusal leaves no out/
     out.mkdir(parents=True, exist_ok=True)
     (out / "prompt.txt").write_text(" ".join(map(str, prompt)) + "\n")
-    device = open_device(cfg.device, cfg.runner, log, app=cfg.app)
     report = BenchReport(str(bundle), device.info(), dataclasses.asdict(cfg), len(prompt),
                          command=command or command_line(), commit=git_commit())
     device.prepare(bundle, manifest, out / "prompt.txt")
