@@ -186,9 +186,13 @@ def export(source: str = typer.Argument(..., help="checkpoint directory or prese
            group_size: Optional[int] = typer.Option(_default(ExportConfig, "group_size"), "--group-size",
                                                     help="preferred 8da4w group (32, 64, ...)"),
            quant_embedding: Optional[str] = typer.Option(_default(ExportConfig, "quant_embedding"),
-                                                         "--quant-embedding", help="none, int8 or int4"),
+                                                         "--quant-embedding",
+                                                         help="none, int8 or int4 (default: the recipe's, int8 "
+                                                              "for every target; none with --quant none)"),
            max_seq_len: Optional[int] = typer.Option(_default(ExportConfig, "max_seq_len"), "--max-seq-len",
-                                                     help="KV-cache length (default: model's)"),
+                                                     help="context length, the KV cache's positions (default: "
+                                                          "the recipe's, 2048 on phones, capped at what the model "
+                                                          "was trained for)"),
            max_chunk: Optional[int] = typer.Option(_default(ExportConfig, "max_chunk"), "--max-chunk",
                                                    help="most tokens per call (default: recipe)"),
            seed: int = typer.Option(_default(ExportConfig, "seed"), "--seed",
@@ -285,9 +289,12 @@ def _tokenizer_call(fn):
 
 @app.command()
 def verify(bundle: Path = typer.Argument(..., help="exported bundle directory"),
-           against: Path = typer.Option(..., "--against", help="the checkpoint the bundle was exported from"),
+           against: Path = typer.Option(..., "--against", help="the checkpoint the bundle was exported from, or "
+                                                                  "another bundle of it (to measure one export "
+                                                                  "option alone)"),
            as_json: bool = typer.Option(False, "--json", help="print the full report as JSON")):
-    """Compare a bundle with its checkpoint's eager fp32 model on held-out text: logit gap, top-1, greedy agreement."""
+    """Compare a bundle with its checkpoint's eager fp32 model (or another bundle) on held-out text: logit gap, top-1,
+    greedy agreement."""
     from cosmoes.eval.verify import format_report, verify as verify_bundle
 
     report = verify_bundle(bundle, against)

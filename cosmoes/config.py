@@ -55,6 +55,11 @@ class ModelConfig:
         return self.dim // self.n_heads
 
     @property
+    def kv_bytes_per_position(self) -> int:
+        """fp32 keys + values of every layer for one position: what each token of context costs at run time."""
+        return self.n_layers * 2 * self.kv_heads * self.head_dim * 4
+
+    @property
     def is_moe(self) -> bool:
         return self.num_experts > 0
 

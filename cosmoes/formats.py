@@ -5,9 +5,10 @@ The lowest layer: the dataclasses (cosmoes.config, cosmoes.export.manifest), the
 """
 
 # manifest.json: 2 = layers take RoPE tables + causal bias from a "context" method and attend over the used cache
-# slots only
+# slots only; 3 = a "memory" section (KV bytes per position, the KV caches' planned buffer, the programs' memory
+# plans) that the runtimes check against the programs and report resident memory by
 FORMAT_NAME = "cosmoes-executorch-bundle"
-FORMAT_VERSION = 2
+FORMAT_VERSION = 3
 
 # manifest.json: what a bundle may say it was exported for and with (cosmoes/export/recipes/ has one recipe per
 # target; tests/export/test_bundle.py holds the two equal)

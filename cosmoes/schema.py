@@ -15,13 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import shlex
 import math
 import re
 import unicodedata
 from pathlib import Path, PurePosixPath, PureWindowsPath
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo,
+                      model_validator)
 from pydantic_core import PydanticCustomError
 
 from cosmoes.errors import CosmoesError
@@ -179,6 +181,28 @@ class ExpertSchema(BaseModel):
     bytes: int = Field(ge=1, le=MAX_BYTES)  # every expert holds weights
 
 
+MAX_PLANNED_BUFFERS = 64  # memory-planned buffer ids per program; the native reader uses the same bound
+
+
+class KvBufferSchema(BaseModel):
+    """Which planned buffer holds the KV caches."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    program: str
+    id: int = Field(ge=0, le=MAX_PLANNED_BUFFERS - 1)  # index into memory.planned_bytes[program]
+
+
+class MemorySchema(BaseModel):
+    """What a runtime reserves besides weights: the KV caches and every program's memory plan (bytes per id)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    kv_bytes_per_position: int = Field(ge=1, le=MAX_BYTES)
+    kv_buffer: KvBufferSchema
+    planned_bytes: dict[str, Annotated[list[Count], Field(max_length=MAX_PLANNED_BUFFERS)]]
+
+
 class SourceSchema(BaseModel):
     """Where the bundle's weights came from: {"checkpoint": path} or {"preset": name, "seed": n}."""
 
@@ -189,6 +213,25 @@ class SourceSchema(BaseModel):
     seed: int | None = None
 
 
+
+
+def _bundle_dir(info: ValidationInfo) -> str:
+    path = (info.context or {}).get("path")
+    return str(Path(path).parent) if path else "BUNDLE_DIR"
+
+
+def reexport_command(data: dict, out: str = "BUNDLE_DIR") -> str:
+    """The command that writes a bundle like this (older) manifest's, from what it says of its source and target."""
+    source, target = data.get("source"), data.get("target")
+    source = source if isinstance(source, dict) else {}
+    what = next((v for k in ("checkpoint", "preset") if isinstance(v := source.get(k), str) and v), "CHECKPOINT")
+    seed = source.get("seed")
+    cmd = f"cosmoes export {shlex.quote(what)}"
+    if isinstance(seed, int) and not isinstance(seed, bool) and seed and "preset" in source:
+        cmd += f" --seed {seed}"
+    if isinstance(target, str) and target in TARGETS:
+        cmd += f" --target {target}"
+    return f"`{cmd} --out {shlex.quote(out)}`"
 
 
 class ManifestSchema(BaseModel):
@@ -216,6 +259,7 @@ class ManifestSchema(BaseModel):
     programs: dict[str, ProgramSchema] = Field(min_length=1)
     experts: dict[str, dict[str, ExpertSchema]]
     non_expert_bytes: dict[str, Count]
+    memory: MemorySchema
     threads: int = Field(ge=0, le=MAX_THREADS)  # 0 = one per core
     tokenizer: FileName | None
     fp32_linears: list[str] = Field(default_factory=list)
@@ -228,7 +272,7 @@ class ManifestSchema(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _format_first(cls, data: Any) -> Any:
+    def _format_first(cls, data: Any, info: ValidationInfo) -> Any:
         # What a file is decides which other rules apply: an older or newer manifest is named as such, not as a
         # list of fields that changed between formats.
         if not isinstance(data, dict):
@@ -242,7 +286,7 @@ class ManifestSchema(BaseModel):
             newer = version > FORMAT_VERSION
             _fail("format_version", version, f"is {'newer' if newer else 'older'} than this cosmoes supports "
                                              f"({FORMAT_VERSION}); " + ("upgrade cosmoes" if newer else
-                                                                        "re-export it with `cosmoes export`"))
+                                                                        "re-export it: " + reexport_command(data, _bundle_dir(info))))
         return data
 
     @model_validator(mode="after")
@@ -256,7 +300,25 @@ class ManifestSchema(BaseModel):
             _fail("group_size", None, "must be set for quant 8da4w")
         self._experts_match_the_config()
         self._methods_cover_the_model()
+        self._memory_matches_the_programs()
         return self
+
+    def _memory_matches_the_programs(self) -> None:
+        mem, cfg = self.memory, self.config
+        per_position = cfg.n_layers * 2 * (cfg.n_kv_heads or cfg.n_heads) * (cfg.dim // cfg.n_heads) * 4
+        if mem.kv_bytes_per_position != per_position:
+            _fail("memory.kv_bytes_per_position", mem.kv_bytes_per_position,
+                  f"must be {per_position} (fp32 keys and values of config.n_layers layers)")
+        extra = next((name for name in mem.planned_bytes if name not in self.programs), None)
+        if extra is not None:
+            _fail("memory.planned_bytes", _NO_VALUE, f"names {json.dumps(extra)}, not a program of this bundle")
+        plan = mem.planned_bytes.get(mem.kv_buffer.program)
+        if plan is None or mem.kv_buffer.id >= len(plan):
+            _fail("memory.kv_buffer", _NO_VALUE, "is not a buffer of memory.planned_bytes")
+        if plan[mem.kv_buffer.id] != per_position * self.max_seq_len:
+            _fail(f"memory.planned_bytes.{mem.kv_buffer.program}", _NO_VALUE,
+                  f"buffer {mem.kv_buffer.id} has {plan[mem.kv_buffer.id]} bytes, not the "
+                  f"{per_position * self.max_seq_len} of the KV caches for max_seq_len {self.max_seq_len}")
 
     def _methods_cover_the_model(self) -> None:
         have = {m for p in self.programs.values() for m in p.methods}
@@ -353,7 +415,7 @@ def _no_duplicate_keys(pairs: list[tuple[str, Any]]) -> dict:
 
 def _validate(schema: type[BaseModel], data: Any, path: str | Path, by_alias: bool) -> BaseModel:
     try:
-        return schema.model_validate(data, by_alias=by_alias, by_name=not by_alias)
+        return schema.model_validate(data, by_alias=by_alias, by_name=not by_alias, context={"path": str(path)})
     except ValidationError as exc:
         names = _TO_HF if by_alias else {}
         prefix = f"{path}: " if str(path) else ""

@@ -30,4 +30,28 @@ def cpu_name() -> str:
     return platform.processor() or platform.machine()
 
 
-__all__ = ["usable_cores", "resolve_threads", "cpu_name"]
+# The vector instruction sets that decide which kernels run, widest first (Linux /proc/cpuinfo flag names).
+_ISA_FLAGS = (("avx512_vnni", "AVX-512 VNNI"), ("avx512f", "AVX-512"), ("avx_vnni", "AVX-VNNI"), ("avx2", "AVX2"),
+              ("i8mm", "NEON i8mm"), ("asimddp", "NEON dotprod"), ("asimd", "NEON"))
+
+
+def cpu_isa() -> str:
+    """The instruction sets a benchmark figure depends on, e.g. "AVX-512 VNNI, AVX2" ("unknown" off Linux)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return "unknown"
+    flags = set()
+    for line in text.splitlines():
+        if line.startswith(("flags", "Features")):
+            flags |= set(line.split(":", 1)[1].split())
+    found = [name for flag, name in _ISA_FLAGS if flag in flags]
+    return ", ".join(found) or "no vector extensions found"
+
+
+def cpu_description() -> str:
+    """CPU model and instruction sets, as every benchmark figure names its host."""
+    return f"{cpu_name()} ({cpu_isa()}), {usable_cores()} cores"
+
+
+__all__ = ["usable_cores", "resolve_threads", "cpu_name", "cpu_isa", "cpu_description"]

@@ -246,9 +246,35 @@ def format_table(report: BenchReport) -> str:
                                   for j, (c, w) in enumerate(zip(r, widths)))
     text = [fmt_row(head)]
     text += [fmt_row(r) if not str(r[1]).startswith("FAILED") else "  ".join(r) for r in lines]
+    text += resident_table(report.rows)
     if report.device.get("emulated"):  # a qemu run: the figures time the emulator, not a phone
         text.append(f"timings emulated: {report.device.get('model', 'qemu')}")
     return "\n".join(text)
+
+
+RESIDENT_KINDS = ("embedding", "attention", "head", "dense_ffn", "experts", "kv_cache", "activations", "runtime")
+
+
+def resident_table(rows: list[dict]) -> list[str]:
+    """Resident MB by kind at the end of each policy's last run, anonymous + file-backed (the runner's
+    resident_mb), beside RSS right after load and at its peak."""
+    measured = [r for r in rows if "error" not in r and r.get("resident_mb")]
+    if not measured:
+        return []
+    kinds = [k for k in RESIDENT_KINDS if any(k in r["resident_mb"] for r in measured)]
+    head = ["resident MB"] + kinds + ["after load", "peak"]
+    lines = [head]
+    for r in measured:
+        cells = [r["policy"]]
+        for k in kinds:
+            v = r["resident_mb"].get(k)
+            cells.append("-" if v is None else (f"{v['anon']:.1f}" + (f"+{v['file']:.1f}f" if v["file"] > 0.05 else "")))
+        lines.append(cells + [f"{r['rss_after_load_mb']:.1f}", f"{r['peak_rss_mb']:.1f}"])
+    widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
+    out = ["", *["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths)))
+                 for row in lines]]
+    out.append("(anonymous MB, +N f: file-backed pages read in place; -1: not reported by this system)")
+    return out
 
 
 def write_outputs(report: BenchReport, out: Path) -> list[Path]:

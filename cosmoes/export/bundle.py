@@ -34,8 +34,8 @@ class ExportConfig:
     target: str = "host"
     quant: str | None = None  # none | 8da4w | 8da8w (4w is refused: wrong results under XNNPACK)
     group_size: int | None = None  # preferred 8da4w group; the rule in transforms.choose_group_size applies
-    quant_embedding: str | None = None  # none | int8 | int4
-    max_seq_len: int | None = None  # KV-cache length; None = the model's max_seq_len
+    quant_embedding: str | None = None  # none | int8 | int4; None: the recipe's (none when quant is none)
+    max_seq_len: int | None = None  # context (KV-cache) length; None = the recipe's, capped at the model's
     max_chunk: int | None = None  # most tokens per call (prefill is fed in chunks of this size)
     seed: int = 0  # random init of a preset source
 
@@ -47,7 +47,10 @@ class ExportConfig:
         recipe = load_recipe(self.target)
         cfg = dataclasses.replace(self)
         cfg.quant = recipe.quant if self.quant is None else self.quant
-        cfg.quant_embedding = recipe.quant_embedding if self.quant_embedding is None else self.quant_embedding
+        # --quant none asks for an fp32 bundle (what correctness checks compare with): its embedding stays fp32 too
+        # unless asked otherwise
+        embedding_default = "none" if cfg.quant == "none" else recipe.quant_embedding
+        cfg.quant_embedding = embedding_default if self.quant_embedding is None else self.quant_embedding
         cfg.group_size = recipe.group_size if self.group_size is None else self.group_size
         cfg.max_chunk = recipe.max_chunk if self.max_chunk is None else self.max_chunk
         check_quant(cfg.target, cfg.quant, cfg.quant_embedding)
@@ -82,8 +85,7 @@ def export_bundle(source: str | Path, out: str | Path, cfg: ExportConfig | None 
     _check_out_dir(out)
     model, tokenizer = _load_source(source, cfg.seed)  # a private copy: quantisation edits it in place
     model.eval()
-    if cfg.max_seq_len is not None:
-        model.config.max_seq_len = cfg.max_seq_len
+    model.config.max_seq_len = context_length(cfg, recipe, model.config)
     tokenizer = _fitting_tokenizer(tokenizer, model.config.vocab_size, progress)
     t0 = time.time()
     with _terminate_as_exit(), atomic_dir(out) as tmp:
@@ -99,6 +101,29 @@ def export_bundle(source: str | Path, out: str | Path, cfg: ExportConfig | None 
         progress(f"wrote {out} ({sum(p['bytes'] for p in manifest.programs.values()) / 1e6:.1f} MB programs, "
                  f"{manifest.export_seconds:.0f} s)")
     return manifest
+
+
+def context_length(cfg: ExportConfig, recipe: Recipe, model_cfg) -> int:
+    """The bundle's context: --max-seq-len, else the recipe's default capped at what the model was trained for.
+
+    Refused: a context longer than the model was trained for (RoPE positions it never saw), or one whose fp32 KV
+    cache is larger than the target's device class holds (the runtime reserves it; it becomes resident as filled).
+    """
+    trained = model_cfg.max_seq_len
+    if cfg.max_seq_len is None:
+        n = min(recipe.max_seq_len or trained, trained)
+    elif cfg.max_seq_len > trained:
+        raise InvalidValue("max-seq-len", f"{cfg.max_seq_len} is longer than the {trained} positions the model "
+                                          f"was trained for (config.json max_seq_len)")
+    else:
+        n = cfg.max_seq_len
+    per_position = model_cfg.kv_bytes_per_position
+    if recipe.max_kv_cache_mb is not None and n * per_position > recipe.max_kv_cache_mb * 1e6:
+        fits = int(recipe.max_kv_cache_mb * 1e6 // per_position)
+        raise InvalidValue("max-seq-len", f"{n} needs a {n * per_position / 1e6:.0f} MB KV cache; target "
+                                          f"{recipe.target} holds at most {recipe.max_kv_cache_mb:g} MB "
+                                          f"({fits} positions of this model)")
+    return n
 
 
 @contextlib.contextmanager
@@ -181,6 +206,7 @@ def _write_programs(model, tmp: Path, cfg: ExportConfig, recipe: Recipe, progres
         (tmp / f"{name}.pte").write_bytes(lowered.buffer)
         manifest.programs[name] = {"file": f"{name}.pte", "methods": lowered.methods,
                                    "export_seconds": round(lowered.seconds, 1)}
+        manifest.memory.setdefault("planned_bytes", {})[name] = lowered.planned_bytes
         for s in members:
             nbytes = lowered.method_bytes[s.name]
             if s.kind == "expert":
@@ -191,7 +217,19 @@ def _write_programs(model, tmp: Path, cfg: ExportConfig, recipe: Recipe, progres
         done += len(members)
         if progress:
             progress(f"[{name}] {len(members)} methods in {lowered.seconds:.0f} s ({done}/{total} done)")
+    _record_kv_buffer(manifest, mc)
     return manifest
+
+
+def _record_kv_buffer(manifest: Manifest, mc) -> None:
+    # The KV caches are the backbone's mutable buffers, which share_mutable_buffers plans into an id of their own
+    # (the last); checked here so a change in ExecuTorch's planner fails the export, not a phone's memory report.
+    plan = manifest.memory["planned_bytes"]["backbone"]
+    kv = mc.kv_bytes_per_position * mc.max_seq_len
+    if not plan or plan[-1] != kv:
+        raise CosmoesError(f"the backbone's memory plan {plan} has no buffer of the KV caches' {kv} bytes")
+    manifest.memory.update(kv_bytes_per_position=mc.kv_bytes_per_position,
+                           kv_buffer={"program": "backbone", "id": len(plan) - 1})
 
 
 # -- inspection --------------------------------------------------------------------------------------------------
@@ -231,8 +269,33 @@ def inspect_bundle(bundle_dir: str | Path, verify: bool = False) -> dict:
         "experts": {"count": len(expert_sizes), "bytes_min": min(expert_sizes, default=0),
                     "bytes_max": max(expert_sizes, default=0)},
         "resident": {p: resident_bytes(m, p) for p in policies},
+        "footprint": footprint(m),
         "fp32_linears": m.fp32_linears, "padded_linears": m.padded_linears,
     }
+
+
+# How each kind of memory is held at run time: the embedding table is read in place from the mapped backbone.pte
+# (only the rows of tokens seen become resident); XNNPACK packs every delegated weight into anonymous memory when
+# its method loads; the planned buffers are anonymous and become resident as they are used.
+_BACKING = {"embedding": "file", "attention": "anon", "head": "anon", "dense_ffn": "anon", "experts": "anon",
+            "kv_cache": "anon", "activations": "anon"}
+
+
+def footprint(m: Manifest) -> dict:
+    """Stored bytes per kind (weights, from the lowered programs) and what the runtime reserves beside them.
+
+    kv_cache: fp32 keys and values of every layer, per position and for the whole context (max_seq_len);
+    activations: the planned buffers other than the KV caches (one max_chunk call's intermediates). Both are
+    reserved address space that becomes resident only as positions fill and chunks run.
+    """
+    kinds = {kind: {"stored": n, "backing": _BACKING.get(kind, "anon")} for kind, n in m.non_expert_bytes.items()}
+    if m.experts:
+        kinds["experts"] = {"stored": m.expert_bytes(), "backing": "anon"}
+    per_position = m.memory["kv_bytes_per_position"]
+    kinds["kv_cache"] = {"reserved": m.kv_cache_bytes(), "per_position": per_position,
+                         "per_1k_positions": per_position * 1024, "backing": "anon"}
+    kinds["activations"] = {"reserved": m.activation_bytes(), "backing": "anon"}
+    return kinds
 
 
 def format_inspect(info: dict) -> str:
@@ -253,7 +316,18 @@ def format_inspect(info: dict) -> str:
     lines.append("  resident weights by expert cache policy")
     for policy, n in info["resident"].items():
         lines.append(f"    {policy:<14} {mb(n)}")
+    fp = info["footprint"]
+    kv, act = fp["kv_cache"], fp["activations"]
+    lines.append("  runtime memory beside the weights (reserved; resident as used)")
+    lines.append(f"    kv_cache       {mb(kv['reserved'])}  for {info['max_seq_len']} positions "
+                 f"({kv['per_1k_positions'] / 1e6:.2f} MB per 1k positions, fp32)")
+    lines.append(f"    activations    {mb(act['reserved'])}  for chunks of {info['max_chunk']} tokens")
+    file_kinds = [k for k, v in fp.items() if v["backing"] == "file"]
+    if file_kinds:
+        lines.append(f"  read in place from the mapped file (resident as rows are used): {', '.join(file_kinds)}; "
+                     "the rest is anonymous memory")
     return "\n".join(lines)
 
 
-__all__ = ["ExportConfig", "export_bundle", "inspect_bundle", "format_inspect", "resident_bytes"]
+__all__ = ["ExportConfig", "export_bundle", "inspect_bundle", "format_inspect", "resident_bytes", "footprint",
+           "context_length"]

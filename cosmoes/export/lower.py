@@ -26,6 +26,8 @@ class LoweredProgram:
     methods: list[str]
     method_bytes: dict[str, int] = field(default_factory=dict)
     seconds: float = 0.0
+    # bytes of each memory-planned buffer id, as large as its largest user (the arena a runtime reserves)
+    planned_bytes: list[int] = field(default_factory=list)
 
 
 def export_stage(stage: Stage) -> torch.export.ExportedProgram:
@@ -93,7 +95,21 @@ def _lower(stages: list[Stage], share_state: bool, delegate: dict, progress) -> 
                                                         do_quant_fusion_and_const_prop=True))
     names = [s.name for s in stages]
     return LoweredProgram(buffer=prog.buffer, methods=names, method_bytes=method_weight_bytes(prog, names),
-                          seconds=time.time() - t0)
+                          seconds=time.time() - t0, planned_bytes=planned_bytes(prog))
+
+
+def planned_bytes(prog) -> list[int]:
+    """The program's memory plan as a runtime sees it: per planned buffer, the largest size any method asks for.
+
+    (The .pte's list starts with a reserved id 0 that ExecuTorch's MethodMeta skips; so does this one.) With
+    share_mutable_buffers the KV caches get a buffer of their own (the last), which every method lists.
+    """
+    largest: list[int] = []
+    for plan in prog.executorch_program.execution_plan:
+        sizes = list(plan.non_const_buffer_sizes)[1:]
+        largest += [0] * (len(sizes) - len(largest))
+        largest = [max(a, b) for a, b in zip(largest, sizes + [0] * (len(largest) - len(sizes)))]
+    return largest
 
 
 def method_weight_bytes(prog, names: list[str]) -> dict[str, int]:
@@ -120,4 +136,4 @@ def method_weight_bytes(prog, names: list[str]) -> dict[str, int]:
     return out
 
 
-__all__ = ["LoweredProgram", "export_stage", "lower_program", "method_weight_bytes"]
+__all__ = ["LoweredProgram", "export_stage", "lower_program", "method_weight_bytes", "planned_bytes"]

@@ -39,6 +39,10 @@ class Manifest:
     non_expert_bytes: dict[str, int] = field(default_factory=dict)
     fp32_linears: list[str] = field(default_factory=list)  # linears kept in fp32 (the routers)
     padded_linears: dict[str, list[int]] = field(default_factory=dict)  # fqn -> [in_features, padded to group]
+    # what a runtime reserves besides weights (format 3): {"kv_bytes_per_position": fp32 K+V of all layers,
+    # "kv_buffer": {"program": "backbone", "id": planned buffer id of the KV caches},
+    # "planned_bytes": program -> bytes per planned buffer id}
+    memory: dict = field(default_factory=dict)
     threads: int = 1
     tokenizer: str | None = "tokenizer"  # directory inside the bundle, None if the bundle has none
     backend: str = "xnnpack"
@@ -80,6 +84,14 @@ class Manifest:
 
     def non_expert_total(self) -> int:
         return sum(self.non_expert_bytes.values())
+
+    def kv_cache_bytes(self) -> int:
+        """The KV caches for every position of the context (reserved; resident only as positions fill)."""
+        return self.memory["kv_bytes_per_position"] * self.max_seq_len
+
+    def activation_bytes(self) -> int:
+        """Planned buffers other than the KV caches: the activations of one max_chunk call, per program."""
+        return sum(sum(sizes) for sizes in self.memory["planned_bytes"].values()) - self.kv_cache_bytes()
 
     # -- (de)serialisation --------------------------------------------------------------------------------------
     def to_dict(self) -> dict:

@@ -1,7 +1,8 @@
 """Per-target export recipes (android, ios, host), kept as JSON data in cosmoes/export/recipes/ (§3.4 on-device).
 
 A recipe fixes the defaults of `cosmoes export --target T`: quantisation, the quantisation modes the target
-allows, tokens per call, threads, delegate options and how the bundle is packaged for the device.
+allows, tokens per call, the context length and the largest KV cache the device class holds, threads, delegate
+options and how the bundle is packaged for the device.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ class Recipe:
     allowed_quant_embedding: list[str]
     max_chunk: int
     threads: int  # 0 = use every core
+    max_seq_len: int | None = None  # default context (capped at what the model was trained for); None: the model's
+    max_kv_cache_mb: float | None = None  # the largest fp32 KV cache (all positions) the device class holds
     delegate: dict = field(default_factory=dict)
     packaging: str = ""
 

@@ -58,16 +58,19 @@ int64_t LazyArena::reserved_bytes() const {
 }
 
 int64_t LazyArena::resident_bytes() const {
-  const int64_t page = ::sysconf(_SC_PAGE_SIZE);
   int64_t total = 0;
-  std::vector<unsigned char> in_core;
-  for (const auto& b : buffers_) {
-    if (!b.data) continue;
-    size_t pages = static_cast<size_t>((b.size + page - 1) / page);
-    in_core.assign(pages, 0);
-    if (::mincore(b.data, static_cast<size_t>(b.size), in_core.data()) != 0) continue;
-    for (unsigned char c : in_core) total += (c & 1) ? page : 0;
-  }
+  for (size_t id = 0; id < buffers_.size(); ++id) total += resident_bytes(id);
+  return total;
+}
+
+int64_t LazyArena::resident_bytes(size_t id) const {
+  if (id >= buffers_.size() || !buffers_[id].data) return 0;
+  const Buffer& b = buffers_[id];
+  const int64_t page = ::sysconf(_SC_PAGE_SIZE);
+  std::vector<unsigned char> in_core(static_cast<size_t>((b.size + page - 1) / page), 0);
+  if (::mincore(b.data, static_cast<size_t>(b.size), in_core.data()) != 0) return 0;
+  int64_t total = 0;
+  for (unsigned char c : in_core) total += (c & 1) ? page : 0;
   return total;
 }
 

@@ -29,6 +29,7 @@ class LazyArena {
   executorch::runtime::HierarchicalAllocator* planned();
   int64_t reserved_bytes() const;
   int64_t resident_bytes() const;  // pages touched so far (mincore)
+  int64_t resident_bytes(size_t id) const;  // of one buffer id (0 for an unused or unknown id)
 
  private:
   struct Buffer {

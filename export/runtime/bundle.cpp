@@ -8,6 +8,8 @@
 #include <cmath>
 #include <cstdio>
 #include <cstdlib>
+#include <cstring>
+#include <cctype>
 #include <fstream>
 #include <set>
 #include <sstream>
@@ -59,6 +61,17 @@ void check_pte_header(const std::string& path) {
   bool ok = n == sizeof head && head[4] == 'E' && head[5] == 'T' && head[6] >= '0' && head[6] <= '9' &&
             head[7] >= '0' && head[7] <= '9' && std::equal(head + 8, head + 12, "eh00");
   if (!ok) throw Error(path + " is not an ExecuTorch program (.pte); re-export the bundle");
+}
+
+// A word as a POSIX shell reads it back (Python's shlex.quote): bare when it is only safe characters.
+std::string shell_quote(const std::string& s) {
+  bool safe = !s.empty() && std::all_of(s.begin(), s.end(), [](char c) {
+    return std::isalnum(static_cast<unsigned char>(c)) || (c != 0 && std::strchr("@%+=:,./-_", c) != nullptr);
+  });
+  if (safe) return s;
+  std::string out = "'";
+  for (char c : s) out += c == '\'' ? std::string("'\"'\"'") : std::string(1, c);
+  return out + "'";
 }
 
 std::string range(int64_t lo, int64_t hi) { return "must be between " + std::to_string(lo) + " and " + std::to_string(hi); }
@@ -283,6 +296,45 @@ void read_non_expert_bytes(const Fields& f, const Value& root, BundleManifest& m
     m.non_expert_bytes[kind] = f.integer(bytes, "non_expert_bytes." + kind, 0, limits::kBytes);
 }
 
+void require_program(const Fields& f, const BundleManifest& m, const std::string& name, const std::string& who) {
+  for (const auto& p : m.programs)
+    if (p.name == name) return;
+  f.fail("programs", "lacks \"" + name + "\", which " + who + " needs");
+}
+
+// memory: the KV bytes per position must be what the config implies, and the KV buffer one of the plan's ids of
+// exactly max_seq_len positions; the plan itself is compared with the program when it opens (runtime.cpp).
+void read_memory(const Fields& f, const Value& root, BundleManifest& m) {
+  const Value& mem = f.object(root, "memory", "memory");
+  m.kv_bytes_per_position = f.integer(mem, "kv_bytes_per_position", "memory.kv_bytes_per_position", 1,
+                                      limits::kBytes);
+  const int64_t per_position = m.n_layers * 2 * m.n_kv_heads * m.head_dim * 4;
+  if (m.kv_bytes_per_position != per_position)
+    f.fail("memory.kv_bytes_per_position", f.get(mem, "kv_bytes_per_position", ""),
+           "must be " + std::to_string(per_position) + " (fp32 keys and values of config.n_layers layers)");
+  const Value& kv = f.object(mem, "kv_buffer", "memory.kv_buffer");
+  m.kv_program = f.string(kv, "program", "memory.kv_buffer.program");
+  m.kv_buffer_id = f.integer(kv, "id", "memory.kv_buffer.id", 0, limits::kPlannedBuffers - 1);
+  const Value& plans = f.object(mem, "planned_bytes", "memory.planned_bytes");
+  for (const auto& [program, sizes] : plans.object) {
+    const std::string field = "memory.planned_bytes." + program;
+    require_program(f, m, program, field);
+    if (sizes.type != Value::Type::Array || static_cast<int64_t>(sizes.array.size()) > limits::kPlannedBuffers)
+      f.fail(field, sizes, "must be a list of at most " + std::to_string(limits::kPlannedBuffers) + " byte counts");
+    auto& out = m.planned_bytes[program];
+    for (size_t i = 0; i < sizes.array.size(); ++i)
+      out.push_back(f.integer(sizes.array[i], field + "[" + std::to_string(i) + "]", 0, limits::kBytes));
+  }
+  auto plan = m.planned_bytes.find(m.kv_program);
+  if (plan == m.planned_bytes.end() || m.kv_buffer_id >= static_cast<int64_t>(plan->second.size()))
+    f.fail("memory.kv_buffer", "is not a buffer of memory.planned_bytes");
+  if (plan->second[m.kv_buffer_id] != per_position * m.max_seq_len)
+    f.fail(std::string("memory.planned_bytes.") + m.kv_program, "buffer " + std::to_string(m.kv_buffer_id) +
+           " has " + std::to_string(plan->second[m.kv_buffer_id]) + " bytes, not the " +
+           std::to_string(per_position * m.max_seq_len) + " of the KV caches for max_seq_len " +
+           std::to_string(m.max_seq_len));
+}
+
 // Every method the runtime will call is listed by its program (the programs themselves are checked when opened).
 void check_required_methods(const Fields& f, const BundleManifest& m) {
   for (const auto& [program, methods] : required_methods(m)) {
@@ -293,13 +345,25 @@ void check_required_methods(const Fields& f, const BundleManifest& m) {
   }
 }
 
-void require_program(const Fields& f, const BundleManifest& m, const std::string& name, const std::string& who) {
-  for (const auto& p : m.programs)
-    if (p.name == name) return;
-  f.fail("programs", "lacks \"" + name + "\", which " + who + " needs");
+// The command that writes a current bundle from what an older manifest says of its source and target (as
+// cosmoes/schema.py's reexport_command words it).
+std::string reexport_command(const Value& root, const std::string& dir) {
+  auto text = [](const Value& obj, const char* key) -> std::string {
+    if (obj.type != Value::Type::Object || !obj.has(key) || obj.at(key).type != Value::Type::String) return "";
+    return obj.at(key).string;
+  };
+  const Value none;
+  const Value& source = root.has("source") ? root.at("source") : none;
+  std::string what = text(source, "checkpoint");
+  if (what.empty()) what = text(source, "preset");
+  std::string cmd = "cosmoes export " + (what.empty() ? std::string("CHECKPOINT") : shell_quote(what));
+  std::string target = text(root, "target");
+  for (const char* t : kTargets)
+    if (target == t) cmd += " --target " + target;
+  return "`" + cmd + " --out " + shell_quote(dir) + "`";
 }
 
-void check_format(const Fields& f, const Value& root, const std::string& path) {
+void check_format(const Fields& f, const Value& root, const std::string& path, const std::string& dir) {
   if (!root.has("format") || root.at("format").type != Value::Type::String ||
       root.at("format").string != "cosmoes-executorch-bundle")
     throw Error(path + " is not a cosmoes bundle manifest");
@@ -309,7 +373,7 @@ void check_format(const Fields& f, const Value& root, const std::string& path) {
                 std::to_string(kBundleFormatVersion) + "); rebuild the runner from a newer cosmoes");
   if (version < kBundleFormatVersion)
     throw Error("bundle format " + std::to_string(version) + " is older than this runtime supports (" +
-                std::to_string(kBundleFormatVersion) + "): re-export it with `cosmoes export`");
+                std::to_string(kBundleFormatVersion) + "): re-export it: " + reexport_command(root, dir));
 }
 
 BundleManifest parse_manifest(const std::string& dir, const std::string& path) {
@@ -321,7 +385,7 @@ BundleManifest parse_manifest(const std::string& dir, const std::string& path) {
   }
   Fields f(path);
   if (root.type != Value::Type::Object) f.fail("the document", root, "must be an object");
-  check_format(f, root, path);
+  check_format(f, root, path, dir);
   BundleManifest m;
   m.dir = dir;
   read_header(f, root, m);
@@ -331,6 +395,7 @@ BundleManifest parse_manifest(const std::string& dir, const std::string& path) {
   if (m.is_moe) require_program(f, m, "experts", "an MoE (config.num_experts > 0)");
   read_experts(f, root, m);
   read_non_expert_bytes(f, root, m);
+  read_memory(f, root, m);
   check_required_methods(f, m);
   return m;
 }

@@ -8,7 +8,7 @@
 
 namespace cosmoes {
 
-constexpr int kBundleFormatVersion = 2;  // cosmoes/export/manifest.py FORMAT_VERSION
+constexpr int kBundleFormatVersion = 3;  // cosmoes/export/manifest.py FORMAT_VERSION
 
 // What a manifest may ask of the runtime. A bundle can come from anywhere, so every number is checked against these
 // before anything is allocated or indexed by it; each is far above any model the paper describes (Table 1: 19
@@ -27,6 +27,7 @@ constexpr int64_t kThreads = 1024;                   // threads (0 = one per cor
 constexpr int64_t kBytes = int64_t{1} << 40;         // any byte count: a program file, an expert, a weight kind
 constexpr int64_t kPrograms = 16;                    // entries of "programs"
 constexpr int64_t kByteKinds = 64;                   // entries of "non_expert_bytes"
+constexpr int64_t kPlannedBuffers = 64;              // memory.planned_bytes ids per program (schema.py's bound)
 constexpr size_t kNameLength = 255;                  // a program's file name, a method name (NAME_MAX)
 constexpr int64_t kMinGroup = 32;                    // group_size: a positive multiple (recipes.MIN_GROUP)
 }  // namespace limits
@@ -64,6 +65,12 @@ struct BundleManifest {
   std::vector<ProgramFile> programs;
   std::vector<std::vector<ExpertEntry>> experts;  // [layer][expert]; empty for dense models
   std::map<std::string, int64_t> non_expert_bytes;
+  // memory: the KV caches (fp32, all layers) per position and the planned buffer that holds them; each program's
+  // memory plan (bytes per buffer id), which the runtime holds against the program it opens
+  int64_t kv_bytes_per_position = 0;
+  std::string kv_program;
+  int64_t kv_buffer_id = 0;
+  std::map<std::string, std::vector<int64_t>> planned_bytes;
   std::string tokenizer;  // directory inside the bundle; "" when the bundle ships none
 
   int64_t non_expert_total() const;

@@ -18,6 +18,7 @@
 
 #include "errors.h"
 #include "pte.h"
+#include "sysinfo.h"
 
 // The wheel ships libexecutorch_threadpool but not its header; these two members are its stable public API
 // (extension/threadpool/threadpool.h upstream), declared here so the runner can size the pool like the Python
@@ -280,6 +281,8 @@ void ExpertCache::begin_step(int64_t layer, const std::vector<int64_t>& selected
   for (int64_t e : leaving) evict(layer, e);
 }
 
+constexpr int64_t kPackedSamples = 16;
+
 const std::string& ExpertCache::acquire(int64_t layer, int64_t expert) {
   auto& order = lru_[layer];
   const std::string& method = m_.experts[layer][expert].method;
@@ -291,6 +294,9 @@ const std::string& ExpertCache::acquire(int64_t layer, int64_t expert) {
   if (policy_.kind == Policy::Kind::Lru && static_cast<int64_t>(order.size()) >= policy_.capacity) {
     evict(layer, order.front());
   }
+  // The first loads also measure what a resident expert costs (reading /proc is kept out of the load time).
+  const bool sample = stats_.packed_samples < kPackedSamples;
+  const double anon0 = sample ? anon_rss_mb() : 0;
   auto t0 = Clock::now();
   InMethod in(method);
   EtError err = program_.load_method(method, planned_);
@@ -298,6 +304,10 @@ const std::string& ExpertCache::acquire(int64_t layer, int64_t expert) {
     throw cosmoes::Error("loading expert method " + method + " of " + m_.path(m_.program("experts")) + " failed: " +
                          et_error(err));
   stats_.load_ms += ms_since(t0);
+  if (sample && anon0 >= 0) {
+    stats_.packed_mb_sum += std::max(0.0, anon_rss_mb() - anon0);
+    stats_.packed_samples += 1;
+  }
   stats_.loads += 1;
   order.push_back(expert);
   stats_.resident_peak = std::max(stats_.resident_peak, resident_count());
@@ -330,6 +340,12 @@ std::vector<double> ExpertStats::exrep_per_layer(int64_t num_experts) const {
     out.push_back(static_cast<double>(H / 2) / static_cast<double>(K * (tokens.size() - 1)));
   }
   return out;
+}
+
+static std::string sizes_text(const std::vector<int64_t>& sizes) {
+  std::string out = "[";
+  for (size_t i = 0; i < sizes.size(); ++i) out += (i ? ", " : "") + std::to_string(sizes[i]);
+  return out + "]";
 }
 
 // -- Runtime ----------------------------------------------------------------------------------------------------
@@ -392,6 +408,11 @@ std::vector<int64_t> Runtime::planned_sizes(Module& mod, const ProgramFile& p) c
       largest[i] = std::max<int64_t>(largest[i], size.get());
     }
   }
+  auto recorded = m_.planned_bytes.find(p.name);
+  if (recorded != m_.planned_bytes.end() && recorded->second != largest)
+    throw cosmoes::Error("program " + m_.path(p) + " plans " + sizes_text(largest) +
+                         " bytes of buffers, its manifest says " + sizes_text(recorded->second) +
+                         " (memory.planned_bytes." + p.name + "); re-export the bundle");
   int64_t total = 0;
   for (int64_t b : largest) total += b;
   // A corrupt plan asks for absurd buffers: refused before any address space is reserved for them.
@@ -401,6 +422,33 @@ std::vector<int64_t> Runtime::planned_sizes(Module& mod, const ProgramFile& p) c
                          " MB of activation buffers, more than this machine's " + std::to_string(ram / 1000000) +
                          " MB of memory; re-export the bundle");
   return largest;
+}
+
+std::vector<KindBytes> Runtime::resident_by_kind() const {
+  std::vector<KindBytes> out;
+  for (const char* kind : {"embedding", "attention", "head", "dense_ffn"})
+    if (m_.non_expert_bytes.count(kind)) out.push_back({kind, loaded_.mb(kind), 0});
+  std::vector<std::string> files = {m_.path(m_.program("backbone"))};
+  if (m_.is_moe) files.push_back(m_.path(m_.program("experts")));
+  std::vector<double> file_mb = mapped_file_rss_mb(files);
+  // What stays mapped of backbone.pte is the weights read in place (the embedding table; XNNPACK's segments are
+  // unmapped once packed) and the program's own tables.
+  if (!out.empty() && out[0].kind == "embedding") out[0].file_mb = std::max(0.0, file_mb[0]);
+  if (m_.is_moe) {
+    const ExpertStats& st = experts_->stats();
+    double per_expert = st.packed_samples ? st.packed_mb_sum / st.packed_samples : 0;
+    out.push_back({"experts", per_expert * experts_->resident_count(), std::max(0.0, file_mb[1])});
+  }
+  const LazyArena* kv_arena = m_.kv_program == "backbone" ? backbone_arena_.get() : expert_arena_.get();
+  double kv = kv_arena ? kv_arena->resident_bytes(static_cast<size_t>(m_.kv_buffer_id)) / 1e6 : 0;
+  out.push_back({"kv_cache", kv, 0});
+  out.push_back({"activations", arena_resident_mb() - kv, 0});
+  Memory now = process_memory();
+  double anon = 0, file = 0;
+  for (const auto& k : out) anon += k.anon_mb, file += k.file_mb;
+  out.push_back({"runtime", now.anon_mb >= 0 ? std::max(0.0, now.anon_mb - anon) : -1,
+                 now.file_mb >= 0 ? std::max(0.0, now.file_mb - file) : -1});
+  return out;
 }
 
 double Runtime::arena_mb() const {
@@ -420,7 +468,8 @@ void Runtime::open_programs() {
   backbone_ = open_program(m_.program("backbone"), calls["backbone"], backbone_arena_);
   for (const auto& method : m_.program("backbone").methods) {
     InMethod in(method);
-    EtError err = backbone_->load_method(method, backbone_arena_->planned());
+    EtError err = loaded_.charge(method_kind(method),
+                                 [&] { return backbone_->load_method(method, backbone_arena_->planned()); });
     if (err != EtError::Ok)
       throw cosmoes::Error("loading method " + method + " of " + m_.path(m_.program("backbone")) + " failed: " +
                            et_error(err));

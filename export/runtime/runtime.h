@@ -15,6 +15,7 @@
 
 #include "arena.h"
 #include "bundle.h"
+#include "footprint.h"
 
 namespace executorch::extension::module {
 class Module;
@@ -39,6 +40,9 @@ struct ExpertStats {
   int64_t loads = 0, evictions = 0;
   double load_ms = 0.0;
   int64_t resident_peak = 0;
+  // anonymous memory added by the first loads (an expert's packed weights), to size the resident experts by
+  double packed_mb_sum = 0;
+  int64_t packed_samples = 0;
   // per layer, the top-k expert ids of every token of the current sequence (for ExRep, Eq. 4-5)
   std::vector<std::vector<std::vector<int64_t>>> selections;
   std::vector<double> exrep_per_layer(int64_t num_experts) const;
@@ -105,6 +109,10 @@ class Runtime {
   double arena_resident_mb() const;
   int threads() const { return threads_; }
   const StageTimes& stage_ms() const { return stage_ms_; }
+  // Resident memory now by kind: embedding, attention, head, dense_ffn, experts (packed weights anonymous, weights
+  // read in place file-backed), kv_cache and activations (the arenas' touched pages), and runtime (the rest of the
+  // process: code, heap, XNNPACK's workspace).
+  std::vector<KindBytes> resident_by_kind() const;
   // Experts resident per layer now (empty for a dense model).
   std::vector<int64_t> resident_per_layer() const {
     return experts_ ? experts_->resident_per_layer() : std::vector<int64_t>{};
@@ -128,6 +136,7 @@ class Runtime {
   std::unique_ptr<executorch::extension::module::Module> backbone_, expert_program_;
   std::unique_ptr<ExpertCache> experts_;  // null for a dense model
   ExpertStats dense_stats_;
+  LoadAccount loaded_;  // anonymous memory each kind of backbone method added when it loaded
 
   void open_programs();
   std::unique_ptr<executorch::extension::module::Module> open_program(const ProgramFile& p,

@@ -86,7 +86,20 @@ void write_memory(std::ostream& os, Runtime& rt, const SessionStats& s) {
   os << ", \"rss_baseline_mb\": " << s.baseline.rss_mb << ", \"arena_mb\": " << rt.arena_mb()
      << ", \"arena_resident_mb\": " << rt.arena_resident_mb()
      << ", \"rss_after_load_mb\": " << s.after_load.rss_mb << ", \"rss_end_mb\": " << s.end.rss_mb
-     << ", \"peak_rss_mb\": " << s.end.peak_mb;
+     << ", \"peak_rss_mb\": " << s.end.peak_mb
+     // RSS split into anonymous and file-backed pages (-1: the system does not say), after load and at the end
+     << ", \"rss_after_load_anon_mb\": " << s.after_load.anon_mb << ", \"rss_after_load_file_mb\": "
+     << s.after_load.file_mb << ", \"rss_end_anon_mb\": " << s.end.anon_mb << ", \"rss_end_file_mb\": "
+     << s.end.file_mb;
+  // by kind at the end of the last run: what a device must hold for this bundle, policy and context
+  os << ", \"resident_mb\": {";
+  bool first = true;
+  for (const auto& k : rt.resident_by_kind()) {
+    os << (first ? "" : ", ") << json::quote(k.kind) << ": {\"anon\": " << k.anon_mb << ", \"file\": " << k.file_mb
+       << "}";
+    first = false;
+  }
+  os << "}";
 }
 
 void write_experts(std::ostream& os, Runtime& rt, const SessionStats& s) {

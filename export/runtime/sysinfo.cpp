@@ -41,6 +41,8 @@ Memory process_memory() {
     long kb = 0;
     if (std::sscanf(line, "VmRSS: %ld kB", &kb) == 1) m.rss_mb = kb * 1024 / 1e6;
     if (std::sscanf(line, "VmHWM: %ld kB", &kb) == 1) m.peak_mb = kb * 1024 / 1e6;
+    if (std::sscanf(line, "RssAnon: %ld kB", &kb) == 1) m.anon_mb = kb * 1024 / 1e6;
+    if (std::sscanf(line, "RssFile: %ld kB", &kb) == 1) m.file_mb = kb * 1024 / 1e6;
   }
   std::fclose(f);
 #endif

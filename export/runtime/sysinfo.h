@@ -9,6 +9,9 @@ namespace cosmoes {
 struct Memory {
   double rss_mb = 0;   // resident now (Linux/Android VmRSS; Apple phys_footprint)
   double peak_mb = 0;  // high-water mark (Linux/Android VmHWM; Apple ledger_phys_footprint_peak)
+  // Linux/Android: rss_mb split into anonymous memory (packed weights, arenas, the heap) and pages of mapped files
+  // (weights read in place, the runtime's libraries); -1 where the system does not say (Apple)
+  double anon_mb = -1, file_mb = -1;
 };
 
 Memory process_memory();

@@ -98,11 +98,18 @@ def test_newer_format_version_asks_for_an_upgrade(bundle):
                                       f"than this cosmoes supports ({FORMAT_VERSION}); upgrade cosmoes")
 
 
-def test_older_format_version_asks_for_a_re_export(bundle):
+def test_older_format_version_names_the_command_that_re_exports_it(bundle):
+    source = json.loads((bundle / "manifest.json").read_text())["source"]["checkpoint"]
     edit_manifest(bundle, format_version=FORMAT_VERSION - 1)
     assert one_line_error(bundle) == (f"{bundle / 'manifest.json'}: format_version = {FORMAT_VERSION - 1} is older "
-                                      f"than this cosmoes supports ({FORMAT_VERSION}); re-export it with "
-                                      "`cosmoes export`")
+                                      f"than this cosmoes supports ({FORMAT_VERSION}); re-export it: "
+                                      f"`cosmoes export {source} --target host --out {bundle}`")
+
+
+def test_older_format_of_a_preset_names_the_preset_and_its_seed(bundle):
+    edit_manifest(bundle, format_version=2, source={"preset": "wearable-moe", "seed": 3}, target="android")
+    assert one_line_error(bundle).endswith(f"re-export it: `cosmoes export wearable-moe --seed 3 --target android "
+                                           f"--out {bundle}`")
 
 
 def test_refused_and_unknown_quantisation_in_manifest(bundle):
@@ -234,6 +241,15 @@ MANIFEST_RULES = [
     ("config.num_experts", 0, "experts must be empty for a dense model (config.num_experts = 0)"),
     ("non_expert_bytes.embedding", -1, "non_expert_bytes.embedding = -1 must be at least 0"),
     ("non_expert_bytes.embedding", 1.5, "non_expert_bytes.embedding = 1.5 must be an integer"),
+    ("memory.kv_bytes_per_position", 4096, "memory.kv_bytes_per_position = 4096 must be 1024 (fp32 keys and values "
+                                           "of config.n_layers layers)"),
+    ("memory.kv_buffer.id", 7, "memory.kv_buffer is not a buffer of memory.planned_bytes"),
+    ("memory.kv_buffer.id", -1, "memory.kv_buffer.id = -1 must be at least 0"),
+    ("memory.kv_buffer.program", "experts", "memory.kv_buffer is not a buffer of memory.planned_bytes"),
+    ("memory.planned_bytes.nope", [1], 'memory.planned_bytes names "nope", not a program of this bundle'),
+    ("memory.planned_bytes.backbone", [1, 2], "memory.planned_bytes.backbone buffer 1 has 2 bytes, not the 65536 of "
+                                              "the KV caches for max_seq_len 64"),
+    ("memory.planned_bytes.backbone", [1, -2], "memory.planned_bytes.backbone.1 = -2 must be at least 0"),
     ("tokenizer", "../../etc", f'tokenizer = "../../etc" {PLAIN}'),
     ("tokenizer", "/tmp", f'tokenizer = "/tmp" {PLAIN}'),
     ("source.seed", "0", 'source.seed = "0" must be an integer'),

@@ -118,7 +118,7 @@ def _copy(bundle, tmp_path):
     ("missing", "bundle file missing"),
     ("manifest", "corrupt bundle manifest"),
     ("version", "is newer than this runtime supports"),
-    ("old-version", "is older than this runtime supports (2): re-export it"),
+    ("old-version", "is older than this runtime supports (3): re-export it: `cosmoes export "),
 ])
 def test_damaged_bundles_are_one_line_errors(runner, micro_bundle_8da4w, tmp_path, damage, message):
     bundle = _copy(micro_bundle_8da4w, tmp_path)
@@ -140,6 +140,26 @@ def test_damaged_bundles_are_one_line_errors(runner, micro_bundle_8da4w, tmp_pat
     proc = _run(runner, bundle, "--prompt-ids", "1,2,3")
     assert proc.returncode == 2
     assert message in proc.stderr and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+
+
+def test_a_table_the_file_no_longer_holds_is_refused_even_with_a_matching_manifest(runner, micro_bundle_8da4w,
+                                                                                   tmp_path):
+    # backbone.pte cut inside its data segments (where the int8 embedding table lies), the manifest's size and sha256
+    # rewritten to match: both runtimes refuse it in one line instead of reading past the mapping
+    from cosmoes.export.manifest import load_manifest, sha256_file
+
+    bundle = _copy(micro_bundle_8da4w, tmp_path)
+    assert json.loads((bundle / MANIFEST_NAME).read_text())["quant_embedding"] == "int8"
+    backbone = bundle / "backbone.pte"
+    backbone.write_bytes(backbone.read_bytes()[: backbone.stat().st_size * 2 // 3])
+    m = json.loads((bundle / MANIFEST_NAME).read_text())
+    m["programs"]["backbone"].update(bytes=backbone.stat().st_size, sha256=sha256_file(backbone))
+    (bundle / MANIFEST_NAME).write_text(json.dumps(m))
+    proc = _run(runner, bundle, "--prompt-ids", "1,2,3")
+    assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+    assert "backbone.pte" in proc.stderr
+    with pytest.raises(CosmoesError, match=r"backbone.pte is truncated \(\d+ bytes, the program needs \d+\)"):
+        load_manifest(bundle, verify=True)
 
 
 @pytest.mark.parametrize("args, message", [
@@ -211,6 +231,15 @@ def _drop_layer(m, _dst):
     (_set(["experts", "0", "1", "program"], "backbone"), 'experts.0.1.program = "backbone" must be "experts"'),
     (_drop_layer, "experts has 1 layer(s), config.n_layers = 2 and num_experts = 4 need 2"),
     (_outside_link, "is a symbolic link to"),
+    (_set(["memory", "kv_bytes_per_position"], 4096), "memory.kv_bytes_per_position = 4096 must be 1024"),
+    (_set(["memory", "kv_buffer", "id"], 70), "memory.kv_buffer.id = 70 must be between 0 and 63"),
+    (_set(["memory", "kv_buffer", "id"], 9), "memory.kv_buffer is not a buffer of memory.planned_bytes"),
+    (_set(["memory", "planned_bytes", "backbone"], [1, 2]), "memory.planned_bytes.backbone buffer 1 has 2 bytes, "
+                                                            "not the 65536 of the KV caches for max_seq_len 64"),
+    (_set(["memory", "planned_bytes", "backbone"], [1] * 65), "must be a list of at most 64 byte counts"),
+    (_set(["memory", "planned_bytes", "nope"], [1]), 'programs lacks "nope", which memory.planned_bytes.nope needs'),
+    (_set(["memory", "planned_bytes", "experts"], [7]),
+     "experts.pte plans [512] bytes of buffers, its manifest says [7] (memory.planned_bytes.experts); re-export"),
 ])
 def test_hostile_manifest_fields_are_one_line_errors(runner, micro_bundle_8da4w, tmp_path, edit, message):
     proc = _run(runner, _edit_manifest(micro_bundle_8da4w, tmp_path, edit), "--prompt-ids", "1")

@@ -1,0 +1,175 @@
+"""What a device must hold for a bundle (issue #20): stored and resident bytes by kind, against llama.cpp's GGUF.
+
+One run prints and records, for one exported bundle:
+- stored bytes per kind (manifest) and the bundle's size against the GGUF of the same weights (Q4_0 linears, q8_0
+  token embedding, written by benchmarks/gguf_peer.py with the `gguf` package);
+- `cosmoes bench` under each policy (64 prompt + 64 new tokens by default): RSS right after load and at its peak,
+  resident MB by kind (anonymous and file-backed apart);
+- the targets: bundle <= 1.05x GGUF; RSS after load <= the non-expert weights the runtime holds (attention, head:
+  the embedding is read in place) + 10 MB; swap peak <= 150 MB and within 1.1x of resident weights + KV of the
+  positions used + one chunk's activations + the process before loading.
+
+    python benchmarks/footprint.py bundles/wearable-moe --threads 1 --out benchmarks/results/footprint_wearable-moe
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import platform
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+KINDS = ("embedding", "attention", "head", "dense_ffn", "experts", "kv_cache", "activations", "runtime")
+
+
+def cpu_line() -> str:
+    from cosmoes.system import cpu_description
+
+    return cpu_description()
+
+
+def gguf_row(manifest, bundle: Path, work: Path) -> dict:
+    from gguf_peer import write_gguf
+
+    source = manifest.source.get("checkpoint") or manifest.source.get("preset")
+    out = work / f"{Path(source).name}.gguf"
+    tokenizer = bundle / manifest.tokenizer if manifest.tokenizer else None
+    info = write_gguf(source, out, seed=manifest.source.get("seed") or 0, tokenizer_dir=tokenizer)
+    bundle_bytes = sum(p["bytes"] for p in manifest.programs.values())
+    return {"gguf": info["path"], "gguf_bytes": info["bytes"], "bundle_bytes": bundle_bytes,
+            "ratio": bundle_bytes / info["bytes"]}
+
+
+def run_bench(bundle: Path, policies: list[str], args, out: Path) -> dict:
+    cmd = [sys.executable, "-m", "cosmoes.cli", "bench", str(bundle), "--prompt-len", str(args.prompt_len),
+           "--gen", str(args.gen), "--repeats", str(args.repeats), "--out", str(out / "bench")]
+    cmd += [a for p in policies for a in ("--policy", p)]
+    if args.threads:
+        cmd += ["--threads", str(args.threads)]
+    print("$ cosmoes " + " ".join(cmd[3:]), flush=True)
+    subprocess.run(cmd, check=True)
+    return json.loads((out / "bench" / "bench.json").read_text())
+
+
+def expected_peak(row: dict, manifest) -> float:
+    """MB a run holds in steady state: resident weights (as measured by kind) + the KV of the positions used +
+    the activations resident + the runtime's fixed overhead (its "runtime" kind: code pages, heap, XNNPACK's
+    workspace, measured in the same run). Peak RSS above this is transient memory (e.g. during prefill)."""
+    weights = sum(v["anon"] + v["file"] for k, v in row["resident_mb"].items()
+                  if k in ("embedding", "attention", "head", "dense_ffn", "experts"))
+    kv = manifest.memory["kv_bytes_per_position"] * (row["prompt_tokens"] + row["generated_tokens"]) / 1e6
+    runtime = row["resident_mb"]["runtime"]
+    return weights + kv + row["resident_mb"]["activations"]["anon"] + runtime["anon"] + runtime["file"]
+
+
+def render(bundle: Path, manifest, size: dict, bench: dict, args) -> str:
+    from cosmoes.export.bundle import footprint
+
+    fp = footprint(manifest)
+    held = sum(v for k, v in manifest.non_expert_bytes.items() if k != "embedding") / 1e6
+    lines = [f"# Footprint of {manifest.config.get('name')} ({bundle.name})", "",
+             f"`python {' '.join(sys.argv)}`, {datetime.datetime.now(datetime.timezone.utc):%Y-%m-%d %H:%M} UTC, "
+             f"{cpu_line()}, {platform.machine()}; {args.prompt_len} + {args.gen} tokens, "
+             f"{bench['rows'][0].get('threads')} thread(s), median of {args.repeats} runs.", "",
+             f"Bundle: quant {manifest.quant}, embedding {manifest.quant_embedding}, context {manifest.max_seq_len}, "
+             f"chunk {manifest.max_chunk}.", "", "## Stored", "",
+             "| kind | stored MB | held as |", "|---|---:|---|"]
+    for kind, v in fp.items():
+        if "stored" in v:
+            lines.append(f"| {kind} | {v['stored'] / 1e6:.1f} | {'file-backed, read in place' if v['backing'] == 'file' else 'anonymous (packed at load)'} |")
+    lines.append(f"| kv_cache | {fp['kv_cache']['reserved'] / 1e6:.1f} reserved | anonymous, "
+                 f"{fp['kv_cache']['per_1k_positions'] / 1e6:.1f} MB per 1k positions as they fill |")
+    lines.append(f"| activations | {fp['activations']['reserved'] / 1e6:.1f} reserved | anonymous, as used |")
+    lines += ["", f"Bundle {size['bundle_bytes'] / 1e6:.1f} MB against the GGUF of the same weights "
+                  f"{size['gguf_bytes'] / 1e6:.1f} MB (Q4_0, q8_0 token embedding): **{size['ratio']:.3f}x** "
+                  "(target <= 1.05).", "", "## Resident (end of the last run; anonymous + file-backed MB)", "",
+              "| policy | " + " | ".join(KINDS) + " | after load | peak | expected | peak/expected |",
+              "|---|" + "---:|" * (len(KINDS) + 4)]
+    for row in bench["rows"]:
+        if "error" in row:
+            lines.append(f"| {row.get('policy')} | failed: {row['error']} |")
+            continue
+        cells = []
+        for k in KINDS:
+            v = row["resident_mb"].get(k)
+            cells.append("-" if v is None else f"{v['anon']:.1f}" + (f" + {v['file']:.1f}" if v["file"] > 0.05 else ""))
+        exp = expected_peak(row, manifest)
+        lines.append(f"| {row['policy']} | " + " | ".join(cells) + f" | {row['rss_after_load_mb']:.1f} | "
+                     f"{row['peak_rss_mb']:.1f} | {exp:.1f} | {row['peak_rss_mb'] / exp:.2f} |")
+    after = min(r["rss_after_load_mb"] for r in bench["rows"] if "error" not in r)
+    swap = next((r for r in bench["rows"] if r.get("policy") == "swap" and "error" not in r), None)
+    lines += ["", "## Targets", "", "| target | measured | |", "|---|---|---|",
+              f"| bundle <= 1.05x GGUF | {size['ratio']:.3f}x | {'met' if size['ratio'] <= 1.05 else 'NOT met'} |",
+              f"| RSS after load <= held non-expert weights {held:.1f} MB + 10 | {after:.1f} MB | "
+              f"{'met' if after <= held + 10 else 'NOT met'} |"]
+    if swap:
+        ratio = swap["peak_rss_mb"] / expected_peak(swap, manifest)
+        lines += [f"| swap peak <= 150 MB | {swap['peak_rss_mb']:.1f} MB | "
+                  f"{'met' if swap['peak_rss_mb'] <= 150 else 'NOT met'} |",
+                  f"| swap peak <= 1.1x expected | {ratio:.2f}x | {'met' if ratio <= 1.1 else 'NOT met'} |"]
+    lines += ["", "expected = resident weights by kind + KV of the positions used + activations resident + the "
+                  "runtime's fixed overhead (the runtime column: code pages, heap, XNNPACK workspace), all from the "
+                  "same run; peak/expected above 1 is memory held only for a moment (prefill)."]
+    return "\n".join(lines) + "\n"
+
+
+def plot(bench: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [r for r in bench["rows"] if "error" not in r]
+    fig, ax = plt.subplots(figsize=(7, 3.5))
+    for i, row in enumerate(rows):
+        bottom = 0.0
+        for j, kind in enumerate(KINDS):
+            v = row["resident_mb"].get(kind)
+            if not v:
+                continue
+            for part, hatch in (("anon", None), ("file", "//")):
+                if v[part] > 0:
+                    ax.bar(i, v[part], bottom=bottom, color=f"C{j}", hatch=hatch,
+                           label=kind if (i == 0 and part == "anon") else None)
+                    bottom += v[part]
+        ax.plot([i - 0.4, i + 0.4], [row["peak_rss_mb"]] * 2, "k--", lw=1)
+    ax.set_xticks(range(len(rows)), [r["policy"] for r in rows])
+    ax.set_ylabel("resident MB (hatched: file-backed)")
+    ax.set_title("resident memory by kind; dashed: peak RSS")
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+
+
+def main(argv=None) -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("bundle", type=Path)
+    ap.add_argument("--policies", nargs="+", default=["swap", "lru:4", "all"])
+    ap.add_argument("--prompt-len", type=int, default=64)
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int)
+    ap.add_argument("--out", type=Path, required=True)
+    args = ap.parse_args(argv)
+    from cosmoes.export.manifest import load_manifest
+
+    manifest = load_manifest(args.bundle)
+    args.out.mkdir(parents=True, exist_ok=True)
+    size = gguf_row(manifest, args.bundle, args.out)
+    print(json.dumps(size), flush=True)
+    bench = run_bench(args.bundle, args.policies, args, args.out)
+    text = render(args.bundle, manifest, size, bench, args)
+    (args.out / "footprint.md").write_text(text)
+    (args.out / "footprint.json").write_text(json.dumps({"size": size, "bench": bench}, indent=2) + "\n")
+    plot(bench, args.out / "footprint.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,84 @@
+// Resident memory by kind: /proc/self/status and /proc/self/smaps readers and the per-kind load account.
+#include "footprint.h"
+
+#include <climits>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+
+namespace cosmoes {
+
+double anon_rss_mb() {
+#if defined(__APPLE__)
+  return -1;
+#else
+  FILE* f = std::fopen("/proc/self/status", "r");
+  if (!f) return -1;
+  char line[256];
+  double mb = -1;
+  long kb = 0;
+  while (std::fgets(line, sizeof line, f))
+    if (std::sscanf(line, "RssAnon: %ld kB", &kb) == 1) mb = kb * 1024 / 1e6;
+  std::fclose(f);
+  return mb;
+#endif
+}
+
+std::vector<double> mapped_file_rss_mb(const std::vector<std::string>& paths) {
+  std::vector<double> out(paths.size(), -1);
+#if !defined(__APPLE__)
+  std::vector<std::string> real;
+  for (const auto& p : paths) {
+    char buf[PATH_MAX];
+    real.push_back(::realpath(p.c_str(), buf) ? std::string(buf) : p);
+  }
+  FILE* f = std::fopen("/proc/self/smaps", "r");
+  if (!f) return out;
+  for (auto& v : out) v = 0;
+  char line[PATH_MAX + 256];
+  int current = -1;  // index into paths of the mapping being read, -1 for any other mapping
+  while (std::fgets(line, sizeof line, f)) {
+    long kb = 0;
+    if (std::sscanf(line, "Rss: %ld kB", &kb) == 1) {
+      if (current >= 0) out[current] += kb * 1024 / 1e6;
+      continue;
+    }
+    // a mapping's header: "start-end perms offset dev inode [path]"; field lines start with a capital letter
+    if (!std::strchr(line, '-') || (line[0] >= 'A' && line[0] <= 'Z')) continue;
+    current = -1;
+    const char* slash = std::strchr(line, '/');
+    if (!slash) continue;
+    std::string path(slash);
+    while (!path.empty() && (path.back() == '\n' || path.back() == ' ')) path.pop_back();
+    for (size_t i = 0; i < real.size(); ++i)
+      if (path == real[i]) current = static_cast<int>(i);
+  }
+  std::fclose(f);
+#endif
+  return out;
+}
+
+void LoadAccount::add(const std::string& kind, double mb) {
+  if (mb < 0) mb = 0;  // memory another thread or the allocator gave back meanwhile
+  for (auto& [k, v] : by_kind_)
+    if (k == kind) {
+      v += mb;
+      return;
+    }
+  by_kind_.emplace_back(kind, mb);
+}
+
+double LoadAccount::mb(const std::string& kind) const {
+  for (const auto& [k, v] : by_kind_)
+    if (k == kind) return v;
+  return 0;
+}
+
+std::string method_kind(const std::string& method) {
+  if (method == "embed") return "embedding";
+  if (method == "head") return "head";
+  if (method.size() > 4 && method.compare(method.size() - 4, 4, "_ffn") == 0) return "dense_ffn";
+  return "attention";  // context (RoPE tables, causal bias) and layer_i
+}
+
+}  // namespace cosmoes

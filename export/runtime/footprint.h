@@ -1,0 +1,46 @@
+// Resident memory by kind (embedding, attention, head, experts, KV cache, activations), anonymous and file-backed
+// apart (issue #20): what a device must hold for a bundle, as `cosmoes bench` and the apps report it.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <utility>
+#include <vector>
+
+namespace cosmoes {
+
+struct KindBytes {
+  std::string kind;
+  double anon_mb = 0, file_mb = 0;
+};
+
+// Anonymous resident memory of this process in MB (Linux/Android RssAnon), -1 where the system does not say.
+double anon_rss_mb();
+
+// Resident pages of each file's mappings in this process, in MB (Linux/Android /proc/self/smaps), in the order of
+// `paths` (compared after realpath); -1 each where the system does not say.
+std::vector<double> mapped_file_rss_mb(const std::vector<std::string>& paths);
+
+// Packed weights of the methods loaded so far, by kind: the rise of anonymous memory across each load_method.
+class LoadAccount {
+ public:
+  // Runs `load` and charges the anonymous memory it added to `kind`.
+  template <typename F>
+  auto charge(const std::string& kind, F&& load) {
+    double before = anon_rss_mb();
+    auto result = load();
+    add(kind, anon_rss_mb() - before);
+    return result;
+  }
+  void add(const std::string& kind, double mb);
+  double mb(const std::string& kind) const;
+
+ private:
+  std::vector<std::pair<std::string, double>> by_kind_;
+};
+
+// The kind of a backbone method's weights, as in the manifest's non_expert_bytes: embed -> embedding,
+// context/layer_i -> attention, layer_i_ffn -> dense_ffn, head -> head.
+std::string method_kind(const std::string& method);
+
+}  // namespace cosmoes
