@@ -72,7 +72,8 @@ def eager_rows(source: str, modes: list[str]) -> list[dict]:
         quantize_(quantised, _embedding_config(mode, model.config.dim, 32),
                   filter_fn=lambda m, fqn: isinstance(m, torch.nn.Embedding))
         details = [_compare(EagerLM(quantised), reference, ids_T, 32) for ids_T in prompts]
-        rows.append(summary("eager", Path(source).name if Path(source).exists() else source, mode, details))
+        label = f"{model.config.name} ({'checkpoint' if Path(source).exists() else 'random init'})"
+        rows.append(summary("eager", label, mode, details))
         print(rows[-1], flush=True)
     return rows
 
@@ -93,7 +94,10 @@ def bundle_rows(bundles: dict[str, str]) -> list[dict]:
         if mode == "none":
             continue
         r = verify(path, bundles["none"])
-        rows.append(summary("bundle", r["per_prompt"] and Path(path).name, mode, r["per_prompt"]))
+        from cosmoes.export.manifest import load_manifest
+
+        name = load_manifest(path).config.get("name")
+        rows.append(summary("bundle", f"{name} ({Path(path).name})", mode, r["per_prompt"]))
         print(rows[-1], flush=True)
     return rows
 

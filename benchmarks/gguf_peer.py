@@ -56,13 +56,18 @@ def _heads(w: np.ndarray, n: int, hd: int, hd_pad: int, axis: int) -> np.ndarray
 
 def write_gguf(source: str, out: Path, seed: int = 0, tokenizer_dir: Path | None = None) -> dict:
     """Write the GGUF of a checkpoint or preset (random init with `seed`, as `cosmoes export` makes it)."""
+    from cosmoes.export.bundle import _load_source
+
+    model, _ = _load_source(source, seed)
+    return write_model_gguf(model, out, tokenizer_dir)
+
+
+def write_model_gguf(model, out: Path, tokenizer_dir: Path | None = None) -> dict:
+    """Write a cosmoes Transformer as a llama-architecture GGUF; returns its path, bytes and padded widths."""
     import gguf
     from gguf import GGMLQuantizationType as Q
     from gguf.quants import quantize
 
-    from cosmoes.export.bundle import _load_source
-
-    model, _ = _load_source(source, seed)
     cfg = model.config
     if cfg.is_wd:
         raise SystemExit(f"{source}: weight-decomposed experts have no GGUF tensor layout in llama.cpp")

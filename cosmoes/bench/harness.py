@@ -268,8 +268,10 @@ def resident_table(rows: list[dict]) -> list[str]:
         cells = [r["policy"]]
         for k in kinds:
             v = r["resident_mb"].get(k)
-            cells.append("-" if v is None else (f"{v['anon']:.1f}" + (f"+{v['file']:.1f}f" if v["file"] > 0.05 else "")))
-        lines.append(cells + [f"{r['rss_after_load_mb']:.1f}", f"{r['peak_rss_mb']:.1f}"])
+            ok = isinstance(v, dict) and all(isinstance(v.get(part), (int, float)) for part in ("anon", "file"))
+            cells.append("-" if not ok else f"{v['anon']:.1f}" + (f"+{v['file']:.1f}f" if v["file"] > 0.05 else ""))
+        after = r.get("rss_after_load_mb")
+        lines.append(cells + ["-" if after is None else f"{after:.1f}", f"{r['peak_rss_mb']:.1f}"])
     widths = [max(len(row[i]) for row in lines) for i in range(len(head))]
     out = ["", *["  ".join(c.rjust(w) if j else c.ljust(w) for j, (c, w) in enumerate(zip(row, widths)))
                  for row in lines]]

@@ -83,9 +83,12 @@ def export_bundle(source: str | Path, out: str | Path, cfg: ExportConfig | None 
     cfg, recipe = (cfg or ExportConfig()).resolve()
     out = Path(out)
     _check_out_dir(out)
+    from cosmoes.config import load_model_config
+
+    context = context_length(cfg, recipe, load_model_config(source))  # refused before any weights load
     model, tokenizer = _load_source(source, cfg.seed)  # a private copy: quantisation edits it in place
     model.eval()
-    model.config.max_seq_len = context_length(cfg, recipe, model.config)
+    model.config.max_seq_len = context
     tokenizer = _fitting_tokenizer(tokenizer, model.config.vocab_size, progress)
     t0 = time.time()
     with _terminate_as_exit(), atomic_dir(out) as tmp:
@@ -113,14 +116,14 @@ def context_length(cfg: ExportConfig, recipe: Recipe, model_cfg) -> int:
     if cfg.max_seq_len is None:
         n = min(recipe.max_seq_len or trained, trained)
     elif cfg.max_seq_len > trained:
-        raise InvalidValue("max-seq-len", f"{cfg.max_seq_len} is longer than the {trained} positions the model "
+        raise InvalidValue("max_seq_len", f"{cfg.max_seq_len} is longer than the {trained} positions the model "
                                           f"was trained for (config.json max_seq_len)")
     else:
         n = cfg.max_seq_len
     per_position = model_cfg.kv_bytes_per_position
     if recipe.max_kv_cache_mb is not None and n * per_position > recipe.max_kv_cache_mb * 1e6:
         fits = int(recipe.max_kv_cache_mb * 1e6 // per_position)
-        raise InvalidValue("max-seq-len", f"{n} needs a {n * per_position / 1e6:.0f} MB KV cache; target "
+        raise InvalidValue("max_seq_len", f"{n} needs a {n * per_position / 1e6:.0f} MB KV cache; target "
                                           f"{recipe.target} holds at most {recipe.max_kv_cache_mb:g} MB "
                                           f"({fits} positions of this model)")
     return n

@@ -14,7 +14,8 @@ struct KindBytes {
   double anon_mb = 0, file_mb = 0;
 };
 
-// Anonymous resident memory of this process in MB (Linux/Android RssAnon), -1 where the system does not say.
+// Anonymous resident memory of this process in MB (Linux/Android: /proc/self/smaps_rollup), -1 where the system
+// does not say.
 double anon_rss_mb();
 
 // Resident pages of each file's mappings in this process, in MB (Linux/Android /proc/self/smaps), in the order of

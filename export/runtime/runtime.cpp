@@ -446,7 +446,8 @@ std::vector<KindBytes> Runtime::resident_by_kind() const {
   Memory now = process_memory();
   double anon = 0, file = 0;
   for (const auto& k : out) anon += k.anon_mb, file += k.file_mb;
-  out.push_back({"runtime", now.anon_mb >= 0 ? std::max(0.0, now.anon_mb - anon) : -1,
+  const double anon_now = anon_rss_mb();
+  out.push_back({"runtime", anon_now >= 0 ? std::max(0.0, anon_now - anon) : -1,
                  now.file_mb >= 0 ? std::max(0.0, now.file_mb - file) : -1});
   return out;
 }

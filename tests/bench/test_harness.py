@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from cosmoes.bench.harness import BenchConfig, derived, run_bench, sweep_policies
+from cosmoes.bench.harness import BenchConfig, derived, format_table, run_bench, sweep_policies
 from cosmoes.cli import app
 from cosmoes.errors import CosmoesError
 from cosmoes.export.manifest import Manifest
@@ -64,6 +64,15 @@ def test_bench_local_keeps_finished_runs_when_one_fails(micro_bundle_8da4w, tmp_
     assert (tmp_path / "bench.png").stat().st_size > 0
     assert (tmp_path / "bench.csv").read_text().splitlines()[0].startswith("policy,")
     assert report.device["kind"] == "local" and report.prompt_tokens == 20
+    # the second table: resident MB by kind per policy; all holds every expert, swap top_k per layer
+    table = format_table(report).splitlines()
+    start = next(i for i, line in enumerate(table) if line.startswith("resident MB"))
+    assert table[start].split() == ["resident", "MB", "embedding", "attention", "head", "experts", "kv_cache",
+                                    "activations", "runtime", "after", "load", "peak"]
+    by_policy = {line.split()[0]: line.split() for line in table[start + 1:start + 3]}
+    assert set(by_policy) == {"all", "swap"}
+    assert rows["all"]["resident_mb"]["experts"]["anon"] >= rows["swap"]["resident_mb"]["experts"]["anon"]
+    assert by_policy["all"][4] == f"{rows['all']['resident_mb']['experts']['anon']:.1f}"
 
 
 def test_compare_runs_transformers_on_the_same_weights(micro_bundle_fp32, tmp_path):

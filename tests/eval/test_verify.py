@@ -68,6 +68,17 @@ def test_cli_verify_json(micro_bundle_fp32, micro_checkpoint):
     assert plain.exit_code == 0 and "top-1 agreement   100.00%" in plain.stdout
 
 
+def test_a_bundle_can_be_the_reference(micro_bundle_8da4w, micro_bundle_fp32):
+    # the same bundle as its own reference agrees exactly: what differs between two bundles is their export options
+    same = verify(micro_bundle_8da4w, micro_bundle_8da4w)
+    assert same["reference"] == "bundle (8da4w, embedding int8)"
+    assert same["top1_agreement"] == 1.0 and same["greedy_agreement"] == 1.0 and same["max_logit_diff"] == 0.0
+    against_fp32 = verify(micro_bundle_8da4w, micro_bundle_fp32)
+    assert against_fp32["reference"] == "bundle (none, embedding none)" and against_fp32["max_logit_diff"] > 0
+    plain = CliRunner().invoke(app, ["verify", str(micro_bundle_8da4w), "--against", str(micro_bundle_fp32)])
+    assert plain.exit_code == 0 and "vs bundle (none, embedding none)" in plain.stdout
+
+
 @pytest.fixture(scope="module")
 def trained_micro(tmp_path_factory, micro_config):
     """The micro MoE trained briefly on the embedded corpus: enough for confident next-token predictions."""

@@ -59,6 +59,71 @@ def test_refused_settings_fail_before_any_work(tmp_path, kwargs, message):
     assert not (tmp_path / "out").exists()
 
 
+def _resolved(**kwargs):
+    cfg, recipe = ExportConfig(**kwargs).resolve()
+    return cfg, recipe
+
+
+@pytest.mark.parametrize("target", TARGETS)
+def test_every_recipe_ships_an_int8_embedding_and_quant_none_stays_fp32(target):
+    assert _resolved(target=target)[0].quant_embedding == "int8"
+    assert _resolved(target=target, quant="none")[0].quant_embedding == "none"
+    assert _resolved(target=target, quant="none", quant_embedding="int8")[0].quant_embedding == "int8"
+    assert _resolved(target=target, quant_embedding="none")[0].quant_embedding == "none"
+
+
+def test_a_recipe_that_refuses_an_embedding_quantisation_says_so(tmp_path, monkeypatch):
+    from cosmoes.export import recipes
+
+    recipe = json.loads((recipes.RECIPE_DIR / "android.json").read_text())
+    (tmp_path / "watch.json").write_text(json.dumps(recipe | {"target": "watch", "allowed_quant_embedding": ["int8"]}))
+    monkeypatch.setattr(recipes, "RECIPE_DIR", tmp_path)
+    with pytest.raises(CosmoesError) as exc:
+        export_bundle("no-such-preset-is-never-loaded", tmp_path / "out",
+                      ExportConfig(target="watch", quant_embedding="int4"))
+    assert str(exc.value) == "embedding quantisation 'int4' is not supported for target watch; choose one of: int8"
+
+
+def test_context_length_follows_the_recipe_capped_at_training():
+    from cosmoes.config import get_preset
+    from cosmoes.export.bundle import context_length
+
+    wearable, tiny = get_preset("wearable-moe"), get_preset("tiny-moe")
+    android = _resolved(target="android")
+    assert context_length(*android, wearable) == 2048 == load_recipe("android").max_seq_len
+    assert context_length(*android, tiny) == 512  # the recipe's 2048 capped at what tiny-moe was trained for
+    assert context_length(*_resolved(target="android", max_seq_len=256), wearable) == 256
+    assert context_length(*_resolved(target="host"), wearable) == wearable.max_seq_len  # host: the model's own
+
+
+@pytest.mark.parametrize("kwargs, preset, message", [
+    (dict(target="android", max_seq_len=4096), "wearable-moe",
+     "max_seq_len 4096 is longer than the 2048 positions the model was trained for (config.json max_seq_len)"),
+    (dict(target="ios", max_seq_len=4096), "phone-moe",
+     "max_seq_len 4096 needs a 1132 MB KV cache; target ios holds at most 1024 MB (3703 positions of this model)"),
+])
+def test_context_beyond_training_or_the_device_is_refused(kwargs, preset, message):
+    import dataclasses
+
+    from cosmoes.config import get_preset
+    from cosmoes.export.bundle import context_length
+
+    trained_long = dataclasses.replace(get_preset(preset), max_seq_len=8192 if preset == "phone-moe" else 2048)
+    with pytest.raises(CosmoesError) as exc:
+        context_length(*_resolved(**kwargs), trained_long)
+    assert str(exc.value) == message
+
+
+def test_cli_context_beyond_training_names_the_flag(tmp_path, monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["cosmoes", "export", "tiny-moe", "--target", "android", "--max-seq-len", "600",
+                                      "--out", str(tmp_path / "b")])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2 and not (tmp_path / "b").exists()
+    assert capsys.readouterr().err == ("error: --max-seq-len 600 is longer than the 512 positions the model was "
+                                       "trained for (config.json max_seq_len)\n")
+
+
 def test_cli_export_4w_exits_2_with_one_line(tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(sys, "argv", ["cosmoes", "export", "tiny-moe", "--target", "android", "--quant", "4w",
                                       "--out", str(tmp_path / "b")])
@@ -122,9 +187,21 @@ def test_inspect_accounts_segments_and_resident_bytes(micro_bundle_fp32, micro_b
         assert res["lru:2"] == res["swap"] < res["lru:3"] < res["lru:4"] == res["all"]
         assert info["total_bytes"] >= sum(p["bytes"] for p in info["programs"].values())
     assert q["programs"]["experts"]["bytes"] < fp32["programs"]["experts"]["bytes"] / 5
-    # linears shrink ~7x; the embedding stays fp32 unless --quant-embedding asks otherwise
+    # linears shrink ~7x; the embedding is int8 (the host recipe's default, as the phones'), with an fp32 per-row scale
     assert q["segments"]["head"] < fp32["segments"]["head"] / 5
-    assert q["segments"]["embedding"] == fp32["segments"]["embedding"]
+    assert q["quant_embedding"] == "int8" and fp32["quant_embedding"] == "none"
+    assert q["segments"]["embedding"] == cfg.vocab_size * (cfg.dim + 4) == fp32["segments"]["embedding"] // 4 + \
+        cfg.vocab_size * 4
+    # beside the weights: the KV caches (fp32, all layers, every position of the context) and the activations
+    kv_per_position = cfg.n_layers * 2 * cfg.kv_heads * cfg.head_dim * 4
+    for info in (fp32, q):
+        fp = info["footprint"]
+        assert fp["embedding"] == {"stored": info["segments"]["embedding"], "backing": "file"}
+        assert fp["experts"] == {"stored": info["segments"]["experts"], "backing": "anon"}
+        assert fp["kv_cache"]["per_position"] == kv_per_position
+        assert fp["kv_cache"]["reserved"] == kv_per_position * cfg.max_seq_len
+        assert fp["kv_cache"]["per_1k_positions"] == kv_per_position * 1024
+        assert 0 < fp["activations"]["reserved"] < 10e6
     with pytest.raises(CosmoesError, match="expert cache policy"):
         resident_bytes(load_manifest(micro_bundle_fp32), "lru:0")
     with pytest.raises(CosmoesError, match="unknown expert cache policy"):

@@ -4,6 +4,9 @@ part of its arena, a long one most of its KV cache."""
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import pytest
 
 from cosmoes.runtime.native import build_runner, run_local
@@ -16,9 +19,15 @@ CONTEXT = 2048
 def long_context_bundle(micro_checkpoint, tmp_path_factory):
     from cosmoes.export.bundle import ExportConfig, export_bundle
 
-    out = tmp_path_factory.mktemp("arena") / "micro-long"
-    export_bundle(micro_checkpoint, out, ExportConfig(target="host", quant="none", max_chunk=MICRO_CHUNK,
-                                                      max_seq_len=CONTEXT))
+    # the micro model declared as trained for CONTEXT positions (export refuses a context beyond training)
+    work = tmp_path_factory.mktemp("arena")
+    checkpoint = work / "checkpoint"
+    shutil.copytree(micro_checkpoint, checkpoint)
+    config = json.loads((checkpoint / "config.json").read_text())
+    (checkpoint / "config.json").write_text(json.dumps(config | {"max_position_embeddings": CONTEXT}))
+    out = work / "micro-long"
+    export_bundle(checkpoint, out, ExportConfig(target="host", quant="none", max_chunk=MICRO_CHUNK,
+                                                max_seq_len=CONTEXT))
     return out
 
 
@@ -38,3 +47,9 @@ def test_arena_grows_with_the_positions_filled(long_context_bundle, tmp_path):
     # 1900 positions: most of the KV cache is now resident, and never more than was reserved
     assert long["arena_resident_mb"] - short["arena_resident_mb"] > 0.7 * kv_bytes / 1e6
     assert long["arena_resident_mb"] <= long["arena_mb"]
+    # the statistics' kinds split the same pages: the KV caches grow with the positions, activations do not
+    kv_short, kv_long = short["resident_mb"]["kv_cache"]["anon"], long["resident_mb"]["kv_cache"]["anon"]
+    # (keys are stored transposed, one row per head dimension: the first position touches one 4 KB page per row,
+    # 1024 positions' worth, so a short context already holds half of the keys of a 2048 one; values fill by row)
+    assert kv_short < 0.3 * kv_bytes / 1e6 and kv_long > 0.7 * kv_bytes / 1e6
+    assert kv_long + long["resident_mb"]["activations"]["anon"] == pytest.approx(long["arena_resident_mb"], abs=0.01)
