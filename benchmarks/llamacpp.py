@@ -67,20 +67,30 @@ BASE_FLAGS = (
 class BuildError(RuntimeError):
     """A failed download, configure or build; the message is one line."""
 
+    def __init__(self, msg: str):
+        super().__init__(" ".join(str(msg).split())[:500])  # some errors (tarfile's) span lines
+
 
 def _log(msg: str) -> None:
     print(f"llamacpp: {msg}", file=sys.stderr, flush=True)
 
 
-def _reason(text: str, limit: int = 300) -> str:
-    """The one line of a log that says what went wrong (not make's or pip's trailing summary)."""
-    lines = [ln.strip() for ln in text.splitlines() if ln.strip()]
-    noise = re.compile(r"^(g?make(\[\d+\])?: \*\*\*|ninja: build stopped|\*\*\*|Call Stack|-- Configuring incomplete)")
-    lines = [ln for ln in lines if not noise.search(ln)]
-    for pat in (r"error loading model", r"CMake Error", r"\berror\b", r"failed|exception|what\(\)|abort|segmentation"):
-        for i, ln in enumerate(lines):
+# What a failing log's telling line looks like, most specific first: ggml's GGUF parser and llama.cpp's loader name
+# the bad key or tensor; cmake puts its message on the line after "CMake Error"; then compilers' and pip's "error".
+REASONS = (r"^gguf_\w+: .*(fail|error|invalid)", r"error loading model", r"CMake Error", r"\berror\b:",
+           r"fail|exception|what\(\)|abort|segmentation")
+NOISE = re.compile(r"^(g?make(\[\d+\])?: \*\*\*|ninja: build stopped|\*\*\*|-- Configuring incomplete)")
+
+
+def _reason(text: str, last: bool = False, limit: int = 300) -> str:
+    """The one line of a log that says what went wrong: the first match of the most specific pattern (the last for
+    pip, whose final ERROR is the verdict); never make's trailing summary."""
+    lines = [ln.strip() for ln in text.splitlines() if ln.strip() and not NOISE.search(ln.strip())]
+    order = list(enumerate(lines))[::-1] if last else list(enumerate(lines))
+    for pat in REASONS:
+        for i, ln in order:
             if re.search(pat, ln, re.IGNORECASE):
-                if pat == "CMake Error" and i + 1 < len(lines):  # cmake puts the message on the next line
+                if pat == "CMake Error" and i + 1 < len(lines):
                     ln = f"{ln} {lines[i + 1]}"
                 return ln[:limit]
     return (lines[-1] if lines else "no output")[:limit]
@@ -117,12 +127,15 @@ def default_cache_dir() -> Path:
     return Path.home() / ".cache" / "cosmoes" / f"llama.cpp-{VERSION}-{isa_tag()}"
 
 
-def _run_logged(cmd: list[str], log: Path, what: str, progress: bool = False) -> None:
+def _run_logged(cmd: list[str], log: Path, what: str, progress: bool = False, last: bool = False) -> None:
     """Run cmd with its output appended to log; on failure raise BuildError with the log's telling line."""
     with open(log, "a") as f:
         f.write(f"\n$ {' '.join(cmd)}\n")
         f.flush()
-        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+        try:
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, errors="replace")
+        except OSError as e:  # cmake (or pip's python) not installed
+            raise BuildError(f"{what}: {e}") from None
         out = []
         last_pct, last_t = None, 0.0
         for line in proc.stdout:
@@ -135,7 +148,7 @@ def _run_logged(cmd: list[str], log: Path, what: str, progress: bool = False) ->
                 _log(line.strip()[:120])
         rc = proc.wait()
     if rc:
-        raise BuildError(f"{what} failed (exit {rc}): {_reason(''.join(out[-400:]))} [log: {log}]")
+        raise BuildError(f"{what} failed (exit {rc}): {_reason(''.join(out[-400:]), last)} [log: {log}]")
 
 
 def _download(version: str, dest: Path, log: Path) -> Path:
@@ -145,7 +158,7 @@ def _download(version: str, dest: Path, log: Path) -> Path:
         _log(f"downloading llama-cpp-python=={version} sdist")
         cmd = [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={version}", "--no-binary", ":all:",
                "--no-deps", "-d", str(dest)]
-        _run_logged(cmd, log, "download")
+        _run_logged(cmd, log, "download", last=True)
         have = sorted(dest.glob(f"llama_cpp_python-{version}.tar.gz"))
     if not have:
         raise BuildError(f"download: pip left no llama_cpp_python-{version}.tar.gz in {dest}")
@@ -158,11 +171,14 @@ def _unpack(sdist: Path, dest: Path) -> Path:
         return dest
     _log(f"unpacking {sdist.name}")
     tmp = Path(tempfile.mkdtemp(dir=dest.parent, prefix=".unpack-"))
-    with tarfile.open(sdist) as tar:
-        members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name]
-        if not members:
-            raise BuildError(f"unpack: no vendor/llama.cpp in {sdist.name}")
-        tar.extractall(tmp, members=members, filter="data")
+    try:
+        with tarfile.open(sdist) as tar:
+            members = [m for m in tar.getmembers() if "/vendor/llama.cpp/" in m.name]
+            tar.extractall(tmp, members=members, filter="data")
+    except (tarfile.TarError, OSError) as e:  # a truncated download, a full disk
+        raise BuildError(f"unpack {sdist.name}: {e}") from None
+    if not members:
+        raise BuildError(f"unpack: no vendor/llama.cpp in {sdist.name}")
     src = next(tmp.glob("*/vendor/llama.cpp"))
     shutil.rmtree(dest, ignore_errors=True)
     src.rename(dest)
@@ -192,7 +208,7 @@ def build_llamacpp(cache_dir: Path | None = None, version: str = VERSION, jobs: 
     _log(f"building {' '.join(TARGETS)} with -j{jobs} (several minutes)")
     cmd = ["cmake", "--build", str(build), "--config", "Release", "-j", str(jobs), "--target", *TARGETS]
     _run_logged(cmd, log, "cmake build", progress=True)
-    # Static binaries: copy them out and drop the sources and objects (~0.5 GB), keeping the cache small.
+    # Static binaries: copy them out and drop the sources, objects and sdist (~0.4 GB), keeping the cache small.
     tmp_bin = cache_dir / ".bin-tmp"
     shutil.rmtree(tmp_bin, ignore_errors=True)
     tmp_bin.mkdir()
@@ -231,7 +247,7 @@ def _run_measured(cmd: list[str], timeout: float) -> tuple[int, str, str, float]
 
 def _fail(what: str, rc: int, stderr: str, timeout: float) -> str:
     if rc in (-9, 137):
-        return f"{what}: timed out after {timeout:.0f} s"
+        return f"{what}: timed out after {timeout:g} s"
     return f"{what}: exit {rc}: {_reason(stderr)}"
 
 
@@ -279,8 +295,9 @@ def _simple_stats(stderr: str) -> dict:
 
 
 def _prompt(n_tokens: int) -> str:
-    # one common word per token for a BPE vocabulary; llama-simple sizes its context from what it tokenizes
-    return " ".join(["the"] * max(1, n_tokens - 1))  # -1: it adds BOS
+    # One common word per token in a byte-level BPE vocabulary (a GGUF that asks for BOS gets one more); llama-simple
+    # sizes its context from what it tokenizes, and the count it saw is returned as simple_prompt_tokens.
+    return " ".join(["the"] * max(1, n_tokens))
 
 
 def run_llamacpp(binary_dir: Path, gguf: Path, prompt_tokens: int = 64, gen: int = 64, threads: int = 1,
@@ -293,34 +310,39 @@ def run_llamacpp(binary_dir: Path, gguf: Path, prompt_tokens: int = 64, gen: int
     binary_dir, gguf = Path(binary_dir), Path(gguf)
     if not gguf.exists():
         return {"error": f"no such GGUF: {gguf}"}
+    # llama-simple first: it logs the loader's messages, which name what is wrong with a GGUF llama-bench rejects
+    # silently; its peak RSS is that of a plain generation.
+    simple_cmd = [str(binary_dir / "llama-simple"), "-m", str(gguf), "-n", str(gen), _prompt(prompt_tokens)]
+    simple = _run_or_oserror(simple_cmd, timeout)
     bench_cmd = [str(binary_dir / "llama-bench"), "-m", str(gguf), "-p", str(prompt_tokens), "-n", str(gen),
                  "-t", str(threads), "-r", str(repetitions), "-o", "json"]
-    try:
-        rc, stdout, stderr, bench_rss = _run_measured(bench_cmd, timeout)
-    except OSError as e:
-        return {"error": f"llama-bench: {e}", "cmd": " ".join(bench_cmd)}
+    rc, stdout, stderr, bench_rss = _run_or_oserror(bench_cmd, timeout)
     if rc:
-        return {"error": _fail("llama-bench", rc, stderr, timeout), "cmd": " ".join(bench_cmd)}
+        why = _fail("llama-bench", rc, stderr, timeout)
+        if simple[0]:
+            why += f"; {_fail('llama-simple', simple[0], simple[2], timeout)}"
+        return {"error": why, "cmd": " ".join(bench_cmd)}
     try:
         result = _bench_speeds(_parse_bench(stdout))
     except (ValueError, KeyError, TypeError) as e:
         return {"error": f"llama-bench output: {e}", "cmd": " ".join(bench_cmd)}
     result.update(cmd=" ".join(bench_cmd), threads=threads, prompt_tokens=prompt_tokens, gen=gen,
                   ctx=ctx or prompt_tokens + gen, llamacpp_version=VERSION)
-
-    simple_cmd = [str(binary_dir / "llama-simple"), "-m", str(gguf), "-n", str(gen), _prompt(prompt_tokens)]
-    try:
-        rc, _, stderr, simple_rss = _run_measured(simple_cmd, timeout)
-    except OSError as e:
-        rc, stderr = -1, str(e)
-    if rc == 0:
-        result.update(peak_rss_mb=round(simple_rss, 1), rss_from="llama-simple", rss_cmd=" ".join(simple_cmd[:-1]))
-        result.update(_simple_stats(stderr))
+    if simple[0] == 0:
+        result.update(peak_rss_mb=round(simple[3], 1), rss_from="llama-simple", rss_cmd=" ".join(simple_cmd[:-1]))
+        result.update(_simple_stats(simple[2]))
     else:
         # e.g. a vocabulary llama.cpp cannot tokenize with: llama-bench's random tokens still load and run the model
         result.update(peak_rss_mb=round(bench_rss, 1), rss_from="llama-bench",
-                      rss_note=_fail("llama-simple", rc, stderr, timeout))
+                      rss_note=_fail("llama-simple", simple[0], simple[2], timeout))
     return result
+
+
+def _run_or_oserror(cmd: list[str], timeout: float) -> tuple[int, str, str, float]:
+    try:
+        return _run_measured(cmd, timeout)
+    except OSError as e:  # a missing or non-executable binary
+        return -1, "", f"error: {e}", 0.0
 
 
 def main(argv=None) -> None:
@@ -329,6 +351,7 @@ def main(argv=None) -> None:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--prompt-tokens", type=int, default=64)
     ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--repetitions", type=int, default=3, help="llama-bench runs per test (more on a noisy host)")
     ap.add_argument("--cache-dir", type=Path, help="build cache (default: ~/.cache/cosmoes/llama.cpp-VERSION-ISA)")
     args = ap.parse_args(argv)
     try:
@@ -336,7 +359,7 @@ def main(argv=None) -> None:
     except BuildError as e:
         print(json.dumps({"error": str(e)}))
         raise SystemExit(1)
-    res = run_llamacpp(bin_dir, args.gguf, args.prompt_tokens, args.gen, args.threads)
+    res = run_llamacpp(bin_dir, args.gguf, args.prompt_tokens, args.gen, args.threads, repetitions=args.repetitions)
     print(json.dumps(res))
     raise SystemExit(1 if "error" in res else 0)
 

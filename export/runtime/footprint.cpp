@@ -6,6 +6,10 @@
 #include <cstdlib>
 #include <cstring>
 
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <unistd.h>
+
 namespace cosmoes {
 
 double anon_rss_mb() {
@@ -62,6 +66,42 @@ std::vector<double> mapped_file_rss_mb(const std::vector<std::string>& paths) {
   std::fclose(f);
 #endif
   return out;
+}
+
+int64_t read_in_place_without_readahead(const std::string& path) {
+  int64_t advised = 0;
+#if defined(__linux__)
+  char buf[PATH_MAX];
+  const std::string real = ::realpath(path.c_str(), buf) ? std::string(buf) : path;
+  FILE* f = std::fopen("/proc/self/maps", "r");
+  if (!f) return 0;
+  char line[PATH_MAX + 256];
+  while (std::fgets(line, sizeof line, f)) {
+    unsigned long start = 0, end = 0;
+    const char* slash = std::strchr(line, '/');
+    if (!slash || std::sscanf(line, "%lx-%lx", &start, &end) != 2 || end <= start) continue;
+    std::string mapped(slash);
+    while (!mapped.empty() && (mapped.back() == '\n' || mapped.back() == ' ')) mapped.pop_back();
+    if (mapped != real) continue;
+    if (::madvise(reinterpret_cast<void*>(start), end - start, MADV_RANDOM) == 0)
+      advised += static_cast<int64_t>(end - start);
+  }
+  std::fclose(f);
+#else
+  (void)path;
+#endif
+  return advised;
+}
+
+void forget_cached_pages(const std::string& path) {
+#if defined(__linux__)
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) return;
+  ::posix_fadvise(fd, 0, 0, POSIX_FADV_DONTNEED);
+  ::close(fd);
+#else
+  (void)path;
+#endif
 }
 
 void LoadAccount::add(const std::string& kind, double mb) {

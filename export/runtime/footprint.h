@@ -22,6 +22,16 @@ double anon_rss_mb();
 // `paths` (compared after realpath); -1 each where the system does not say.
 std::vector<double> mapped_file_rss_mb(const std::vector<std::string>& paths);
 
+// Turns off read-ahead on this process' mappings of `path` (madvise MADV_RANDOM), so that looking up a row of a
+// table read in place (the embedding) brings in its own page, not the kernel's read-ahead window around it (up to
+// hundreds of KB per lookup). Returns the bytes advised; 0 where the system has no such mappings or call.
+int64_t read_in_place_without_readahead(const std::string& path);
+
+// Drops the page cache's copy of `path` (posix_fadvise DONTNEED), so that the pages a later mapping faults in come in
+// one per row looked up. Hashing the file reads all of it, and the kernel caches such reads in large folios, each
+// of which a fault maps whole: an embedding lookup then costs hundreds of KB of RSS instead of one page.
+void forget_cached_pages(const std::string& path);
+
 // Packed weights of the methods loaded so far, by kind: the rise of anonymous memory across each load_method.
 class LoadAccount {
  public:

@@ -353,6 +353,7 @@ Runtime::Runtime(const std::string& bundle_dir, const RuntimeOptions& options) {
   return_freed_weights_to_os();
   auto t0 = Clock::now();
   m_ = load_bundle_manifest(bundle_dir, options.check_sha);
+  check_sha_ = options.check_sha;
   verify_ms_ = ms_since(t0);
   if (options.budget_mb > 1e9) throw cosmoes::Error("a memory budget must be at most 1e9 MB");  // int64 bytes
   policy_ = options.budget_mb > 0 ? Policy::from_budget(m_, static_cast<int64_t>(options.budget_mb * 1e6))
@@ -466,6 +467,7 @@ double Runtime::arena_resident_mb() const {
 
 void Runtime::open_programs() {
   auto calls = required_methods(m_);
+  if (check_sha_) forget_cached_pages(m_.path(m_.program("backbone")));  // the hash read it all: see footprint.h
   backbone_ = open_program(m_.program("backbone"), calls["backbone"], backbone_arena_);
   for (const auto& method : m_.program("backbone").methods) {
     InMethod in(method);
@@ -475,6 +477,8 @@ void Runtime::open_programs() {
       throw cosmoes::Error("loading method " + method + " of " + m_.path(m_.program("backbone")) + " failed: " +
                            et_error(err));
   }
+  // the embedding is read in place: each token's row should cost its page, not a read-ahead window
+  read_in_place_without_readahead(m_.path(m_.program("backbone")));
   if (m_.is_moe) {
     expert_program_ = open_program(m_.program("experts"), calls["experts"], expert_arena_);
     experts_ = std::make_unique<ExpertCache>(*expert_program_, expert_arena_->planned(), m_, policy_);

@@ -137,6 +137,7 @@ class Runtime {
   std::unique_ptr<ExpertCache> experts_;  // null for a dense model
   ExpertStats dense_stats_;
   LoadAccount loaded_;  // anonymous memory each kind of backbone method added when it loaded
+  bool check_sha_ = true;
 
   void open_programs();
   std::unique_ptr<executorch::extension::module::Module> open_program(const ProgramFile& p,
