@@ -20,6 +20,7 @@ import json
 import platform
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -45,6 +46,20 @@ def gguf_row(manifest, bundle: Path, work: Path) -> dict:
     bundle_bytes = sum(p["bytes"] for p in manifest.programs.values())
     return {"gguf": info["path"], "gguf_bytes": info["bytes"], "bundle_bytes": bundle_bytes,
             "ratio": bundle_bytes / info["bytes"]}
+
+
+def peer_row(gguf: str, args) -> dict:
+    """llama.cpp on the same weights (mmap on, context prompt + gen): peak RSS and speeds, or the failure's reason."""
+    # In a process of its own: a child's peak RSS (ru_maxrss) starts from its parent's at fork/exec, and this one
+    # has held the model's fp32 weights to write the GGUF.
+    cmd = [sys.executable, str(ROOT / "benchmarks" / "llamacpp.py"), gguf, "--threads", str(args.threads or 1),
+           "--prompt-tokens", str(args.prompt_len), "--gen", str(args.gen)]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    lines = proc.stdout.strip().splitlines()
+    try:
+        return json.loads(lines[-1])
+    except (IndexError, ValueError):  # a peer that does not build is a failed row; the cosmoes rows stay
+        return {"error": (proc.stderr.strip().splitlines() or ["llama.cpp produced no result"])[-1]}
 
 
 def run_bench(bundle: Path, policies: list[str], args, out: Path) -> dict:
@@ -108,6 +123,16 @@ def render(bundle: Path, manifest, size: dict, bench: dict, args) -> str:
         return "\n".join(lines) + "\n\nEvery policy failed: no resident figures.\n"
     after = min(r["rss_after_load_mb"] for r in ok)
     swap = next((r for r in bench["rows"] if r.get("policy") == "swap" and "error" not in r), None)
+    peer = getattr(args, "peer_result", None)
+    if peer is not None:
+        lines += ["", "## llama.cpp on the same weights", ""]
+        if "error" in peer:
+            lines.append(f"failed: {peer['error']}")
+        else:
+            lines.append(f"llama.cpp {peer.get('llamacpp_version')} (`{peer.get('rss_cmd')}`, mmap on): peak RSS "
+                         f"{peer['peak_rss_mb']:.1f} MB (from {peer.get('rss_from')}); llama-bench "
+                         f"{peer.get('threads')} thread(s): decode {peer['decode_tok_s']:.1f} tok/s, prefill "
+                         f"{peer['prefill_tok_s']:.0f} tok/s.")
     lines += ["", "## Targets", "", "| target | measured | |", "|---|---|---|",
               f"| bundle <= 1.05x GGUF | {size['ratio']:.3f}x | {'met' if size['ratio'] <= 1.05 else 'NOT met'} |",
               f"| RSS after load <= held non-expert weights {held:.1f} MB + 10 | {after:.1f} MB | "
@@ -117,6 +142,11 @@ def render(bundle: Path, manifest, size: dict, bench: dict, args) -> str:
         lines += [f"| swap peak <= 150 MB | {swap['peak_rss_mb']:.1f} MB | "
                   f"{'met' if swap['peak_rss_mb'] <= 150 else 'NOT met'} |",
                   f"| swap peak <= 1.1x expected | {ratio:.2f}x | {'met' if ratio <= 1.1 else 'NOT met'} |"]
+    all_row = next((r for r in ok if r.get("policy") == "all"), None)
+    if peer is not None and "error" not in peer and all_row:
+        met = all_row["peak_rss_mb"] <= peer["peak_rss_mb"]
+        lines.append(f"| all peak <= llama.cpp's | {all_row['peak_rss_mb']:.1f} vs {peer['peak_rss_mb']:.1f} MB | "
+                     f"{'met' if met else 'NOT met'} |")
     lines += ["", "expected = resident weights by kind + KV of the positions used + activations resident + the "
                   "runtime's fixed overhead (the runtime column: code pages, heap, XNNPACK workspace), all from the "
                   "same run; peak/expected above 1 is memory held only for a moment (prefill)."]
@@ -191,6 +221,9 @@ def main(argv=None) -> None:
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int)
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--work", type=Path, help="where the GGUF is written (default: a new temporary directory)")
+    ap.add_argument("--peer", action="store_true", help="also build llama.cpp (benchmarks/llamacpp.py) and run it on "
+                                                        "the GGUF: its peak RSS beside the bundle's")
     args = ap.parse_args(argv)
     from cosmoes.export.manifest import load_manifest
 
@@ -204,12 +237,17 @@ def main(argv=None) -> None:
 
     manifest = load_manifest(args.bundle)
     args.out.mkdir(parents=True, exist_ok=True)
-    size = gguf_row(manifest, args.bundle, args.out)
+    work = args.work or Path(tempfile.mkdtemp(prefix="cosmoes-footprint-"))  # the GGUF is as large as the bundle
+    work.mkdir(parents=True, exist_ok=True)
+    size = gguf_row(manifest, args.bundle, work)
     print(json.dumps(size), flush=True)
+    args.peer_result = peer_row(size["gguf"], args) if args.peer else None
+    print(json.dumps({"llama.cpp": args.peer_result}), flush=True)
     bench = run_bench(args.bundle, args.policies, args, args.out)
     text = render(args.bundle, manifest, size, bench, args)
     (args.out / "footprint.md").write_text(text)
-    (args.out / "footprint.json").write_text(json.dumps({"size": size, "bench": bench}, indent=2) + "\n")
+    (args.out / "footprint.json").write_text(json.dumps({"size": size, "bench": bench, "llama.cpp": args.peer_result},
+                                                        indent=2) + "\n")
     plot(bench, args.out / "footprint.png")
     print(text)
 

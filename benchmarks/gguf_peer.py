@@ -158,7 +158,8 @@ def _add_vocab(w, vocab_size: int, tokenizer_dir: Path | None) -> None:
             tokens[added["id"]], types[added["id"]] = added["content"], gguf.TokenType.CONTROL
     merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
     w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre("default")
+    w.add_tokenizer_pre("gpt-2")  # the shipped tokenizer splits with GPT-2's pattern
+    w.add_add_bos_token(True)  # as the HF tokenizer puts <|begin_of_text|> before every text
     w.add_token_list(tokens)
     w.add_token_types(types)
     w.add_token_merges(merges)

@@ -88,7 +88,7 @@ def warm_up(target) -> None:
     coverage too, without instrumenting torch or the standard library."""
     with atheris.instrument_imports(include=["cosmoes"]), contextlib.redirect_stderr(io.StringIO()):
         try:
-            target(b'{"format": "cosmoes-executorch-bundle", "format_version": 2, "step": 1}')
+            target(b'{"format": "cosmoes-executorch-bundle", "format_version": 3, "step": 1}')
         except Exception:  # noqa: BLE001 (any outcome: only the imports matter here)
             pass
 
