@@ -140,7 +140,8 @@ def flag_cases(ckpt: Path, bundle: Path, plain: Path, out: Path) -> list:
             ["--policy", "lru:1"], ["--policy", "nope"], ["--temperature", "nan"], ["--temperature", "-1"],
             ["--top-p", "0"], ["--top-p", "2"], ["--prompt", "\udcff\udcfe"]]],
         (["generate", bundle, "--prompt", "", *GEN], ANY),
-        (["verify", bundle, "--against", "/nonexistent"], REFUSE), (["verify", bundle, "--against", bundle], REFUSE),
+        (["verify", bundle, "--against", "/nonexistent"], REFUSE), (["verify", bundle, "--against", plain], REFUSE),
+        (["verify", bundle, "--against", bundle], ANY),  # another bundle is a reference (one export option alone)
         *[(["bench", bundle, "--gen", "4", "--prompt-len", "8", "--repeats", "1", "--out", out / "bench", *extra],
            REFUSE) for extra in [
             ["--gen", "0"], ["--prompt-len", "0"], ["--prompt-len", "100000"], ["--repeats", "0"], ["--warmup", "-1"],
