@@ -106,14 +106,12 @@ def runner_args(cfg: BenchConfig, policy: str | None, budget_mb: float | None, p
 
 def derived(stats: dict, manifest: Manifest) -> dict:
     """Roofline and I/O figures from one run's statistics (bytes from the manifest, bandwidth from the probe)."""
-    cfg = manifest.config
     embedding = manifest.non_expert_bytes.get("embedding", 0)
     # decode reads every weight once per token except the embedding table (one row) and the unselected experts
     weights = manifest.non_expert_total() - embedding + stats["active_expert_mb"] * 1e6
-    head_dim = cfg["dim"] // cfg["n_heads"]
     # a decode step attends over the cache slots in use: on average the prompt plus half the generated tokens
     mean_context = stats["prompt_tokens"] + stats["generated_tokens"] / 2
-    kv = 2 * cfg["n_layers"] * (cfg.get("n_kv_heads") or cfg["n_heads"]) * head_dim * mean_context * 4  # fp32 K and V
+    kv = manifest.memory["kv_bytes_per_position"] * mean_context  # fp32 K and V of every layer
     out = {"weights_mb_per_token": weights / 1e6, "kv_mb_per_token": kv / 1e6}
     if "arena_mb" in stats:
         # what the runtime holds besides weights: the process before loading plus the planned arenas (KV caches,

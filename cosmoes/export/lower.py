@@ -104,12 +104,9 @@ def planned_bytes(prog) -> list[int]:
     (The .pte's list starts with a reserved id 0 that ExecuTorch's MethodMeta skips; so does this one.) With
     share_mutable_buffers the KV caches get a buffer of their own (the last), which every method lists.
     """
-    largest: list[int] = []
-    for plan in prog.executorch_program.execution_plan:
-        sizes = list(plan.non_const_buffer_sizes)[1:]
-        largest += [0] * (len(sizes) - len(largest))
-        largest = [max(a, b) for a, b in zip(largest, sizes + [0] * (len(largest) - len(sizes)))]
-    return largest
+    plans = [list(plan.non_const_buffer_sizes)[1:] for plan in prog.executorch_program.execution_plan]
+    width = max(map(len, plans), default=0)
+    return [max(sizes[i] if i < len(sizes) else 0 for sizes in plans) for i in range(width)]
 
 
 def method_weight_bytes(prog, names: list[str]) -> dict[str, int]:

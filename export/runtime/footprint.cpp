@@ -34,14 +34,29 @@ double anon_rss_mb() {
 #endif
 }
 
+namespace {
+
+std::string real_path_or_same(const std::string& path) {
+  char buf[PATH_MAX];
+  return ::realpath(path.c_str(), buf) ? std::string(buf) : path;
+}
+
+// The file of a /proc/self/maps or smaps header line ("start-end perms offset dev inode [path]"), "" for none.
+std::string mapped_path(const char* line) {
+  const char* slash = std::strchr(line, '/');
+  if (!slash) return "";
+  std::string path(slash);
+  while (!path.empty() && (path.back() == '\n' || path.back() == ' ')) path.pop_back();
+  return path;
+}
+
+}  // namespace
+
 std::vector<double> mapped_file_rss_mb(const std::vector<std::string>& paths) {
   std::vector<double> out(paths.size(), -1);
 #if !defined(__APPLE__)
   std::vector<std::string> real;
-  for (const auto& p : paths) {
-    char buf[PATH_MAX];
-    real.push_back(::realpath(p.c_str(), buf) ? std::string(buf) : p);
-  }
+  for (const auto& p : paths) real.push_back(real_path_or_same(p));
   FILE* f = std::fopen("/proc/self/smaps", "r");
   if (!f) return out;
   for (auto& v : out) v = 0;
@@ -56,11 +71,8 @@ std::vector<double> mapped_file_rss_mb(const std::vector<std::string>& paths) {
     // a mapping's header: "start-end perms offset dev inode [path]"; field lines start with a capital letter
     if (!std::strchr(line, '-') || (line[0] >= 'A' && line[0] <= 'Z')) continue;
     current = -1;
-    const char* slash = std::strchr(line, '/');
-    if (!slash) continue;
-    std::string path(slash);
-    while (!path.empty() && (path.back() == '\n' || path.back() == ' ')) path.pop_back();
-    for (size_t i = 0; i < real.size(); ++i)
+    const std::string path = mapped_path(line);
+    for (size_t i = 0; i < real.size() && !path.empty(); ++i)
       if (path == real[i]) current = static_cast<int>(i);
   }
   std::fclose(f);
@@ -71,18 +83,13 @@ std::vector<double> mapped_file_rss_mb(const std::vector<std::string>& paths) {
 int64_t read_in_place_without_readahead(const std::string& path) {
   int64_t advised = 0;
 #if defined(__linux__)
-  char buf[PATH_MAX];
-  const std::string real = ::realpath(path.c_str(), buf) ? std::string(buf) : path;
+  const std::string real = real_path_or_same(path);
   FILE* f = std::fopen("/proc/self/maps", "r");
   if (!f) return 0;
   char line[PATH_MAX + 256];
   while (std::fgets(line, sizeof line, f)) {
     unsigned long start = 0, end = 0;
-    const char* slash = std::strchr(line, '/');
-    if (!slash || std::sscanf(line, "%lx-%lx", &start, &end) != 2 || end <= start) continue;
-    std::string mapped(slash);
-    while (!mapped.empty() && (mapped.back() == '\n' || mapped.back() == ' ')) mapped.pop_back();
-    if (mapped != real) continue;
+    if (std::sscanf(line, "%lx-%lx", &start, &end) != 2 || end <= start || mapped_path(line) != real) continue;
     if (::madvise(reinterpret_cast<void*>(start), end - start, MADV_RANDOM) == 0)
       advised += static_cast<int64_t>(end - start);
   }

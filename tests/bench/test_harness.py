@@ -41,7 +41,8 @@ def test_each_prompt_doc_is_a_different_held_out_document(micro_bundle_8da4w):
 def test_derived_roofline_by_hand():
     manifest = Manifest(target="host", quant="8da4w", group_size=32, quant_embedding="int8", max_seq_len=100,
                         max_chunk=16, config={"dim": 8, "n_heads": 2, "n_kv_heads": 1, "n_layers": 2},
-                        non_expert_bytes={"embedding": 5_000_000, "attention": 2_000_000, "head": 3_000_000})
+                        non_expert_bytes={"embedding": 5_000_000, "attention": 2_000_000, "head": 3_000_000},
+                        memory={"kv_bytes_per_position": 2 * 2 * 1 * 4 * 4})  # what the config implies
     stats = {"active_expert_mb": 1.0, "decode_tok_s": 100.0, "mem_read_gb_s": 1.2, "prompt_tokens": 10,
              "generated_tokens": 20}
     d = derived(stats, manifest)
