@@ -196,13 +196,16 @@ def export(source: str = typer.Argument(..., help="checkpoint directory or prese
            max_chunk: Optional[int] = typer.Option(_default(ExportConfig, "max_chunk"), "--max-chunk",
                                                    help="most tokens per call (default: recipe)"),
            seed: int = typer.Option(_default(ExportConfig, "seed"), "--seed",
-                                    help="random init seed when SOURCE is a preset")):
-    """Export a model to an ExecuTorch bundle with one loadable, freeable method per expert (§3.4.2)."""
+                                    help="random init seed when SOURCE is a preset"),
+           experts: Optional[str] = typer.Option(_default(ExportConfig, "experts"), "--experts",
+                                                 help="int4: each expert a packed segment used in place (default "
+                                                      "with 8da4w); xnnpack: each expert an XNNPACK method")):
+    """Export a model to an ExecuTorch bundle whose experts load and free one by one (§3.4.2)."""
     from cosmoes.export.bundle import export_bundle
 
     check_out_dir("out", out)
     cfg = ExportConfig(target=target, quant=quant, group_size=group_size, quant_embedding=quant_embedding,
-                       max_seq_len=max_seq_len, max_chunk=max_chunk, seed=seed)
+                       max_seq_len=max_seq_len, max_chunk=max_chunk, seed=seed, experts=experts)
     export_bundle(source, out, cfg)
 
 

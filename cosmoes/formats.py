@@ -6,9 +6,11 @@ The lowest layer: the dataclasses (cosmoes.config, cosmoes.export.manifest), the
 
 # manifest.json: 2 = layers take RoPE tables + causal bias from a "context" method and attend over the used cache
 # slots only; 3 = a "memory" section (KV bytes per position, the KV caches' planned buffer, the programs' memory
-# plans) that the runtimes check against the programs and report resident memory by
+# plans) that the runtimes check against the programs and report resident memory by; 4 = "expert_layout": experts
+# as int4 segments of experts.bin ("expert_file") used in place, or as XNNPACK methods of experts.pte
 FORMAT_NAME = "cosmoes-executorch-bundle"
-FORMAT_VERSION = 3
+FORMAT_VERSION = 4
+EXPERT_LAYOUTS = ("none", "int4", "xnnpack")
 
 # manifest.json: what a bundle may say it was exported for and with (cosmoes/export/recipes/ has one recipe per
 # target; tests/export/test_bundle.py holds the two equal)

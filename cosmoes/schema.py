@@ -27,7 +27,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 from pydantic_core import PydanticCustomError
 
 from cosmoes.errors import CosmoesError
-from cosmoes.formats import (EMBEDDING_QUANT_MODES, FORMAT_NAME, FORMAT_VERSION, HF_NAMES, MAX_SEQ_LEN, MAX_THREADS,
+from cosmoes.formats import (EMBEDDING_QUANT_MODES, EXPERT_LAYOUTS, FORMAT_NAME, FORMAT_VERSION, HF_NAMES, MAX_SEQ_LEN, MAX_THREADS,
                              MIN_GROUP, QUANT_MODES, TARGETS)
 
 # Bumped when a rule changes what a config.json may hold; recorded in docs/schema/config.schema.json. (The manifest
@@ -172,13 +172,27 @@ class ProgramSchema(BaseModel):
 
 
 class ExpertSchema(BaseModel):
-    """Where one expert's method lives, and its stored weight bytes."""
+    """Where one expert lives and its stored weight bytes: a segment of expert_file (offset, sha256; layout int4)
+    or a method of a program (layout xnnpack)."""
 
     model_config = ConfigDict(strict=True, extra="forbid")
 
-    program: str
-    method: str
+    program: str | None = None
+    method: str | None = None
+    offset: int | None = Field(None, ge=0, le=MAX_BYTES)
+    sha256: str | None = Field(None, pattern=r"^[0-9a-f]{64}$")
     bytes: int = Field(ge=1, le=MAX_BYTES)  # every expert holds weights
+
+
+class ExpertFileSchema(BaseModel):
+    """The file of the experts' int4 segments (layout int4)."""
+
+    model_config = ConfigDict(strict=True, extra="forbid")
+
+    file: FileName
+    bytes: Count
+    sha256: str = Field(pattern=r"^[0-9a-f]{64}$")
+    alignment: int = Field(ge=64, le=1 << 20)  # every segment's offset is a multiple of it
 
 
 MAX_PLANNED_BUFFERS = 64  # memory-planned buffer ids per program; the native reader uses the same bound
@@ -258,6 +272,8 @@ class ManifestSchema(BaseModel):
     config: ModelConfigSchema
     programs: dict[str, ProgramSchema] = Field(min_length=1)
     experts: dict[str, dict[str, ExpertSchema]]
+    expert_layout: Literal[EXPERT_LAYOUTS]
+    expert_file: ExpertFileSchema | None = None
     non_expert_bytes: dict[str, Count]
     memory: MemorySchema
     threads: int = Field(ge=0, le=MAX_THREADS)  # 0 = one per core
@@ -336,7 +352,16 @@ class ManifestSchema(BaseModel):
         if not cfg.num_experts:
             if self.experts:
                 _fail("experts", _NO_VALUE, "must be empty for a dense model (config.num_experts = 0)")
+            if self.expert_layout != "none" or self.expert_file is not None:
+                _fail("expert_layout", self.expert_layout, 'must be "none" with no expert_file for a dense model')
             return
+        if self.expert_layout == "none":
+            _fail("expert_layout", "none", "must be int4 or xnnpack for an MoE model (config.num_experts > 0)")
+        if (self.expert_layout == "int4") != (self.expert_file is not None):
+            _fail("expert_file", _NO_VALUE, f"must be {'given' if self.expert_layout == 'int4' else 'null'} for "
+                                            f"expert_layout {self.expert_layout}")
+        if self.expert_layout == "int4" and self.quant != "8da4w":
+            _fail("expert_layout", "int4", f"holds 8da4w experts, but quant is {self.quant}")
         layers = [str(i) for i in range(cfg.n_layers)]
         experts = [str(e) for e in range(cfg.num_experts)]
         _same_keys("experts", self.experts, layers, f"config.n_layers = {cfg.n_layers}")
@@ -344,9 +369,42 @@ class ManifestSchema(BaseModel):
             table = self.experts[layer]
             _same_keys(f"experts.{layer}", table, experts, f"config.num_experts = {cfg.num_experts}")
             for e in experts:
-                self._expert_entry_exists(f"experts.{layer}.{e}", table[e])
+                if self.expert_file is not None:
+                    self._segment_fits(f"experts.{layer}.{e}", table[e])
+                else:
+                    self._expert_entry_exists(f"experts.{layer}.{e}", table[e])
+        if self.expert_file is not None:
+            self._segments_apart()
+
+    def _segment_fits(self, where: str, entry: ExpertSchema) -> None:
+        from cosmoes.export.segments import expert_matrices
+
+        spec, cfg = self.expert_file, self.config
+        for name in ("offset", "sha256"):
+            if getattr(entry, name) is None:
+                _fail(f"{where}.{name}", _NO_VALUE, "is missing (expert_layout int4)")
+        if entry.program is not None or entry.method is not None:
+            _fail(f"{where}.method", entry.method, "must not be given for expert_layout int4")
+        size = expert_matrices(cfg.dim, cfg.ffn_dim, cfg.wd_rank, self.group_size)[1]
+        if entry.bytes != size:
+            _fail(f"{where}.bytes", entry.bytes, f"must be {size} (an int4 expert of this config, group "
+                                                 f"{self.group_size})")
+        if entry.offset % spec.alignment:
+            _fail(f"{where}.offset", entry.offset, f"must be a multiple of expert_file.alignment {spec.alignment}")
+        if entry.offset + entry.bytes > spec.bytes:
+            _fail(f"{where}.offset", entry.offset, f"puts the segment past the end of {spec.file} "
+                                                   f"({spec.bytes} bytes)")
+
+    def _segments_apart(self) -> None:
+        spans = sorted((e.offset, e.bytes, f"experts.{layer}.{i}")
+                       for layer, table in self.experts.items() for i, e in table.items())
+        for (a, n, _), (b, _, where) in zip(spans, spans[1:]):
+            if b < a + n:
+                _fail(f"{where}.offset", b, "overlaps another expert's segment")
 
     def _expert_entry_exists(self, where: str, entry: ExpertSchema) -> None:
+        if entry.offset is not None or entry.sha256 is not None:
+            _fail(f"{where}.offset", entry.offset, "must not be given for expert_layout xnnpack")
         program = self.programs.get(entry.program)
         if program is None:
             _fail(f"{where}.program", entry.program, f"is not a program of this bundle ({', '.join(self.programs)})")

@@ -38,6 +38,9 @@ class ExportConfig:
     max_seq_len: int | None = None  # context (KV-cache) length; None = the recipe's, capped at the model's
     max_chunk: int | None = None  # most tokens per call (prefill is fed in chunks of this size)
     seed: int = 0  # random init of a preset source
+    # int4: each expert a packed segment of experts.bin that the runtimes' kernels use in place (8da4w only);
+    # xnnpack: each expert its own XNNPACK method of experts.pte (re-packed on every load). None: int4 for 8da4w.
+    experts: str | None = None
 
     def resolve(self) -> tuple["ExportConfig", Recipe]:
         """The config with every default filled in from the target's recipe, validated."""
@@ -54,6 +57,7 @@ class ExportConfig:
         cfg.group_size = recipe.group_size if self.group_size is None else self.group_size
         cfg.max_chunk = recipe.max_chunk if self.max_chunk is None else self.max_chunk
         check_quant(cfg.target, cfg.quant, cfg.quant_embedding)
+        cfg.experts = _expert_layout(cfg.quant, self.experts)
         for name in ("max_chunk", "max_seq_len", "group_size"):
             value = getattr(cfg, name)
             if value is None:
@@ -66,6 +70,19 @@ class ExportConfig:
             raise CosmoesError(f"group size {cfg.group_size} is not supported by XNNPACK's 4-bit kernels: "
                                f"use a multiple of {MIN_GROUP}")
         return cfg, recipe
+
+
+EXPERT_LAYOUTS = ("int4", "xnnpack")
+
+
+def _expert_layout(quant: str, asked: str | None) -> str:
+    if asked is None:
+        return "int4" if quant == "8da4w" else "xnnpack"
+    if asked not in EXPERT_LAYOUTS:
+        raise InvalidValue("experts", f"must be one of {', '.join(EXPERT_LAYOUTS)}, got {asked!r}")
+    if asked == "int4" and quant != "8da4w":
+        raise InvalidValue("experts", f"int4 segments hold 8da4w experts; quant {quant} needs --experts xnnpack")
+    return asked
 
 
 def _default_progress(line: str) -> None:
@@ -191,14 +208,18 @@ def _write_programs(model, tmp: Path, cfg: ExportConfig, recipe: Recipe, progres
     from cosmoes.export.lower import lower_program
     from cosmoes.export.transforms import quantize_model, split_model
 
-    report = quantize_model(model, cfg.quant, cfg.group_size, cfg.quant_embedding)
-    stages = split_model(model, cfg.max_chunk)
     mc = model.config
+    packed = mc.is_moe and cfg.experts == "int4"
+    report = quantize_model(model, cfg.quant, cfg.group_size, cfg.quant_embedding, skip_experts=packed)
+    stages = split_model(model, cfg.max_chunk, experts=not packed)
     manifest = Manifest(target=cfg.target, quant=cfg.quant, group_size=report.group_size,
                         quant_embedding=cfg.quant_embedding, max_seq_len=mc.max_seq_len,
                         max_chunk=min(cfg.max_chunk, mc.max_seq_len), config=mc.to_dict(),
                         fp32_linears=report.fp32_linears, padded_linears=report.padded_linears,
-                        threads=recipe.threads, backend=recipe.delegate.get("name", "xnnpack"))
+                        threads=recipe.threads, backend=recipe.delegate.get("name", "xnnpack"),
+                        expert_layout=cfg.experts if mc.is_moe else "none")
+    if packed:
+        _write_segments(model, tmp, manifest, report.group_size, progress)
     done, total = 0, len(stages)
     for name in PROGRAMS:
         members = [s for s in stages if s.program == name]
@@ -222,6 +243,18 @@ def _write_programs(model, tmp: Path, cfg: ExportConfig, recipe: Recipe, progres
             progress(f"[{name}] {len(members)} methods in {lowered.seconds:.0f} s ({done}/{total} done)")
     _record_kv_buffer(manifest, mc)
     return manifest
+
+
+def _write_segments(model, tmp: Path, manifest: Manifest, group: int, progress) -> None:
+    from cosmoes.export.segments import ALIGNMENT, SEGMENT_FILE, write_segments
+
+    t0 = time.time()
+    tick = (lambda line: progress(f"[experts] {line}")) if progress else None
+    manifest.experts = write_segments(model, tmp / SEGMENT_FILE, group, tick)
+    manifest.expert_file = {"file": SEGMENT_FILE, "alignment": ALIGNMENT}
+    if progress:
+        n = sum(len(lay) for lay in manifest.experts.values())
+        progress(f"[experts] {n} int4 segments in {time.time() - t0:.0f} s")
 
 
 def _record_kv_buffer(manifest: Manifest, mc) -> None:
@@ -264,7 +297,7 @@ def inspect_bundle(bundle_dir: str | Path, verify: bool = False) -> dict:
         "bundle": str(bundle_dir), "model": m.config.get("name"), "format_version": m.format_version,
         "cosmoes_version": m.cosmoes_version, "created": m.created, "target": m.target, "quant": m.quant,
         "group_size": m.group_size, "quant_embedding": m.quant_embedding, "max_seq_len": m.max_seq_len,
-        "max_chunk": m.max_chunk, "threads": m.threads, "tokenizer": m.tokenizer,
+        "max_chunk": m.max_chunk, "threads": m.threads, "tokenizer": m.tokenizer, "expert_layout": m.expert_layout,
         "programs": {name: {"file": p["file"], "bytes": p["bytes"], "methods": len(p["methods"])}
                      for name, p in m.programs.items()},
         "files": files, "total_bytes": sum(files.values()),
@@ -292,8 +325,8 @@ def footprint(m: Manifest) -> dict:
     reserved address space that becomes resident only as positions fill and chunks run.
     """
     kinds = {kind: {"stored": n, "backing": _BACKING.get(kind, "anon")} for kind, n in m.non_expert_bytes.items()}
-    if m.experts:
-        kinds["experts"] = {"stored": m.expert_bytes(), "backing": "anon"}
+    if m.experts:  # int4 segments are used in place from the mapped file; XNNPACK packs a copy on every load
+        kinds["experts"] = {"stored": m.expert_bytes(), "backing": "file" if m.packed_experts else "anon"}
     per_position = m.memory["kv_bytes_per_position"]
     kinds["kv_cache"] = {"reserved": m.kv_cache_bytes(), "per_position": per_position,
                          "per_1k_positions": per_position * 1024, "backing": "anon"}
@@ -306,7 +339,7 @@ def format_inspect(info: dict) -> str:
     mb = lambda n: f"{n / 1e6:8.2f} MB"  # noqa: E731
     lines = [f"{info['bundle']}: {info['model']} for {info['target']}, quant {info['quant']}"
              f" (group {info['group_size']}), embedding {info['quant_embedding']}, "
-             f"max_seq_len {info['max_seq_len']}, chunk {info['max_chunk']}",
+             f"max_seq_len {info['max_seq_len']}, chunk {info['max_chunk']}, experts {info['expert_layout']}",
              f"  files on disk {mb(info['total_bytes'])}"]
     for name, p in info["programs"].items():
         lines.append(f"    {p['file']:<14} {mb(p['bytes'])}  {p['methods']} methods")

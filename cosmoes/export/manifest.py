@@ -33,8 +33,14 @@ class Manifest:
     config: dict  # ModelConfig.to_dict()
     # name -> {"file": "experts.pte", "bytes": int, "sha256": hex, "methods": [...]}
     programs: dict[str, dict] = field(default_factory=dict)
-    # layer -> expert -> {"program": "experts", "method": "layer_0_expert_1", "bytes": stored weight bytes}
+    # layer -> expert: with expert_layout "int4" {"offset": byte offset in expert_file, "bytes": segment bytes,
+    # "sha256": of the segment}; with "xnnpack" {"program": "experts", "method": "layer_0_expert_1", "bytes": ...}
     experts: dict[int, dict[int, dict]] = field(default_factory=dict)
+    # how the experts are stored (format 4): int4 (segments of expert_file, cosmoes.export.segments), xnnpack (one
+    # method each in programs.experts) or none (a dense model)
+    expert_layout: str = "none"
+    # {"file": "experts.bin", "bytes": int, "sha256": hex, "alignment": segment start multiple} for layout int4
+    expert_file: dict | None = None
     # stored weight bytes outside the experts, per kind: embedding, attention (+ norms, router, RoPE), head, dense_ffn
     non_expert_bytes: dict[str, int] = field(default_factory=dict)
     fp32_linears: list[str] = field(default_factory=list)  # linears kept in fp32 (the routers)
@@ -69,6 +75,11 @@ class Manifest:
 
     def expert_method(self, layer: int, expert: int) -> str:
         return self.expert(layer, expert)["method"]
+
+    @property
+    def packed_experts(self) -> bool:
+        """The experts are int4 segments of expert_file (no ExecuTorch program holds them)."""
+        return self.expert_layout == "int4"
 
     def tokenizer_dir(self, bundle_dir: str | Path) -> Path:
         """The tokenizer directory shipped inside the bundle; CosmoesError if it has none (text needs it)."""
@@ -116,7 +127,7 @@ def write_manifest(bundle_dir: str | Path, manifest: Manifest) -> Path:
     manifest.format_version = FORMAT_VERSION
     manifest.cosmoes_version = __version__
     manifest.created = manifest.created or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    for prog in manifest.programs.values():
+    for prog in [*manifest.programs.values(), *([manifest.expert_file] if manifest.expert_file else [])]:
         path = bundle_dir / prog["file"]
         prog["bytes"] = path.stat().st_size
         prog["sha256"] = sha256_file(path)
@@ -158,6 +169,8 @@ def load_manifest(bundle_dir: str | Path, verify: bool = True) -> Manifest:
     _check_quant(manifest)
     for name, prog in manifest.programs.items():
         _check_program(bundle_dir, name, prog, verify)
+    if manifest.expert_file:
+        _check_segment_file(bundle_dir, manifest, verify)
     ensure_runtime_kernels(manifest)
     return manifest
 
@@ -172,6 +185,7 @@ def _check_inside(bundle_dir: Path, manifest: Manifest) -> None:
     root = bundle_dir.resolve()
     names = [(f"programs.{name}.file", prog["file"]) for name, prog in manifest.programs.items()]
     names += [("tokenizer", manifest.tokenizer)] if manifest.tokenizer else []
+    names += [("expert_file.file", manifest.expert_file["file"])] if manifest.expert_file else []
     for field_name, file_name in names:
         where = f"{bundle_dir / MANIFEST_NAME}: {field_name} = {json.dumps(file_name, ensure_ascii=False)}"
         try:
@@ -200,22 +214,43 @@ def _check_quant(manifest: Manifest) -> None:
 
 def _check_program(bundle_dir: Path, name: str, prog: dict, verify: bool) -> None:
     path = bundle_dir / prog["file"]
-    if not path.is_file():
-        raise CosmoesError(f"bundle file missing: {path}")
-    size = path.stat().st_size
-    if size != prog["bytes"]:
-        raise CosmoesError(f"bundle file {path} has {size} bytes, the manifest says {prog['bytes']} "
-                           "(truncated or replaced); re-export the bundle")
+    _check_file(path, prog["bytes"], prog["sha256"] if verify else None)
     if not verify:
         return
-    if sha256_file(path) != prog["sha256"]:
-        raise CosmoesError(f"bundle file {path} is corrupt (sha256 differs from the manifest); re-export the bundle")
     methods = set(pte_method_names(path))
     missing = [m for m in prog["methods"] if m not in methods]
     if missing:
         raise CosmoesError(f"program {path} lacks method {missing[0]!r} listed in the manifest"
                            + (f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""))
     _check_runtime_opens(path)
+
+
+def _check_file(path: Path, size: int, sha256: str | None) -> None:
+    if not path.is_file():
+        raise CosmoesError(f"bundle file missing: {path}")
+    have = path.stat().st_size
+    if have != size:
+        raise CosmoesError(f"bundle file {path} has {have} bytes, the manifest says {size} "
+                           "(truncated or replaced); re-export the bundle")
+    if sha256 is not None and sha256_file(path) != sha256:
+        raise CosmoesError(f"bundle file {path} is corrupt (sha256 differs from the manifest); re-export the bundle")
+
+
+def _check_segment_file(bundle_dir: Path, manifest: Manifest, verify: bool) -> None:
+    """experts.bin has its recorded size (every segment lies inside it: the schema checked the offsets against
+    it) and, with ``verify``, its sha256 and every segment's own."""
+    spec = manifest.expert_file
+    path = bundle_dir / spec["file"]
+    _check_file(path, spec["bytes"], spec["sha256"] if verify else None)
+    if not verify:
+        return
+    with open(path, "rb") as f:
+        for layer, table in sorted(manifest.experts.items()):
+            for e, entry in sorted(table.items()):
+                f.seek(entry["offset"])
+                if hashlib.sha256(f.read(entry["bytes"])).hexdigest() != entry["sha256"]:
+                    raise CosmoesError(f"bundle file {path}: the segment of expert {e} in layer {layer} is corrupt "
+                                       f"(sha256 differs from experts.{layer}.{e}.sha256); re-export the bundle")
 
 
 # -- .pte structure ---------------------------------------------------------------------------------------------

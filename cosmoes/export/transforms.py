@@ -168,8 +168,10 @@ def expert_method(layer: int, expert: int) -> str:
     return f"layer_{layer}_expert_{expert}"
 
 
-def split_model(model: Transformer, max_chunk: int = 128) -> list[Stage]:
+def split_model(model: Transformer, max_chunk: int = 128, experts: bool = True) -> list[Stage]:
     """The model as a list of exportable stages; stages share (not copy) the model's weights.
+
+    experts=False leaves the MoE experts out (they are packed as data segments instead, cosmoes.export.segments).
 
     max_chunk bounds the tokens per call: ExecuTorch plans activations for the upper bound of a dynamic
     dim, so T = max_seq_len would reserve T x S attention scores and T x vocab logits (1 GB for a phone
@@ -195,7 +197,7 @@ def split_model(model: Transformer, max_chunk: int = 128) -> list[Stage]:
             stages.append(Stage(f"layer_{i}_ffn", ExpertStage(block.feed_forward), (x,), ({0: N},), "backbone",
                                 "dense_ffn", layer=i))
             continue
-        for e, expert in enumerate(block.feed_forward.experts):
+        for e, expert in enumerate(block.feed_forward.experts if experts else ()):
             stages.append(Stage(expert_method(i, e), ExpertStage(expert), (x,), ({0: N},), "experts", "expert",
                                 layer=i, expert=e))
     stages.append(Stage("head", HeadStage(model), (h,), ({1: T},), "backbone", "head"))
@@ -261,10 +263,12 @@ def choose_group_size(model: nn.Module, preferred: int) -> int:
     return MIN_GROUP
 
 
-def pad_linears(model: nn.Module, group_size: int) -> dict[str, list[int]]:
+def pad_linears(model: nn.Module, group_size: int, skip_experts: bool = False) -> dict[str, list[int]]:
     """Replace (in place) every quantised linear whose width ``group_size`` does not divide by a PaddedLinear."""
     padded = {}
     for fqn, linear in quantised_linears(model).items():
+        if skip_experts and _is_expert(fqn):
+            continue
         if linear.in_features % group_size:
             width = -(-linear.in_features // group_size) * group_size
             parent_name, _, child = fqn.rpartition(".")
@@ -299,23 +303,26 @@ def _embedding_config(mode: str, dim: int, group_size: int | None):
 
 
 def quantize_model(model: Transformer, mode: str, group_size: int | None = 32,
-                   quant_embedding: str = "none") -> QuantReport:
+                   quant_embedding: str = "none", skip_experts: bool = False) -> QuantReport:
     """Quantise the model in place for ExecuTorch/XNNPACK and report what was done.
 
     Routers stay fp32 (D x E, negligible in size) so expert selection follows the trained router rather than
     quantisation noise; embeddings stay fp32 unless ``quant_embedding`` is int8/int4. ``group_size`` is the
     preferred 8da4w group; the group used follows `choose_group_size`, and linears it does not divide are padded.
+    skip_experts leaves the MoE experts' linears as they are (packed apart, cosmoes.export.segments).
     """
     from torchao.quantization import quantize_
 
     report = QuantReport(group_size=None)
     if mode == "8da4w":
         report.group_size = choose_group_size(model, group_size or 32)
-        report.padded_linears = pad_linears(model, report.group_size)
+        report.padded_linears = pad_linears(model, report.group_size, skip_experts)
     if mode != "none":
-        quantize_(model, _linear_config(mode, report.group_size), filter_fn=_is_quantised_linear)
-        report.fp32_linears = [fqn for fqn, m in model.named_modules()
-                               if isinstance(m, nn.Linear) and not _is_quantised_linear(m, fqn)]
+        keep = (lambda m, fqn: _is_quantised_linear(m, fqn) and not _is_expert(fqn)) if skip_experts \
+            else _is_quantised_linear
+        quantize_(model, _linear_config(mode, report.group_size), filter_fn=keep)
+        report.fp32_linears = [fqn for fqn, m in model.named_modules() if isinstance(m, nn.Linear)
+                               and not _is_quantised_linear(m, fqn)]
     if quant_embedding != "none":
         cfg = _embedding_config(quant_embedding, model.config.dim, report.group_size or group_size)
         quantize_(model, cfg, filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
@@ -324,6 +331,10 @@ def quantize_model(model: Transformer, mode: str, group_size: int | None = 32,
 
 def _is_quantised_linear(module: nn.Module, fqn: str) -> bool:
     return isinstance(module, nn.Linear) and not fqn.endswith("router")
+
+
+def _is_expert(fqn: str) -> bool:
+    return ".experts." in fqn
 
 
 __all__ = ["StaticKVCache", "causal_bias", "cached_attention", "ContextStage", "EmbedStage", "LayerStage", "ExpertStage", "HeadStage", "Stage", "expert_method",

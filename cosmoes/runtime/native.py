@@ -22,7 +22,8 @@ from pathlib import Path
 from cosmoes.errors import CosmoesError
 
 RUNNER_NAME = "cosmoes_runner"
-_SOURCE_GLOBS = ("CMakeLists.txt", "cmake/*", "include/cosmoes/*.h", "runtime/*.h", "runtime/*.cpp", "runner/*.cpp")
+_SOURCE_GLOBS = ("CMakeLists.txt", "cmake/*", "include/cosmoes/*.h", "runtime/*.h", "runtime/*.cpp", "runner/*.cpp",
+                 "tools/*.cpp")
 # Every UBSan finding stops the runner (by default UBSan prints and goes on, and a test would pass regardless).
 SANITIZE_FLAGS = "-fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
 

@@ -147,8 +147,9 @@ class RuntimeStats:
 class ExpertCache:
     """The loaded expert methods, per layer in least-recently-used order, evicted according to a CachePolicy."""
 
-    def __init__(self, policy: CachePolicy, loader: Callable[[int, int], object], n_layers: int, num_experts: int):
-        self.policy, self.loader = policy, loader
+    def __init__(self, policy: CachePolicy, loader: Callable[[int, int], object], n_layers: int, num_experts: int,
+                 on_evict: Callable[[int, int], None] | None = None):
+        self.policy, self.loader, self.on_evict = policy, loader, on_evict
         self.layers: list[OrderedDict[int, object]] = [OrderedDict() for _ in range(n_layers)]
         self.stats = RuntimeStats(num_experts=num_experts, resident_peak_per_layer=[0] * n_layers,
                                   selections=[[] for _ in range(n_layers)])
@@ -188,6 +189,8 @@ class ExpertCache:
             return
         for e in experts:
             del self.layers[layer][e]  # the last reference: ExecuTorch frees the method and its packed weights
+            if self.on_evict is not None:
+                self.on_evict(layer, e)
         self.stats.evictions += len(experts)
         release_heap()
 
@@ -219,18 +222,34 @@ class BundleRuntime:
         from executorch.runtime import Runtime
 
         runtime = Runtime.get()
-        expert_methods = {e["method"] for lay in self.manifest.experts.values() for e in lay.values()}
+        expert_methods = {e.get("method") for lay in self.manifest.experts.values() for e in lay.values()}
         with native_stderr_hidden():  # XNNPACK's first method load probes the CPU and logs it on fd 2
             self._programs = {name: _load_program(runtime, self.manifest.program_path(self.bundle_dir, name))
                               for name in self.manifest.programs}
             self._methods = {m: load_method_uncached(prog, m) for name, prog in self._programs.items()
                              for m in self.manifest.programs[name]["methods"] if m not in expert_methods}
         n_moe = len(self.manifest.experts) if self.config.is_moe else 0
-        self._experts = ExpertCache(self.policy, self._load_expert, n_moe, self.config.num_experts)
+        self._segments = None
+        if self.manifest.packed_experts:
+            from cosmoes.export.segments import SegmentFile
+
+            self._segments = SegmentFile(self.bundle_dir / self.manifest.expert_file["file"], self.manifest.config,
+                                         self.manifest.group_size)
+        self._experts = ExpertCache(self.policy, self._load_expert, n_moe, self.config.num_experts,
+                                    on_evict=self._release_expert)
 
     def _load_expert(self, layer: int, expert: int):
         entry = self.manifest.expert(layer, expert)
-        return load_method_uncached(self._programs[entry["program"]], entry["method"])
+        if self._segments is None:
+            return load_method_uncached(self._programs[entry["program"]], entry["method"])
+        from cosmoes.export.segments import expert_ffn_from
+
+        # the int4 kernels' reference over the mapped segment: a load is its page-ins, nothing is copied
+        return expert_ffn_from(self._segments.expert(entry["offset"]), bool(self.config.wd_rank))
+
+    def _release_expert(self, layer: int, expert: int) -> None:
+        if self._segments is not None:
+            self._segments.release(self.manifest.expert(layer, expert)["offset"])
 
     def tokenizer(self):
         """The tokenizer shipped inside the bundle; CosmoesError if it has none."""

@@ -155,21 +155,22 @@ const std::string& one_of(const Fields& f, const Value& root, const std::string&
 }
 
 // group_size: null (no grouped quantisation) or a positive multiple of 32; 8da4w needs one.
-void check_group_size(const Fields& f, const Value& root, const std::string& quant) {
+int64_t check_group_size(const Fields& f, const Value& root, const std::string& quant) {
   const Value& v = f.get(root, "group_size", "group_size");
   if (v.is_null()) {
     if (quant == "8da4w") f.fail("group_size", v, "must be set for quant 8da4w");
-    return;
+    return 0;
   }
   int64_t g = f.integer(v, "group_size", limits::kMinGroup, limits::kFfnDim);
   if (g % limits::kMinGroup) f.fail("group_size", v, "must be a multiple of " + std::to_string(limits::kMinGroup));
+  return g;
 }
 
 void read_header(const Fields& f, const Value& root, BundleManifest& m) {
   m.target = one_of(f, root, "target", kTargets);
   m.quant = one_of(f, root, "quant", kQuants);
   m.quant_embedding = one_of(f, root, "quant_embedding", kEmbeddingQuants);
-  check_group_size(f, root, m.quant);
+  m.group_size = check_group_size(f, root, m.quant);
   // null: the bundle ships no tokenizer; else a directory inside the bundle (the runtime itself takes token ids)
   if (root.has("tokenizer") && !root.at("tokenizer").is_null())
     m.tokenizer = f.name(root.at("tokenizer"), "tokenizer", true);
@@ -205,6 +206,8 @@ void read_config(const Fields& f, const Value& root, BundleManifest& m) {
   m.ffn_dim = f.integer(cfg, "ffn_dim", "config.ffn_dim", 1, limits::kFfnDim);
   read_heads(f, cfg, m);
   m.num_experts = f.integer(cfg, "num_experts", "config.num_experts", 0, limits::kExperts);
+  if (cfg.has("wd_rank") && !cfg.at("wd_rank").is_null())
+    m.wd_rank = f.integer(cfg, "wd_rank", "config.wd_rank", 1, limits::kFfnDim);
   m.is_moe = m.num_experts > 0;
   const Value& top_k = f.get(cfg, "top_k", "config.top_k");
   m.top_k = f.integer(top_k, "config.top_k", INT64_MIN, INT64_MAX);
@@ -246,6 +249,31 @@ void read_programs(const Fields& f, const Value& root, BundleManifest& m) {
 
 // One expert's entry: its program must be "experts" (the only program the runtime loads experts from) and list the
 // method; no two experts may share a method, or evicting one would unload the other.
+// An int4 expert's entry: a segment of exactly the size the config and group give, aligned, inside expert_file.
+ExpertEntry read_segment(const Fields& f, const Value& x, const std::string& field, const BundleManifest& m,
+                         int64_t segment_bytes) {
+  if (x.type != Value::Type::Object) f.fail(field, x, "must be an object");
+  ExpertEntry e;
+  if (x.has("method") || x.has("program")) f.fail(field + ".method", "must not be given for expert_layout int4");
+  const Value& offset = f.get(x, "offset", field + ".offset");
+  e.offset = f.integer(offset, field + ".offset", 0, limits::kBytes);
+  const Value& bytes = f.get(x, "bytes", field + ".bytes");
+  e.bytes = f.integer(bytes, field + ".bytes", 1, limits::kBytes);
+  if (e.bytes != segment_bytes)
+    f.fail(field + ".bytes", bytes, "must be " + std::to_string(segment_bytes) + " (an int4 expert of this config, group " +
+                                        std::to_string(m.group_size) + ")");
+  if (e.offset % m.alignment)
+    f.fail(field + ".offset", offset, "must be a multiple of expert_file.alignment " + std::to_string(m.alignment));
+  if (e.offset + e.bytes > m.expert_file.bytes)
+    f.fail(field + ".offset", offset, "puts the segment past the end of " + m.expert_file.file + " (" +
+                                          std::to_string(m.expert_file.bytes) + " bytes)");
+  const Value& sha = f.get(x, "sha256", field + ".sha256");
+  e.sha256 = f.string(sha, field + ".sha256");
+  if (e.sha256.size() != 64 || e.sha256.find_first_not_of("0123456789abcdef") != std::string::npos)
+    f.fail(field + ".sha256", sha, "must be 64 lowercase hex digits");
+  return e;
+}
+
 ExpertEntry read_expert(const Fields& f, const Value& x, const std::string& field, const BundleManifest& m,
                         std::set<std::string>& used) {
   if (x.type != Value::Type::Object) f.fail(field, x, "must be an object");
@@ -263,6 +291,8 @@ ExpertEntry read_expert(const Fields& f, const Value& x, const std::string& fiel
   return e;
 }
 
+void check_segments_apart(const Fields& f, const BundleManifest& m);
+
 // Exactly layers "0".."n_layers-1", each with experts "0".."num_experts-1" for an MoE; nothing for a dense model.
 void read_experts(const Fields& f, const Value& root, BundleManifest& m) {
   const Value& layers = f.object(root, "experts", "experts");
@@ -273,6 +303,8 @@ void read_experts(const Fields& f, const Value& root, BundleManifest& m) {
                           " need " + std::to_string(want));
   if (!m.is_moe) return;
   std::set<std::string> used;
+  int64_t segment_bytes = 0;
+  if (m.packed_experts()) expert_matrices(m.dim, m.ffn_dim, m.wd_rank, m.group_size, &segment_bytes);
   m.experts.assign(m.n_layers, std::vector<ExpertEntry>(m.num_experts));
   for (int64_t i = 0; i < m.n_layers; ++i) {
     const std::string field = "experts." + std::to_string(i);
@@ -282,9 +314,51 @@ void read_experts(const Fields& f, const Value& root, BundleManifest& m) {
                         std::to_string(m.num_experts));
     for (int64_t e = 0; e < m.num_experts; ++e) {
       const std::string key = std::to_string(e);
-      m.experts[i][e] = read_expert(f, f.get(layer, key, field + "." + key), field + "." + key, m, used);
+      const Value& x = f.get(layer, key, field + "." + key);
+      m.experts[i][e] = m.packed_experts() ? read_segment(f, x, field + "." + key, m, segment_bytes)
+                                           : read_expert(f, x, field + "." + key, m, used);
     }
   }
+  if (m.packed_experts()) check_segments_apart(f, m);
+}
+
+// No two segments overlap: evicting one expert's pages must never take another's.
+void check_segments_apart(const Fields& f, const BundleManifest& m) {
+  std::vector<std::pair<int64_t, std::string>> starts;
+  for (size_t i = 0; i < m.experts.size(); ++i)
+    for (size_t e = 0; e < m.experts[i].size(); ++e)
+      starts.push_back({m.experts[i][e].offset, "experts." + std::to_string(i) + "." + std::to_string(e)});
+  std::sort(starts.begin(), starts.end());
+  const int64_t bytes = m.experts[0][0].bytes;  // all equal (read_segment)
+  for (size_t j = 1; j < starts.size(); ++j)
+    if (starts[j].first < starts[j - 1].first + bytes)
+      f.fail(starts[j].second + ".offset", "overlaps another expert's segment");
+}
+
+// expert_layout and, for int4, expert_file: {file, bytes, sha256, alignment}.
+void read_expert_layout(const Fields& f, const Value& root, BundleManifest& m) {
+  static const char* const layouts[] = {"none", "int4", "xnnpack"};
+  m.expert_layout = one_of(f, root, "expert_layout", layouts);
+  if (m.is_moe == (m.expert_layout == "none"))
+    f.fail("expert_layout", f.get(root, "expert_layout", ""),
+           m.is_moe ? "must be int4 or xnnpack for an MoE model (config.num_experts > 0)"
+                    : "must be \"none\" for a dense model");
+  const bool has_file = root.has("expert_file") && !root.at("expert_file").is_null();
+  if (has_file != m.packed_experts())
+    f.fail("expert_file", std::string("must be ") + (m.packed_experts() ? "given" : "null") + " for expert_layout " +
+                              m.expert_layout);
+  if (!has_file) return;
+  if (m.quant != "8da4w") f.fail("expert_layout", f.get(root, "expert_layout", ""), "holds 8da4w experts, but quant is " + m.quant);
+  const Value& x = f.object(root, "expert_file", "expert_file");
+  m.expert_file.name = "expert_file";
+  m.expert_file.file = f.name(f.get(x, "file", "expert_file.file"), "expert_file.file", true);
+  m.expert_file.bytes = f.integer(x, "bytes", "expert_file.bytes", 1, limits::kBytes);
+  const Value& sha = f.get(x, "sha256", "expert_file.sha256");
+  m.expert_file.sha256 = f.string(sha, "expert_file.sha256");
+  if (m.expert_file.sha256.size() != 64 ||
+      m.expert_file.sha256.find_first_not_of("0123456789abcdef") != std::string::npos)
+    f.fail("expert_file.sha256", sha, "must be 64 lowercase hex digits");
+  m.alignment = f.integer(x, "alignment", "expert_file.alignment", 64, int64_t{1} << 20);
 }
 
 void read_non_expert_bytes(const Fields& f, const Value& root, BundleManifest& m) {
@@ -392,7 +466,8 @@ BundleManifest parse_manifest(const std::string& dir, const std::string& path) {
   read_config(f, root, m);
   read_programs(f, root, m);
   require_program(f, m, "backbone", "every bundle");
-  if (m.is_moe) require_program(f, m, "experts", "an MoE (config.num_experts > 0)");
+  read_expert_layout(f, root, m);
+  if (m.expert_layout == "xnnpack") require_program(f, m, "experts", "expert_layout xnnpack");
   read_experts(f, root, m);
   read_non_expert_bytes(f, root, m);
   read_memory(f, root, m);
@@ -421,7 +496,7 @@ void check_program_file(const BundleManifest& m, const ProgramFile& p, bool chec
   if (size != p.bytes)
     throw Error("bundle file " + file + " has " + std::to_string(size) + " bytes, the manifest says " +
                 std::to_string(p.bytes) + " (truncated or replaced); re-export the bundle");
-  check_pte_header(file);
+  if (p.name != "expert_file") check_pte_header(file);
   if (check_sha && sha256_file(file) != p.sha256)
     throw Error("bundle file " + file + " is corrupt (sha256 differs from the manifest); re-export the bundle");
 }
@@ -452,6 +527,30 @@ int64_t BundleManifest::active_expert_bytes() const {
   return total;
 }
 
+std::vector<MatrixLayout> expert_matrices(int64_t dim, int64_t ffn_dim, int64_t wd_rank, int64_t group,
+                                          int64_t* segment_bytes) {
+  auto up = [](int64_t n, int64_t to) { return (n + to - 1) / to * to; };
+  constexpr int64_t kPartAlign = 64;  // segments.py PART_ALIGN
+  std::vector<std::pair<int64_t, int64_t>> shapes = {{ffn_dim, dim}, {ffn_dim, dim}, {dim, ffn_dim}};  // w1 w3 w2
+  if (wd_rank > 0) {
+    std::vector<std::pair<int64_t, int64_t>> parts;
+    for (auto [out, in] : shapes) parts.insert(parts.end(), {{wd_rank, in}, {out, wd_rank}});
+    shapes = parts;
+  }
+  std::vector<MatrixLayout> out;
+  int64_t at = 0;
+  for (auto [rows, in] : shapes) {
+    MatrixLayout l;
+    l.rows = rows, l.in = in, l.group = group, l.padded = up(in, group);
+    l.nibbles_at = up(at, kPartAlign);
+    l.scales_at = up(l.nibbles_at + rows * l.padded / 2, kPartAlign);
+    at = l.scales_at + l.padded / group * rows * 4;
+    out.push_back(l);
+  }
+  if (segment_bytes) *segment_bytes = at;
+  return out;
+}
+
 const ProgramFile& BundleManifest::program(const std::string& name) const {
   for (const auto& p : programs)
     if (p.name == name) return p;
@@ -467,7 +566,8 @@ std::map<std::string, std::vector<std::string>> required_methods(const BundleMan
     if (!m.is_moe) backbone.push_back("layer_" + std::to_string(i) + "_ffn");
   }
   for (const auto& layer : m.experts)
-    for (const auto& e : layer) need[e.program].push_back(e.method);
+    for (const auto& e : layer)
+      if (!e.program.empty()) need[e.program].push_back(e.method);
   return need;
 }
 
@@ -476,8 +576,10 @@ BundleManifest load_bundle_manifest(const std::string& dir, bool check_sha) {
   std::string path = dir + "/manifest.json";
   if (file_size(path) < 0) throw Error("not a cosmoes bundle (no manifest.json): " + dir);
   BundleManifest m = parse_manifest(dir, path);
-  for (const auto& p : m.programs) check_program_path(m, p, path);  // every name first, then any file's bytes
-  for (const auto& p : m.programs) check_program_file(m, p, check_sha);
+  std::vector<ProgramFile> files = m.programs;
+  if (m.packed_experts()) files.push_back(m.expert_file);
+  for (const auto& p : files) check_program_path(m, p, path);  // every name first, then any file's bytes
+  for (const auto& p : files) check_program_file(m, p, check_sha);
   return m;
 }
 

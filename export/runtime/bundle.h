@@ -8,7 +8,7 @@
 
 namespace cosmoes {
 
-constexpr int kBundleFormatVersion = 3;  // cosmoes/export/manifest.py FORMAT_VERSION
+constexpr int kBundleFormatVersion = 4;  // cosmoes/export/manifest.py FORMAT_VERSION
 
 // What a manifest may ask of the runtime. A bundle can come from anywhere, so every number is checked against these
 // before anything is allocated or indexed by it; each is far above any model the paper describes (Table 1: 19
@@ -47,10 +47,23 @@ struct ProgramFile {
 };
 
 struct ExpertEntry {
-  std::string program;
+  std::string program;  // expert_layout xnnpack: the method of programs.experts that holds the expert
   std::string method;
-  int64_t bytes = 0;  // stored weight bytes of this expert
+  int64_t offset = -1;  // expert_layout int4: the segment's byte offset in expert_file
+  std::string sha256;   // ... and its sha256
+  int64_t bytes = 0;    // stored weight bytes of this expert
 };
+
+// One packed linear of an int4 expert segment (cosmoes/export/segments.py expert_matrices, the same order and
+// offsets): out x in weights, the input padded to a multiple of the group; its nibbles then its scales.
+struct MatrixLayout {
+  int64_t rows = 0, in = 0, padded = 0, group = 0;
+  int64_t nibbles_at = 0, scales_at = 0;  // byte offsets inside the segment
+};
+
+// The matrices of one SwiGLU expert (w1, w3, w2; each as down then up when wd_rank > 0) and the segment's bytes.
+std::vector<MatrixLayout> expert_matrices(int64_t dim, int64_t ffn_dim, int64_t wd_rank, int64_t group,
+                                          int64_t* segment_bytes);
 
 struct BundleManifest {
   std::string dir;
@@ -62,6 +75,11 @@ struct BundleManifest {
   double router_temperature = 1.0;
   bool norm_topk_prob = true;
   bool is_moe = false;  // config.num_experts > 0
+  int64_t wd_rank = 0;  // config.wd_rank (0: full-rank experts)
+  int64_t group_size = 0;  // 0: none
+  std::string expert_layout = "none";  // none | int4 (segments of expert_file) | xnnpack (methods of experts.pte)
+  ProgramFile expert_file;  // layout int4: experts.bin (name "expert_file", no methods)
+  int64_t alignment = 0;    // every segment offset is a multiple of it
   std::vector<ProgramFile> programs;
   std::vector<std::vector<ExpertEntry>> experts;  // [layer][expert]; empty for dense models
   std::map<std::string, int64_t> non_expert_bytes;
@@ -77,6 +95,11 @@ struct BundleManifest {
   int64_t max_expert_bytes() const;
   int64_t active_expert_bytes() const;  // top_k experts of every layer (the largest ones)
   const ProgramFile& program(const std::string& name) const;
+  bool packed_experts() const { return expert_layout == "int4"; }
+  // The file the experts are read from: expert_file (int4), experts.pte (xnnpack), backbone.pte (a dense model).
+  std::string experts_path() const {
+    return packed_experts() ? path(expert_file) : path(program(is_moe ? "experts" : "backbone"));
+  }
   std::string path(const ProgramFile& p) const { return dir + "/" + p.file; }
 };
 

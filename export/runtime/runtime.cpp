@@ -8,6 +8,7 @@
 #include <unordered_set>
 
 #include <executorch/extension/module/module.h>
+#include <executorch/runtime/core/function_ref.h>
 #include <executorch/extension/tensor/tensor.h>
 #include <executorch/runtime/platform/platform.h>
 #include <unistd.h>
@@ -28,6 +29,7 @@ class ThreadPool {
  public:
   size_t get_thread_count() const;
   bool _unsafe_reset_threadpool(uint32_t num_threads);
+  void run(executorch::runtime::FunctionRef<void(size_t)> fn, size_t range);
 };
 ThreadPool* get_threadpool();
 }  // namespace executorch::extension::threadpool
@@ -68,6 +70,16 @@ void abort_as_error() {
                g_method ? g_method->c_str() : "");
   std::fflush(stderr);
   std::_Exit(2);
+}
+
+// The int4 experts' row chunks over ExecuTorch's pool, the one the XNNPACK methods use (no second set of threads).
+void pool_parallel(void* ctx, void (*fn)(void*, int64_t), int64_t n) {
+  auto* pool = executorch::extension::threadpool::get_threadpool();
+  if (!pool) {
+    for (int64_t i = 0; i < n; ++i) fn(ctx, i);
+    return;
+  }
+  pool->run([&](size_t i) { fn(ctx, static_cast<int64_t>(i)); }, static_cast<size_t>(n));
 }
 
 // Runs a method and checks it returned at least `outputs` values, so callers may index them.
@@ -263,7 +275,12 @@ Policy Policy::from_budget(const BundleManifest& m, int64_t budget_bytes) {
 // -- ExpertCache ------------------------------------------------------------------------------------------------
 ExpertCache::ExpertCache(Module& program, executorch::runtime::HierarchicalAllocator* planned, const BundleManifest& m,
                          Policy policy)
-    : program_(program), planned_(planned), m_(m), policy_(policy), lru_(m.n_layers) {
+    : program_(&program), planned_(planned), m_(m), policy_(policy), lru_(m.n_layers) {
+  stats_.selections.resize(m.n_layers);
+}
+
+ExpertCache::ExpertCache(const SegmentMap& segments, const BundleManifest& m, Policy policy)
+    : segments_(&segments), m_(m), policy_(policy), lru_(m.n_layers) {
   stats_.selections.resize(m.n_layers);
 }
 
@@ -294,12 +311,22 @@ const std::string& ExpertCache::acquire(int64_t layer, int64_t expert) {
   if (policy_.kind == Policy::Kind::Lru && static_cast<int64_t>(order.size()) >= policy_.capacity) {
     evict(layer, order.front());
   }
+  if (segments_) {  // a segment used in place: loading is bringing its pages in
+    const ExpertEntry& entry = m_.experts[layer][expert];
+    auto t0 = Clock::now();
+    segments_->bring_in(entry.offset, entry.bytes);
+    stats_.load_ms += ms_since(t0);
+    stats_.loads += 1;
+    order.push_back(expert);
+    stats_.resident_peak = std::max(stats_.resident_peak, resident_count());
+    return method;
+  }
   // The first loads also measure what a resident expert costs (reading /proc is kept out of the load time).
   const bool sample = stats_.packed_samples < kPackedSamples;
   const double anon0 = sample ? anon_rss_mb() : 0;
   auto t0 = Clock::now();
   InMethod in(method);
-  EtError err = program_.load_method(method, planned_);
+  EtError err = program_->load_method(method, planned_);
   if (err != EtError::Ok)
     throw cosmoes::Error("loading expert method " + method + " of " + m_.path(m_.program("experts")) + " failed: " +
                          et_error(err));
@@ -320,7 +347,11 @@ void ExpertCache::release(int64_t layer, int64_t expert, const std::vector<int64
 }
 
 void ExpertCache::evict(int64_t layer, int64_t expert) {
-  program_.unload_method(m_.experts[layer][expert].method);  // destroys the XNNPACK runtime + packed weights
+  const ExpertEntry& entry = m_.experts[layer][expert];
+  if (segments_)
+    segments_->give_back(entry.offset, entry.bytes);
+  else
+    program_->unload_method(entry.method);  // destroys the XNNPACK runtime + packed weights
   lru_[layer].remove(expert);
   stats_.evictions += 1;
 }
@@ -430,15 +461,16 @@ std::vector<KindBytes> Runtime::resident_by_kind() const {
   for (const char* kind : {"embedding", "attention", "head", "dense_ffn"})
     if (m_.non_expert_bytes.count(kind)) out.push_back({kind, loaded_.mb(kind), 0});
   std::vector<std::string> files = {m_.path(m_.program("backbone"))};
-  if (m_.is_moe) files.push_back(m_.path(m_.program("experts")));
+  if (m_.is_moe) files.push_back(m_.experts_path());
   std::vector<double> file_mb = mapped_file_rss_mb(files);
   // What stays mapped of backbone.pte is the weights read in place (the embedding table; XNNPACK's segments are
   // unmapped once packed) and the program's own tables.
   if (!out.empty() && out[0].kind == "embedding") out[0].file_mb = std::max(0.0, file_mb[0]);
   if (m_.is_moe) {
     const ExpertStats& st = experts_->stats();
+    // int4 segments are file pages only; XNNPACK's packed copies are anonymous
     double per_expert = st.packed_samples ? st.packed_mb_sum / st.packed_samples : 0;
-    out.push_back({"experts", per_expert * experts_->resident_count(), std::max(0.0, file_mb[1])});
+    out.push_back({"experts", segments_ ? 0.0 : per_expert * experts_->resident_count(), std::max(0.0, file_mb[1])});
   }
   const LazyArena* kv_arena = m_.kv_program == "backbone" ? backbone_arena_.get() : expert_arena_.get();
   double kv = kv_arena ? kv_arena->resident_bytes(static_cast<size_t>(m_.kv_buffer_id)) / 1e6 : 0;
@@ -479,7 +511,13 @@ void Runtime::open_programs() {
   }
   // the embedding is read in place: each token's row should cost its page, not a read-ahead window
   read_in_place_without_readahead(m_.path(m_.program("backbone")));
-  if (m_.is_moe) {
+  if (m_.packed_experts()) {
+    const std::string file = m_.path(m_.expert_file);
+    if (check_sha_) forget_cached_pages(file);  // a first load then reads its own pages, not the hash's folios
+    segments_ = std::make_unique<SegmentMap>(file, m_.expert_file.bytes);
+    expert_layout_ = expert_matrices(m_.dim, m_.ffn_dim, m_.wd_rank, m_.group_size, nullptr);
+    experts_ = std::make_unique<ExpertCache>(*segments_, m_, policy_);
+  } else if (m_.is_moe) {
     expert_program_ = open_program(m_.program("experts"), calls["experts"], expert_arena_);
     experts_ = std::make_unique<ExpertCache>(*expert_program_, expert_arena_->planned(), m_, policy_);
   }
@@ -589,9 +627,21 @@ void Runtime::moe(int64_t layer, const std::vector<float>& x_TD, const std::vect
           x_ND.insert(x_ND.end(), x_TD.begin() + t * D, x_TD.begin() + (t + 1) * D);
         }
     const std::string& method = experts_->acquire(layer, e);
-    auto x_t = from_blob(x_ND.data(), {static_cast<int>(token.size()), static_cast<int>(D)});
-    auto outs = run(*expert_program_, method, {EValue(x_t)}, 1, stage_ms_.experts);
-    const float* y_ND = checked_floats(outs[0], static_cast<int64_t>(token.size()) * D, method);
+    const int64_t N = static_cast<int64_t>(token.size());
+    const float* y_ND = nullptr;
+    std::vector<EValue> outs;
+    if (segments_) {
+      auto t0 = Clock::now();
+      expert_out_.resize(static_cast<size_t>(N * D));
+      run_expert(expert_layout_, m_.wd_rank > 0, segments_->at(m_.experts[layer][e].offset), x_ND.data(), N,
+                 expert_out_.data(), scratch_, pool_parallel, threads_);
+      stage_ms_.experts += ms_since(t0);
+      y_ND = expert_out_.data();
+    } else {
+      auto x_t = from_blob(x_ND.data(), {static_cast<int>(N), static_cast<int>(D)});
+      outs = run(*expert_program_, method, {EValue(x_t)}, 1, stage_ms_.experts);
+      y_ND = checked_floats(outs[0], N * D, method);
+    }
     for (size_t n = 0; n < token.size(); ++n) {
       const float w = weights_TK[token[n] * K + slot[n]];
       float* out = &out_TD[token[n] * D];

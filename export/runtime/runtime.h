@@ -16,6 +16,7 @@
 #include "arena.h"
 #include "bundle.h"
 #include "footprint.h"
+#include "segments.h"
 
 namespace executorch::extension::module {
 class Module;
@@ -48,12 +49,14 @@ struct ExpertStats {
   std::vector<double> exrep_per_layer(int64_t num_experts) const;
 };
 
-// The loaded expert methods of one program, per layer in least-recently-used order.
+// The resident experts, per layer in least-recently-used order: loaded methods of experts.pte (layout xnnpack) or
+// brought-in segments of the mapped expert file (layout int4).
 class ExpertCache {
  public:
   // Every expert method loads with `planned` (its program's LazyArena), so they share one set of buffers.
   ExpertCache(executorch::extension::module::Module& program, executorch::runtime::HierarchicalAllocator* planned,
               const BundleManifest& m, Policy policy);
+  ExpertCache(const SegmentMap& segments, const BundleManifest& m, Policy policy);
   // A layer's FFN is about to run `selected`: under swap, evict the others before anything loads.
   void begin_step(int64_t layer, const std::vector<int64_t>& selected);
   // Makes the expert's method resident (lru evicts first, so N is never exceeded); returns its method name.
@@ -71,8 +74,9 @@ class ExpertCache {
   }
 
  private:
-  executorch::extension::module::Module& program_;
-  executorch::runtime::HierarchicalAllocator* planned_;
+  executorch::extension::module::Module* program_ = nullptr;
+  executorch::runtime::HierarchicalAllocator* planned_ = nullptr;
+  const SegmentMap* segments_ = nullptr;
   const BundleManifest& m_;
   Policy policy_;
   std::vector<std::list<int64_t>> lru_;  // per layer, least recent first
@@ -134,6 +138,10 @@ class Runtime {
   // Declared before the Modules: a loaded method points into its arena, so the arenas are destroyed last.
   std::unique_ptr<LazyArena> backbone_arena_, expert_arena_;
   std::unique_ptr<executorch::extension::module::Module> backbone_, expert_program_;
+  std::unique_ptr<SegmentMap> segments_;  // layout int4: the mapped expert file
+  std::vector<MatrixLayout> expert_layout_;
+  ExpertScratch scratch_;
+  std::vector<float> expert_out_;
   std::unique_ptr<ExpertCache> experts_;  // null for a dense model
   ExpertStats dense_stats_;
   LoadAccount loaded_;  // anonymous memory each kind of backbone method added when it loaded

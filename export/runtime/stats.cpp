@@ -168,8 +168,7 @@ SessionStats measure(Runtime& rt, const std::vector<int64_t>& prompt, const Benc
   s.end = process_memory();
   if (o.probe) {  // after the peak is read: the probe's own buffer must not count as the model's memory
     s.mem_gbps = memory_read_gbps(rt.threads());
-    const auto& experts = rt.manifest().is_moe ? rt.manifest().program("experts") : rt.manifest().program("backbone");
-    s.io_mbps = file_read_mbps(rt.manifest().path(experts), 256ll << 20);
+    s.io_mbps = file_read_mbps(rt.manifest().experts_path(), 256ll << 20);
   }
   return s;
 }

@@ -1,0 +1,38 @@
+// int8-dynamic-activation x int4-grouped-weight linears for the experts used in place (§3.4.2), with kernels per
+// instruction set chosen at run time; every kernel gives the scalar reference's bits (cosmoes/int4.py documents
+// the format and the fixed fp32 order), so the native and the Python runtime pick the same tokens.
+#pragma once
+
+#include <cstdint>
+#include <string>
+
+namespace cosmoes::int4 {
+
+// An out x cols int4 matrix (cols padded to a multiple of group, group a multiple of 32): nibbles rows x cols/2
+// (32-value blocks, byte j = value j low, value j + 16 high, stored as q + 8), scales fp32 [cols/group][rows].
+struct Matrix {
+  const uint8_t* nibbles;
+  const float* scales;
+  int64_t rows, cols, group;
+};
+
+// Per token: sa = amax / 127 over the `in` real columns, q = round(x / sa) in [-127, 127]; columns in..padded-1 are 0.
+void quantize(const float* x, int64_t N, int64_t in, int64_t padded, int8_t* q, float* sa);
+
+// Rows [row_begin, row_end) of y (N x w.rows) for all N tokens of q (N x w.cols): a caller splits rows across
+// threads. A block of weight rows is read once and used for every token (decode is the N = 1 case).
+void linear(const Matrix& w, const int8_t* q, const float* sa, int64_t N, float* y, int64_t row_begin,
+            int64_t row_end);
+
+// v / (1 + e^-v) in double, rounded once to float (as cosmoes.int4.silu).
+float silu(float v);
+
+enum class Isa { Scalar, NeonDot, Avx2, AvxVnni, Avx512Vnni };
+// The kernel family in use: the best this CPU has, capped by the environment variable COSMOES_ISA (scalar, avx2,
+// avxvnni, avx512vnni, neondot). Throws cosmoes::Error, one line, for an unknown value or one the CPU lacks.
+Isa active_isa();
+const char* isa_name(Isa isa);
+// What this CPU offers, best first, e.g. "avx512vnni avxvnni avx2 scalar".
+std::string isas_available();
+
+}  // namespace cosmoes::int4

@@ -1,0 +1,130 @@
+// The mapped expert file and the expert FFN over a segment (int4 kernels); see segments.h.
+#include "segments.h"
+
+#include <algorithm>
+#include <cmath>
+
+#include <fcntl.h>
+#include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
+
+#include "errors.h"
+
+#ifndef MADV_POPULATE_READ
+#define MADV_POPULATE_READ 22  // Linux 5.14; older kernels answer EINVAL and the pages are read one by one
+#endif
+
+namespace cosmoes {
+
+namespace {
+
+int64_t page_size() {
+  static const int64_t page = static_cast<int64_t>(::sysconf(_SC_PAGESIZE));
+  return page > 0 ? page : 4096;
+}
+
+}  // namespace
+
+SegmentMap::SegmentMap(const std::string& path, int64_t bytes) : path_(path), size_(static_cast<size_t>(bytes)) {
+  int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+  if (fd < 0) throw Error("cannot open the expert file " + path);
+  struct stat st;
+  if (::fstat(fd, &st) != 0 || st.st_size != bytes) {
+    ::close(fd);
+    throw Error("the expert file " + path + " changed size since its manifest was checked; re-export the bundle");
+  }
+  void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
+  ::close(fd);
+  if (p == MAP_FAILED) throw Error("cannot map the expert file " + path);
+  base_ = static_cast<uint8_t*>(p);
+  // an expert's pages, not a read-ahead window into the next expert's
+  ::madvise(base_, size_, MADV_RANDOM);
+}
+
+SegmentMap::~SegmentMap() {
+  if (base_) ::munmap(base_, size_);
+}
+
+void SegmentMap::bring_in(int64_t offset, int64_t bytes) const {
+  const int64_t page = page_size(), start = offset / page * page;
+  if (::madvise(base_ + start, static_cast<size_t>(offset + bytes - start), MADV_POPULATE_READ) == 0) return;
+  volatile uint8_t sink = 0;
+  for (int64_t at = start; at < offset + bytes; at += page) sink = sink + base_[at];
+}
+
+void SegmentMap::give_back(int64_t offset, int64_t bytes) const {
+  const int64_t page = page_size();
+  const int64_t start = (offset + page - 1) / page * page, end = (offset + bytes) / page * page;
+  if (end > start) ::madvise(base_ + start, static_cast<size_t>(end - start), MADV_DONTNEED);
+}
+
+namespace {
+
+// One linear over fp32 input rows: quantise them (per token, int8), then the int4 matrix's rows in chunks over the
+// pool; out is N x rows.
+struct LinearJob {
+  int4::Matrix w;
+  const int8_t* q;
+  const float* sa;
+  int64_t N;
+  float* out;
+  int64_t rows_per_chunk;
+};
+
+void linear_chunk(void* ctx, int64_t chunk) {
+  auto* job = static_cast<LinearJob*>(ctx);
+  const int64_t r0 = chunk * job->rows_per_chunk, r1 = std::min(job->w.rows, r0 + job->rows_per_chunk);
+  if (r0 < r1) int4::linear(job->w, job->q, job->sa, job->N, job->out, r0, r1);
+}
+
+// Rows per chunk: the matrix split evenly over the pool's threads, in blocks of 16 rows (the kernels' unit).
+constexpr int64_t kRowBlock = 16;
+
+void apply(const MatrixLayout& l, const uint8_t* segment, const float* x, int64_t N, float* out, ExpertScratch& s,
+           ParallelFor parallel, int64_t threads) {
+  s.q.resize(static_cast<size_t>(N * l.padded));
+  s.sa.resize(static_cast<size_t>(N));
+  int4::quantize(x, N, l.in, l.padded, s.q.data(), s.sa.data());
+  LinearJob job{{segment + l.nibbles_at, reinterpret_cast<const float*>(segment + l.scales_at), l.rows, l.padded,
+                 l.group},
+                s.q.data(), s.sa.data(), N, out, 0};
+  const int64_t per_thread = (l.rows + threads - 1) / threads;
+  job.rows_per_chunk = std::max<int64_t>(kRowBlock, (per_thread + kRowBlock - 1) / kRowBlock * kRowBlock);
+  const int64_t chunks = (l.rows + job.rows_per_chunk - 1) / job.rows_per_chunk;
+  if (chunks <= 1 || !parallel)
+    linear_chunk(&job, 0);
+  else
+    parallel(&job, linear_chunk, chunks);
+}
+
+}  // namespace
+
+void run_expert(const std::vector<MatrixLayout>& layout, bool wd, const uint8_t* segment, const float* x_ND,
+                int64_t N, float* y_ND, ExpertScratch& s, ParallelFor parallel, int64_t threads) {
+  threads = std::max<int64_t>(1, threads);
+  auto lin = [&](const MatrixLayout& l, const float* in, std::vector<float>& out) {
+    out.resize(static_cast<size_t>(N * l.rows));
+    apply(l, segment, in, N, out.data(), s, parallel, threads);
+  };
+  // w1 and w3 (each down then up when weight-decomposed), then silu(y1) * y3, then w2
+  std::vector<float>& t = s.t;
+  auto project = [&](size_t first, std::vector<float>& out) {
+    if (!wd) return lin(layout[first], x_ND, out);
+    lin(layout[first], x_ND, t);
+    lin(layout[first + 1], t.data(), out);
+  };
+  project(0, s.a);
+  project(wd ? 2 : 1, s.b);
+  s.h.resize(s.a.size());
+  for (size_t i = 0; i < s.a.size(); ++i) s.h[i] = int4::silu(s.a[i]) * s.b[i];
+  const MatrixLayout& last = layout.back();
+  if (wd) {
+    lin(layout[4], s.h.data(), t);
+    apply(last, segment, t.data(), N, y_ND, s, parallel, threads);
+  } else {
+    apply(last, segment, s.h.data(), N, y_ND, s, parallel, threads);
+  }
+}
+
+}  // namespace cosmoes

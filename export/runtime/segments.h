@@ -1,0 +1,52 @@
+// Experts as data (§3.4.2–3.4.3): the int4 segments of experts.bin mapped once and used in place by the project's
+// kernels (int4.h). A resident expert is its segment's pages in this process: loading brings them in, eviction gives
+// them back, and nothing is copied or re-packed (cosmoes/export/segments.py writes the file).
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+#include "bundle.h"
+#include "int4.h"
+
+namespace cosmoes {
+
+// Runs `fn(ctx, chunk)` for chunk in [0, n), spread over the runtime's thread pool (runtime.cpp).
+using ParallelFor = void (*)(void* ctx, void (*fn)(void* ctx, int64_t chunk), int64_t n);
+
+// experts.bin mapped read-only (private): the whole file is address space, only brought-in segments are resident.
+class SegmentMap {
+ public:
+  SegmentMap(const std::string& path, int64_t bytes);
+  ~SegmentMap();
+  SegmentMap(const SegmentMap&) = delete;
+  SegmentMap& operator=(const SegmentMap&) = delete;
+
+  const uint8_t* at(int64_t offset) const { return base_ + offset; }
+  // Makes the segment's pages resident in one call (MADV_POPULATE_READ; a read of each page where the kernel has
+  // none), so a load costs the page-ins of its bytes and the kernels never fault.
+  void bring_in(int64_t offset, int64_t bytes) const;
+  // Gives the segment's whole pages back (MADV_DONTNEED): its RSS goes, the page cache keeps the bytes for a warm
+  // reload. Pages a neighbouring segment shares stay.
+  void give_back(int64_t offset, int64_t bytes) const;
+  const std::string& path() const { return path_; }
+
+ private:
+  std::string path_;
+  uint8_t* base_ = nullptr;
+  size_t size_ = 0;
+};
+
+// Scratch of the expert FFN, reused across calls (no allocation per token once grown).
+struct ExpertScratch {
+  std::vector<int8_t> q;
+  std::vector<float> sa, a, b, h, t;
+};
+
+// y_ND = the SwiGLU expert of `segment` applied to x_ND (N tokens of width dim), int8 activations x int4 weights;
+// the same arithmetic as cosmoes/int4.py expert_ffn, so both runtimes pick the same tokens.
+void run_expert(const std::vector<MatrixLayout>& layout, bool wd, const uint8_t* segment, const float* x_ND,
+                int64_t N, float* y_ND, ExpertScratch& s, ParallelFor parallel, int64_t threads);
+
+}  // namespace cosmoes
