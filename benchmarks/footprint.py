@@ -43,7 +43,7 @@ def gguf_row(manifest, bundle: Path, work: Path) -> dict:
     out = work / f"{Path(source).name}.gguf"
     tokenizer = bundle / manifest.tokenizer if manifest.tokenizer else None
     info = write_gguf(source, out, seed=manifest.source.get("seed") or 0, tokenizer_dir=tokenizer)
-    bundle_bytes = sum(p["bytes"] for p in manifest.programs.values())
+    bundle_bytes = manifest.stored_bytes()  # the programs and, int4, experts.bin
     return {"gguf": info["path"], "gguf_bytes": info["bytes"], "bundle_bytes": bundle_bytes,
             "ratio": bundle_bytes / info["bytes"]}
 

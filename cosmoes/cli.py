@@ -355,6 +355,9 @@ def bench(bundle: Path = typer.Argument(..., help="exported bundle directory"),
           compare: bool = typer.Option(_default(BenchConfig, "compare"), "--compare",
                                        help="add transformers eager fp32 generate on the same weights; print "
                                             "ratios to it"),
+          cold_experts: bool = typer.Option(_default(BenchConfig, "cold_experts"), "--cold-experts",
+                                            help="int4 experts: eviction also drops an expert from the page cache, "
+                                                 "so every load reads storage (the cold figure)"),
           runner: Optional[Path] = typer.Option(_default(BenchConfig, "runner"), "--runner",
                                                 help="runner binary (adb: an Android build)"),
           app: bool = typer.Option(_default(BenchConfig, "app"), "--app",
@@ -373,7 +376,8 @@ def bench(bundle: Path = typer.Argument(..., help="exported bundle directory"),
     cfg = BenchConfig(device=device, policies=list(policy), sweep=sweep,
                       budgets_mb=list(budget_mb), prompt_len=prompt_len, prompt_doc=prompt_doc, gen=gen,
                       temperature=temperature, top_p=top_p, seed=seed, warmup=warmup, repeats=repeats,
-                      threads=threads, compare=compare, runner=str(runner) if runner else None, app=app)
+                      threads=threads, compare=compare, runner=str(runner) if runner else None, app=app,
+                      cold_experts=cold_experts)
     out = out or Path("bench") / bundle.resolve().name
     check_out_dir("out", out)
     report = run_bench(bundle, cfg, out, log=lambda line: typer.echo(line, err=True))

@@ -4,10 +4,12 @@
 
 writes (the exports are reused while WORK/exports/*/manifest.json exist):
     WORK/exports/moe, WORK/exports/dense   a tiny MoE and a tiny dense model, exported for the host in fp32
-    WORK/bundle/    backbone.pte + experts.pte (the MoE), dense.pte (the dense backbone), inside.pte (a symbolic
-                    link to backbone.pte) and outside.pte (a link leading out of the directory): the programs every
-                    fuzzed manifest.json may name
-    WORK/seeds/     moe.json and dense.json, valid manifests for WORK/bundle, to start the manifest corpora from
+    WORK/exports/moe-int4                  the tiny MoE in 8da4w, its experts int4 segments of experts.bin
+    WORK/bundle/    backbone.pte + experts.pte (the MoE), dense.pte (the dense backbone), backbone4.pte +
+                    experts.bin (the 8da4w MoE), inside.pte (a symbolic link to backbone.pte) and outside.pte (a link
+                    leading out of the directory): the files every fuzzed manifest.json may name
+    WORK/seeds/     moe.json, dense.json and moe_int4.json, valid manifests for WORK/bundle, to start the manifest
+                    corpora from
 
 The shapes are the smallest the exporter accepts, so a fuzz input that gets as far as opening and running the
 programs stays cheap (milliseconds). fuzz/corpus/manifest/ holds copies of the seeds as this exporter wrote them.
@@ -28,8 +30,8 @@ TINY_MOE = ModelConfig(vocab_size=64, dim=16, n_layers=2, n_heads=2, ffn_dim=16,
 TINY_DENSE = TINY_MOE.replace(n_layers=1, num_experts=0, name="fuzz-dense")
 
 
-def export(config: ModelConfig, out: Path) -> Path:
-    """A random-init checkpoint of ``config`` exported for the host in fp32 (max_chunk 4) to ``out``."""
+def export(config: ModelConfig, out: Path, quant: str = "none") -> Path:
+    """A random-init checkpoint of ``config`` exported for the host (max_chunk 4) to ``out``."""
     from cosmoes.checkpoint import save_checkpoint
     from cosmoes.export.bundle import ExportConfig, export_bundle
     from cosmoes.model import Transformer, init_weights
@@ -38,20 +40,20 @@ def export(config: ModelConfig, out: Path) -> Path:
     shutil.rmtree(ckpt, ignore_errors=True)
     save_checkpoint(init_weights(Transformer(config), seed=0), ckpt)
     shutil.rmtree(out, ignore_errors=True)
-    export_bundle(ckpt, out, ExportConfig(target="host", quant="none", max_chunk=4), progress=None)
+    export_bundle(ckpt, out, ExportConfig(target="host", quant=quant, max_chunk=4), progress=None)
     shutil.rmtree(ckpt)
     return out
 
 
-def exported(work: Path, name: str, config: ModelConfig) -> Path:
+def exported(work: Path, name: str, config: ModelConfig, quant: str = "none") -> Path:
     out = work / "exports" / name
-    return out if (out / "manifest.json").is_file() else export(config, out)
+    return out if (out / "manifest.json").is_file() else export(config, out, quant)
 
 
 def seed_manifest(bundle: Path, renames: dict[str, str]) -> dict:
     """The exported manifest with its program files renamed as they lie in WORK/bundle and machine paths dropped."""
     manifest = json.loads((bundle / "manifest.json").read_text())
-    for program in manifest["programs"].values():
+    for program in [*manifest["programs"].values(), *([manifest["expert_file"]] if manifest["expert_file"] else [])]:
         program["file"] = renames.get(program["file"], program["file"])
         program.pop("export_seconds", None)
     manifest.pop("source", None)
@@ -59,7 +61,7 @@ def seed_manifest(bundle: Path, renames: dict[str, str]) -> dict:
     return manifest
 
 
-def lay_out(work: Path, moe: Path, dense: Path) -> None:
+def lay_out(work: Path, moe: Path, dense: Path, moe_int4: Path) -> None:
     bundle, seeds = work / "bundle", work / "seeds"
     shutil.rmtree(bundle, ignore_errors=True)
     bundle.mkdir(parents=True)
@@ -67,11 +69,14 @@ def lay_out(work: Path, moe: Path, dense: Path) -> None:
     shutil.copy(moe / "backbone.pte", bundle / "backbone.pte")
     shutil.copy(moe / "experts.pte", bundle / "experts.pte")
     shutil.copy(dense / "backbone.pte", bundle / "dense.pte")
+    shutil.copy(moe_int4 / "backbone.pte", bundle / "backbone4.pte")
+    shutil.copy(moe_int4 / "experts.bin", bundle / "experts.bin")
     (bundle / "inside.pte").symlink_to("backbone.pte")
     outside = work / "outside.pte"
     shutil.copy(moe / "backbone.pte", outside)  # a valid program, so only the link's direction is wrong
     (bundle / "outside.pte").symlink_to(outside.resolve())
-    for name, source, renames in (("moe", moe, {}), ("dense", dense, {"backbone.pte": "dense.pte"})):
+    for name, source, renames in (("moe", moe, {}), ("dense", dense, {"backbone.pte": "dense.pte"}),
+                                  ("moe_int4", moe_int4, {"backbone.pte": "backbone4.pte"})):
         text = json.dumps(seed_manifest(source, renames), indent=1) + "\n"
         (seeds / f"{name}.json").write_text(text)
 
@@ -82,7 +87,8 @@ def main(argv: list[str]) -> int:
         return 2
     work = Path(argv[0])
     work.mkdir(parents=True, exist_ok=True)
-    lay_out(work, exported(work, "moe", TINY_MOE), exported(work, "dense", TINY_DENSE))
+    lay_out(work, exported(work, "moe", TINY_MOE), exported(work, "dense", TINY_DENSE),
+            exported(work, "moe-int4", TINY_MOE, "8da4w"))
     print(f"fuzz bundle: {work / 'bundle'}; seed manifests: {work / 'seeds'}")
     return 0
 

@@ -52,10 +52,10 @@ def micro_checkpoint(tmp_path_factory):
     return save_checkpoint(model, tmp_path_factory.mktemp("micro") / "ckpt", tokenizer=default_tokenizer())
 
 
-def _export(checkpoint, out, quant: str):
+def _export(checkpoint, out, quant: str, experts: str | None = None):
     from cosmoes.export.bundle import ExportConfig, export_bundle
 
-    export_bundle(checkpoint, out, ExportConfig(target="host", quant=quant, max_chunk=MICRO_CHUNK))
+    export_bundle(checkpoint, out, ExportConfig(target="host", quant=quant, max_chunk=MICRO_CHUNK, experts=experts))
     return out
 
 
@@ -69,6 +69,13 @@ def micro_bundle_fp32(micro_checkpoint, tmp_path_factory):
 def micro_bundle_8da4w(micro_checkpoint, tmp_path_factory):
     """The micro checkpoint exported with 8-bit dynamic activations and 4-bit group-wise weights."""
     return _export(micro_checkpoint, tmp_path_factory.mktemp("bundles") / "micro-8da4w", "8da4w")
+
+
+@pytest.fixture(scope="session")
+def micro_bundle_8da4w_xnnpack(micro_checkpoint, tmp_path_factory):
+    """The same 8da4w export with the experts as XNNPACK methods of experts.pte (--experts xnnpack), not int4
+    segments of experts.bin."""
+    return _export(micro_checkpoint, tmp_path_factory.mktemp("bundles") / "micro-8da4w-xnnpack", "8da4w", "xnnpack")
 
 
 MICRO_WD = MICRO.replace(n_layers=1, wd_rank=16, name="micro-wd")  # one layer: the export cost is per method

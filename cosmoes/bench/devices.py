@@ -149,7 +149,7 @@ class AdbDevice:
     def _adb(self, *args: str, timeout: float = 600, check: bool = True) -> subprocess.CompletedProcess:
         cmd = [self.adb, *(["-s", self.serial] if self.serial else []), *args]
         try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+            proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout)
         except subprocess.TimeoutExpired:
             raise CosmoesError(f"{self._name()} did not answer `adb {args[0]}` within {timeout:.0f} s") from None
         if check and proc.returncode != 0:
@@ -199,12 +199,13 @@ class AdbDevice:
         self.shell(shlex.join(["chmod", "755", self.remote_runner]))
 
     def _bundle_files(self, bundle: Path, manifest: Manifest, prompt_file: Path) -> list[tuple]:
-        """(local, remote, sha256 or None) of the prompt, the manifest and the programs, under self.bundle_dir."""
+        """(local, remote, sha256 or None) of the prompt, the manifest, the programs and the experts' segment file,
+        under self.bundle_dir."""
         files = [(prompt_file, self.prompt_path, None),
                  (bundle / MANIFEST_NAME, f"{self.bundle_dir}/{MANIFEST_NAME}", None)]
         # the programs' hashes are in the verified manifest: no need to hash hundreds of MB again
         return files + [(bundle / p["file"], f"{self.bundle_dir}/{p['file']}", p["sha256"])
-                        for p in manifest.programs.values()]
+                        for p in manifest.stored_files()]
 
     def _push_all(self, files: list[tuple]) -> None:
         pushed = [remote for local, remote, sha in files if self.push(local, remote, sha)]

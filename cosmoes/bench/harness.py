@@ -46,6 +46,7 @@ class BenchConfig:
     threads: int | None = None  # None: the bundle's recipe
     compare: bool = False  # add transformers eager generate (fp32) on the same weights
     probe: bool = True  # measure memory bandwidth and file read speed for the roofline / I/O columns
+    cold_experts: bool = False  # int4 experts: an evicted expert leaves the page cache too, so each load reads storage
     runner: str | None = None  # runner binary for the device (adb: an Android build); local: built on first use
     app: bool = False  # adb: run the installed demo app's BenchActivity instead of a pushed runner
     timeout_s: float = 1800.0
@@ -101,6 +102,8 @@ def runner_args(cfg: BenchConfig, policy: str | None, budget_mb: float | None, p
         args += ["--temperature", str(cfg.temperature), "--top-p", str(cfg.top_p), "--seed", str(cfg.seed)]
     if cfg.probe:
         args.append("--probe")
+    if cfg.cold_experts:
+        args.append("--cold-experts")
     return args
 
 
@@ -201,7 +204,7 @@ def eager_baseline(manifest: Manifest, prompt: list[int], cfg: BenchConfig, log)
                "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": cfg.seed}
     log(f"[compare] transformers eager fp32 generate, {threads} thread(s)")
     proc = subprocess.run([sys.executable, "-m", "cosmoes.bench.eager"], input=json.dumps(request),
-                          capture_output=True, text=True, timeout=cfg.timeout_s)
+                          capture_output=True, text=True, errors="replace", timeout=cfg.timeout_s)
     if proc.returncode != 0:
         return {"error": last_line(proc.stderr)}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -245,6 +248,10 @@ def format_table(report: BenchReport) -> str:
     text = [fmt_row(head)]
     text += [fmt_row(r) if not str(r[1]).startswith("FAILED") else "  ".join(r) for r in lines]
     text += resident_table(report.rows)
+    kernels = sorted({str(r["expert_kernels"]) for r in report.rows if "expert_kernels" in r})
+    if kernels:  # which of the runtime's kernel families ran the experts (int4), or XNNPACK
+        cold = any(r.get("cold_experts") for r in report.rows)
+        text.append(f"expert kernels: {', '.join(kernels)}" + (" (cold: every load read storage)" if cold else ""))
     if report.device.get("emulated"):  # a qemu run: the figures time the emulator, not a phone
         text.append(f"timings emulated: {report.device.get('model', 'qemu')}")
     return "\n".join(text)

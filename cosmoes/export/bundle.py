@@ -1,7 +1,8 @@
-"""Write and describe on-device bundles: backbone.pte + experts.pte (one method per expert) + tokenizer + manifest.
+"""Write and describe on-device bundles: backbone.pte + the experts (experts.bin or experts.pte) + tokenizer + manifest.
 
-§3.4.2 (expert offloading): every expert is its own ExecuTorch method with its own weight segments, so a
-runtime can keep only the experts a step needs resident (Eq. 8) and load the others on demand.
+§3.4.2 (expert offloading): every expert is its own segment — an int4 byte range of experts.bin that the runtimes'
+kernels use in place (8da4w, the default), or its own ExecuTorch method of experts.pte (`--experts xnnpack`, fp32,
+8da8w) — so a runtime can keep only the experts a step needs resident (Eq. 8) and load the others on demand.
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def export_bundle(source: str | Path, out: str | Path, cfg: ExportConfig | None 
         manifest.source = _source_record(source, cfg.seed)
         write_manifest(tmp, manifest)
     if progress:
-        progress(f"wrote {out} ({sum(p['bytes'] for p in manifest.programs.values()) / 1e6:.1f} MB programs, "
+        progress(f"wrote {out} ({manifest.stored_bytes() / 1e6:.1f} MB of programs and experts, "
                  f"{manifest.export_seconds:.0f} s)")
     return manifest
 

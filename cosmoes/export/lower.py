@@ -1,6 +1,7 @@
 """torch.export + XNNPACK lowering of the stages from transforms.py into multi-method ExecuTorch programs (§3.4.2).
 
-One program per role: backbone.pte (embed, layer_i, head) and experts.pte (layer_i_expert_e). XNNPACK puts
+One program per role: backbone.pte (embed, context, layer_i, head) and, for `--experts xnnpack` bundles only,
+experts.pte (layer_i_expert_e); int4 bundles keep their experts as data in experts.bin (segments.py). XNNPACK puts
 every weight tensor into the program's named data store, one segment per tensor, so loading one expert's
 method touches only that expert's segments, and freeing the method frees its packed weights.
 """

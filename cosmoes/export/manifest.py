@@ -1,6 +1,7 @@
 """The bundle manifest (manifest.json): what an exported bundle holds and the checks run before loading it (§3.4.2).
 
-A bundle is a directory with ExecuTorch programs (backbone.pte, experts.pte), the tokenizer and this manifest.
+A bundle is a directory with ExecuTorch programs (backbone.pte, and experts.pte for `--experts xnnpack`), the
+int4 expert file (experts.bin, one segment per expert) for the default 8da4w layout, the tokenizer and this manifest.
 `load_manifest` validates everything it can without running a model — missing files, truncated or altered
 files (size, sha256), a newer bundle format, a quantisation the target does not allow, a program that is not a
 valid .pte or lacks a listed method — and reports each as a one-line `CosmoesError`.
@@ -87,6 +88,14 @@ class Manifest:
             raise CosmoesError(f"bundle {bundle_dir} has no tokenizer; re-export it from a checkpoint with one")
         return Path(bundle_dir) / self.tokenizer
 
+    def stored_files(self) -> list[dict]:
+        """Every file the manifest sizes and hashes ({"file", "bytes", "sha256", ...}): the programs, then the
+        experts' segment file when there is one."""
+        return [*self.programs.values(), *([self.expert_file] if self.expert_file else [])]
+
+    def stored_bytes(self) -> int:
+        return sum(f["bytes"] for f in self.stored_files())
+
     def program_path(self, bundle_dir: str | Path, name: str) -> Path:
         return Path(bundle_dir) / self.programs[name]["file"]
 
@@ -127,7 +136,7 @@ def write_manifest(bundle_dir: str | Path, manifest: Manifest) -> Path:
     manifest.format_version = FORMAT_VERSION
     manifest.cosmoes_version = __version__
     manifest.created = manifest.created or datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
-    for prog in [*manifest.programs.values(), *([manifest.expert_file] if manifest.expert_file else [])]:
+    for prog in manifest.stored_files():
         path = bundle_dir / prog["file"]
         prog["bytes"] = path.stat().st_size
         prog["sha256"] = sha256_file(path)

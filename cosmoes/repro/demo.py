@@ -50,7 +50,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
     return {
         "model": trained["model"], "steps": trained["steps"], "val_loss": trained["val_loss"],
         "val_ppl": trained["val_ppl"], "train_exrep": trained["exrep"], "checkpoint": checkpoint,
-        "bundle": str(bundle), "bundle_mb": sum(p["bytes"] for p in manifest.programs.values()) / 1e6,
+        "bundle": str(bundle), "bundle_mb": manifest.stored_bytes() / 1e6,
         "export_s": manifest.export_seconds, "quant": cfg.quant,
         "top1_agreement": check["top1_agreement"], "greedy_agreement": check["greedy_agreement"],
         **{f"decode_tok_s[{p}]": r["decode_tok_s"] for p, r in by_policy.items()},

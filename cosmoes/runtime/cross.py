@@ -395,7 +395,7 @@ def run_qemu(bundle: str | Path, args: list[str], stats_path: Path, runner: str 
     check_qemu()
     cmd = [*qemu_command(runner, cpu), str(bundle), *args, "--stats-json", str(stats_path)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout)
     except subprocess.TimeoutExpired:
         raise CosmoesError(f"the emulated runner did not finish within {timeout:.0f} s") from None
     if proc.returncode != 0:

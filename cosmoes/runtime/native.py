@@ -177,7 +177,7 @@ def run_local(bundle: str | Path, args: list[str], stats_path: Path, exe: Path |
     exe = exe or build_runner()
     cmd = [str(exe), str(bundle), *args, "--stats-json", str(stats_path)]
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
+        proc = subprocess.run(cmd, capture_output=True, text=True, errors="replace", timeout=timeout)
     except subprocess.TimeoutExpired:
         raise CosmoesError(f"the runner did not finish within {timeout:.0f} s") from None
     if proc.returncode != 0:

@@ -497,8 +497,26 @@ void check_program_file(const BundleManifest& m, const ProgramFile& p, bool chec
     throw Error("bundle file " + file + " has " + std::to_string(size) + " bytes, the manifest says " +
                 std::to_string(p.bytes) + " (truncated or replaced); re-export the bundle");
   if (p.name != "expert_file") check_pte_header(file);
-  if (check_sha && sha256_file(file) != p.sha256)
+  if (!check_sha) return;
+  if (p.name != "expert_file") {
+    if (sha256_file(file) != p.sha256)
+      throw Error("bundle file " + file + " is corrupt (sha256 differs from the manifest); re-export the bundle");
+    return;
+  }
+  // the segment file: its digest and every segment's, from one read of it
+  std::vector<Range> ranges;
+  for (const auto& layer : m.experts)
+    for (const auto& e : layer) ranges.push_back({e.offset, e.bytes});
+  std::vector<std::string> digests;
+  if (sha256_file_and_ranges(file, ranges, &digests) != p.sha256)
     throw Error("bundle file " + file + " is corrupt (sha256 differs from the manifest); re-export the bundle");
+  const size_t per_layer = m.experts.empty() ? 1 : m.experts[0].size();
+  for (size_t k = 0; k < digests.size(); ++k) {
+    const std::string layer = std::to_string(k / per_layer), e = std::to_string(k % per_layer);
+    if (digests[k] != m.experts[k / per_layer][k % per_layer].sha256)
+      throw Error("bundle file " + file + ": the segment of expert " + e + " in layer " + layer +
+                  " is corrupt (sha256 differs from experts." + layer + "." + e + ".sha256); re-export the bundle");
+  }
 }
 
 }  // namespace

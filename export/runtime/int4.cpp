@@ -123,7 +123,7 @@ COSMOES_X86_KERNEL(avxvnni_rows, "avx2,fma,avxvnni", COSMOES_DOT_AVXVNNI)
 
 #if COSMOES_ARM64
 // One row at a time: signed nibbles (q) times signed int8 activations with sdot, a horizontal add per group.
-__attribute__((target("+dotprod"))) void neondot_rows(const Matrix& w, const int8_t* q, const float* sa, int64_t N,
+__attribute__((target("arch=armv8.2-a+dotprod"))) void neondot_rows(const Matrix& w, const int8_t* q, const float* sa, int64_t N,
                                                       float* y, int64_t r0, int64_t r1, const int32_t*) {
   const int64_t G = w.cols / w.group, blocks = w.group / 32, stride = w.cols / 2;
   const uint8x16_t low = vdupq_n_u8(0x0F);

@@ -385,6 +385,7 @@ Runtime::Runtime(const std::string& bundle_dir, const RuntimeOptions& options) {
   auto t0 = Clock::now();
   m_ = load_bundle_manifest(bundle_dir, options.check_sha);
   check_sha_ = options.check_sha;
+  cold_experts_ = options.cold_experts;
   verify_ms_ = ms_since(t0);
   if (options.budget_mb > 1e9) throw cosmoes::Error("a memory budget must be at most 1e9 MB");  // int64 bytes
   policy_ = options.budget_mb > 0 ? Policy::from_budget(m_, static_cast<int64_t>(options.budget_mb * 1e6))
@@ -513,8 +514,10 @@ void Runtime::open_programs() {
   read_in_place_without_readahead(m_.path(m_.program("backbone")));
   if (m_.packed_experts()) {
     const std::string file = m_.path(m_.expert_file);
-    if (check_sha_) forget_cached_pages(file);  // a first load then reads its own pages, not the hash's folios
-    segments_ = std::make_unique<SegmentMap>(file, m_.expert_file.bytes);
+    int4::active_isa();  // a COSMOES_ISA this CPU cannot run is refused here, before any token
+    // a first load then reads its own pages, not the hash's folios (and, cold, reads storage like every other)
+    if (check_sha_ || cold_experts_) forget_cached_pages(file);
+    segments_ = std::make_unique<SegmentMap>(file, m_.expert_file.bytes, cold_experts_);
     expert_layout_ = expert_matrices(m_.dim, m_.ffn_dim, m_.wd_rank, m_.group_size, nullptr);
     experts_ = std::make_unique<ExpertCache>(*segments_, m_, policy_);
   } else if (m_.is_moe) {

@@ -95,6 +95,7 @@ struct RuntimeOptions {
   double budget_mb = 0.0;  // > 0: derive the policy from this weight budget instead
   int threads = 0;         // 0 = the bundle's recipe
   bool check_sha = true;
+  bool cold_experts = false;  // layout int4: an evicted expert's bytes leave the page cache too (the cold case)
 };
 
 class Runtime {
@@ -112,6 +113,7 @@ class Runtime {
   double arena_mb() const;
   double arena_resident_mb() const;
   int threads() const { return threads_; }
+  bool cold_experts() const { return cold_experts_; }
   const StageTimes& stage_ms() const { return stage_ms_; }
   // Resident memory now by kind: embedding, attention, head, dense_ffn, experts (packed weights anonymous, weights
   // read in place file-backed), kv_cache and activations (the arenas' touched pages), and runtime (the rest of the
@@ -145,7 +147,7 @@ class Runtime {
   std::unique_ptr<ExpertCache> experts_;  // null for a dense model
   ExpertStats dense_stats_;
   LoadAccount loaded_;  // anonymous memory each kind of backbone method added when it loaded
-  bool check_sha_ = true;
+  bool check_sha_ = true, cold_experts_ = false;
 
   void open_programs();
   std::unique_ptr<executorch::extension::module::Module> open_program(const ProgramFile& p,

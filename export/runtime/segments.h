@@ -18,17 +18,20 @@ using ParallelFor = void (*)(void* ctx, void (*fn)(void* ctx, int64_t chunk), in
 // experts.bin mapped read-only (private): the whole file is address space, only brought-in segments are resident.
 class SegmentMap {
  public:
-  SegmentMap(const std::string& path, int64_t bytes);
+  // cold: eviction also drops the segment's bytes from the page cache (posix_fadvise), so every load reads storage;
+  // the cold figure next to the warm one, as a phone whose page cache is under pressure sees it.
+  SegmentMap(const std::string& path, int64_t bytes, bool cold = false);
   ~SegmentMap();
   SegmentMap(const SegmentMap&) = delete;
   SegmentMap& operator=(const SegmentMap&) = delete;
 
   const uint8_t* at(int64_t offset) const { return base_ + offset; }
-  // Makes the segment's pages resident in one call (MADV_POPULATE_READ; a read of each page where the kernel has
-  // none), so a load costs the page-ins of its bytes and the kernels never fault.
+  // Makes the segment's pages resident: the whole range read in large requests (MADV_WILLNEED), then mapped in one
+  // call (MADV_POPULATE_READ; a read of each page where the kernel has none), so a load costs the reading of its
+  // bytes and the kernels never fault.
   void bring_in(int64_t offset, int64_t bytes) const;
   // Gives the segment's whole pages back (MADV_DONTNEED): its RSS goes, the page cache keeps the bytes for a warm
-  // reload. Pages a neighbouring segment shares stay.
+  // reload (unless cold). Pages a neighbouring segment shares stay.
   void give_back(int64_t offset, int64_t bytes) const;
   const std::string& path() const { return path_; }
 
@@ -36,6 +39,7 @@ class SegmentMap {
   std::string path_;
   uint8_t* base_ = nullptr;
   size_t size_ = 0;
+  int fd_ = -1;  // kept open only when cold
 };
 
 // Scratch of the expert FFN, reused across calls (no allocation per token once grown).

@@ -82,16 +82,39 @@ class Sha256 {
 
 }  // namespace
 
-std::string sha256_file(const std::string& path) {
+std::string sha256_file(const std::string& path) { return sha256_file_and_ranges(path, {}, nullptr); }
+
+std::string sha256_file_and_ranges(const std::string& path, const std::vector<Range>& ranges,
+                                   std::vector<std::string>* range_digests) {
   FILE* f = std::fopen(path.c_str(), "rb");
   if (!f) throw Error("cannot read " + path);
+  // one read of the file feeds the whole-file hash and the hash of whichever range the bytes fall in
+  std::vector<size_t> order(ranges.size());
+  for (size_t i = 0; i < order.size(); ++i) order[i] = i;
+  std::sort(order.begin(), order.end(), [&](size_t a, size_t b) { return ranges[a].offset < ranges[b].offset; });
+  std::vector<Sha256> parts(ranges.size());
   Sha256 s;
   std::vector<uint8_t> buf(1 << 20);
-  size_t n;
-  while ((n = std::fread(buf.data(), 1, buf.size(), f)) > 0) s.update(buf.data(), n);
+  size_t n, next = 0;
+  int64_t at = 0;
+  while ((n = std::fread(buf.data(), 1, buf.size(), f)) > 0) {
+    s.update(buf.data(), n);
+    const int64_t end = at + static_cast<int64_t>(n);
+    for (size_t k = next; k < order.size() && ranges[order[k]].offset < end; ++k) {
+      const Range& r = ranges[order[k]];
+      const int64_t lo = std::max(at, r.offset), hi = std::min(end, r.offset + r.bytes);
+      if (hi > lo) parts[order[k]].update(buf.data() + (lo - at), static_cast<size_t>(hi - lo));
+      if (r.offset + r.bytes <= end && k == next) ++next;  // ranges do not overlap: done with it
+    }
+    at = end;
+  }
   bool failed = std::ferror(f);
   std::fclose(f);
   if (failed) throw Error("error reading " + path);
+  if (range_digests) {
+    range_digests->clear();
+    for (auto& p : parts) range_digests->push_back(p.hex());
+  }
   return s.hex();
 }
 

@@ -7,6 +7,7 @@
 #include <ostream>
 #include <sstream>
 
+#include "int4.h"
 #include "json.h"
 
 namespace cosmoes {
@@ -69,7 +70,9 @@ void write_setup(std::ostream& os, Runtime& rt, const std::vector<int64_t>& prom
      << ", \"threads\": " << rt.threads() << ", \"quant\": " << json::quote(man.quant)
      << ", \"prompt_tokens\": " << prompt.size() << ", \"generated_tokens\": " << o.gen
      << ", \"warmup\": " << o.warmup << ", \"repeats\": " << o.repeats << ", \"verify_ms\": " << rt.verify_ms()
-     << ", \"model_load_ms\": " << rt.load_ms();
+     << ", \"model_load_ms\": " << rt.load_ms() << ", \"cold_experts\": " << (rt.cold_experts() ? "true" : "false")
+     << ", \"expert_kernels\": "
+     << json::quote(man.packed_experts() ? int4::isa_name(int4::active_isa()) : man.is_moe ? "xnnpack" : "none");
 }
 
 // Medians over the repeats: one slow run (a page-cache miss, a scheduler hiccup) does not move them.

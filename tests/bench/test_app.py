@@ -58,7 +58,7 @@ def test_bench_app_runs_benchrun_and_prints_the_table(micro_bundle_8da4w, phone,
         assert row["decode_tok_s"] > 0 and row["peak_rss_mb"] > 0 and "peak_rss_vs_active" in row
         assert row["tokens"] == generate_native(micro_bundle_8da4w, prompt, 8, policy=row["policy"]).tokens
     pushed = phone / APP_ROOT.lstrip("/") / "bundles" / micro_bundle_8da4w.name
-    assert (pushed / "experts.pte").is_file() and (pushed / "tokenizer" / "tokenizer.json").is_file()
+    assert (pushed / "experts.bin").is_file() and (pushed / "tokenizer" / "tokenizer.json").is_file()
     calls = (phone / "calls.log").read_text()
     assert "am start -W -n org.cosmoes.demo/.BenchActivity --es bundle" in calls and "cosmoes_runner" not in calls
     # a second run pushes nothing: every file's sha256 already matches
@@ -76,16 +76,16 @@ def test_app_not_installed_is_one_line(micro_bundle_8da4w, phone, tmp_path, monk
 
 
 def test_a_bad_bundle_fails_with_the_librarys_message(micro_bundle_8da4w, phone, tmp_path, monkeypatch):
-    """experts.pte arrives damaged on the device (the stand-in flips a byte): the host's checks passed, the app's
+    """experts.bin arrives damaged on the device (the stand-in flips a byte): the host's checks passed, the app's
     library refuses it, and its line is the row's error."""
-    monkeypatch.setenv("FAKE_ADB_DAMAGE", "experts.pte")
+    monkeypatch.setenv("FAKE_ADB_DAMAGE", "experts.bin")
     result = bench(micro_bundle_8da4w, tmp_path / "o", "--policy", "swap")
     assert result.returncode == 0, result.stderr  # a failed run is a row, as with the runner
     remote = phone / APP_ROOT.lstrip("/") / "bundles" / micro_bundle_8da4w.name
     with pytest.raises(CosmoesError) as caught:  # what the library says about the device's copy
         NativeSession(remote)
     row = json.loads((tmp_path / "o" / "bench.json").read_text())["rows"][0]
-    assert row["error"] == f"on the adb device: {caught.value}" and "experts.pte" in row["error"]
+    assert row["error"] == f"on the adb device: {caught.value}" and "experts.bin" in row["error"]
     assert f"FAILED: on the adb device: {caught.value}" in result.stdout
 
 

@@ -72,8 +72,10 @@ def test_bench_local_keeps_finished_runs_when_one_fails(micro_bundle_8da4w, tmp_
                                     "activations", "runtime", "after", "load", "peak"]
     by_policy = {line.split()[0]: line.split() for line in table[start + 1:start + 3]}
     assert set(by_policy) == {"all", "swap"}
-    assert rows["all"]["resident_mb"]["experts"]["anon"] >= rows["swap"]["resident_mb"]["experts"]["anon"]
-    assert by_policy["all"][4] == f"{rows['all']['resident_mb']['experts']['anon']:.1f}"
+    # int4 experts are the segment file's pages: file-backed, no anonymous copy; the cell shows both, file marked f
+    held = {p: rows[p]["resident_mb"]["experts"] for p in ("all", "swap")}
+    assert held["all"]["anon"] == held["swap"]["anon"] == 0 and held["all"]["file"] >= held["swap"]["file"] > 0
+    assert by_policy["all"][4] == f"0.0+{held['all']['file']:.1f}f"
 
 
 def test_compare_runs_transformers_on_the_same_weights(micro_bundle_fp32, tmp_path):
@@ -127,9 +129,9 @@ def test_adb_pushes_once_runs_and_records_the_device(micro_bundle_8da4w, fake_ad
     report = json.loads((tmp_path / "a" / "bench.json").read_text())
     assert report["device"]["model"] == "Stand-in Phone" and report["device"]["android"] == "14"
     assert report["rows"][0]["decode_tok_s"] > 0 and "error" not in report["rows"][0]
-    assert (fake_adb / "data/local/tmp/cosmoes/bundles" / micro_bundle_8da4w.name / "experts.pte").is_file()
+    assert (fake_adb / "data/local/tmp/cosmoes/bundles" / micro_bundle_8da4w.name / "experts.bin").is_file()
     calls = (fake_adb / "calls.log").read_text()
-    assert calls.count(" push ") == 5  # runner, prompt, manifest, two programs
+    assert calls.count(" push ") == 5  # runner, prompt, manifest, backbone.pte, experts.bin
     second = _bench_cli(micro_bundle_8da4w, tmp_path / "b", *args)
     assert second.exit_code == 0, second.output
     assert (fake_adb / "calls.log").read_text()[len(calls):].count(" push ") == 0  # same sha256: nothing pushed

@@ -3,6 +3,7 @@
 refused settings as one-line errors, and atomic export (a failure leaves no half-written bundle)."""
 
 import copy
+import hashlib
 import json
 import shutil
 import signal
@@ -12,6 +13,8 @@ import time
 
 import pytest
 import torch
+
+from cosmoes import int4
 
 from cosmoes.checkpoint import load_model
 from cosmoes.cli import main
@@ -144,26 +147,34 @@ def test_expert_methods_compute_the_eager_experts(micro_bundle_fp32, micro_check
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
 
 
-def test_8da4w_expert_matches_eager_quantised_and_is_near_int4_size(micro_bundle_8da4w, micro_checkpoint,
-                                                                    micro_config):
+def test_8da4w_experts_are_int4_segments_used_in_place(micro_bundle_8da4w, micro_checkpoint, micro_config):
+    """Each expert is a page-aligned segment of experts.bin (no program holds it) that computes its eager expert up
+    to int4/int8 error, stores int4 nibbles plus one fp32 scale per group of 32, and hashes to its manifest entry."""
+    from cosmoes.export.segments import SegmentFile, expert_ffn_from
+
     m = load_manifest(micro_bundle_8da4w)
     cfg = micro_config
-    assert (m.quant, m.group_size, m.padded_linears) == ("8da4w", 32, {})
+    assert (m.quant, m.group_size, m.expert_layout, list(m.programs)) == ("8da4w", 32, "int4", ["backbone"])
     assert m.fp32_linears == [f"layers.{i}.feed_forward.router" for i in range(cfg.n_layers)]
-    # ideal: 4-bit weights plus one 16-bit scale per group of 32
     weights = 3 * cfg.dim * cfg.ffn_dim
-    ideal = weights // 2 + weights // m.group_size * 2
+    ideal = weights // 2 + weights // m.group_size * 4
+    data = (micro_bundle_8da4w / "experts.bin").read_bytes()
     for layer in m.experts.values():
         for entry in layer.values():
-            assert ideal <= entry["bytes"] <= 1.05 * ideal
-    quantised = copy.deepcopy(load_model(micro_checkpoint))
-    quantize_model(quantised, "8da4w", 32)
+            assert ideal <= entry["bytes"] <= 1.02 * ideal and entry["offset"] % m.expert_file["alignment"] == 0
+            assert hashlib.sha256(data[entry["offset"]:entry["offset"] + entry["bytes"]]).hexdigest() == entry["sha256"]
+    model = load_model(micro_checkpoint)
+    segments = SegmentFile(micro_bundle_8da4w / "experts.bin", m.config, m.group_size)
     x_ND = torch.randn(7, cfg.dim, generator=torch.Generator().manual_seed(1))
-    got = run_method(micro_bundle_8da4w / "experts.pte", "layer_1_expert_2", x_ND)
+    got = expert_ffn_from(segments.expert(m.experts[1][2]["offset"]), wd=False)([x_ND])[0]
+    expert = model.layers[1].feed_forward.experts[2]
     with torch.no_grad():
-        want = quantised.layers[1].feed_forward.experts[2](x_ND)
-    # XNNPACK keeps the group scales in bf16; torchao's reference uses fp32 scales
-    assert (got - want).abs().max() <= 2e-2 * want.abs().max()
+        want = expert(x_ND)
+        packed = [int4.pack_linear(lin.weight, m.group_size) for lin in (expert.w1, expert.w3, expert.w2)]
+    assert torch.equal(got, int4.expert_ffn(x_ND, *packed))  # the stored bytes are the checkpoint's, packed
+    # int4 weights and int8 activations: about a tenth of the signal, as 4 bits give
+    assert (got - want).pow(2).mean().sqrt() <= 0.2 * want.pow(2).mean().sqrt()
+    assert torch.nn.functional.cosine_similarity(got.flatten(), want.flatten(), dim=0) > 0.98
 
 
 def test_bundle_copies_the_checkpoints_tokenizer(micro_bundle_8da4w, micro_checkpoint):
@@ -186,7 +197,10 @@ def test_inspect_accounts_segments_and_resident_bytes(micro_bundle_fp32, micro_b
         assert list(res) == ["swap", "lru:2", "lru:3", "lru:4", "all"]
         assert res["lru:2"] == res["swap"] < res["lru:3"] < res["lru:4"] == res["all"]
         assert info["total_bytes"] >= sum(p["bytes"] for p in info["programs"].values())
-    assert q["programs"]["experts"]["bytes"] < fp32["programs"]["experts"]["bytes"] / 5
+    # fp32 experts are methods of experts.pte; 8da4w ones int4 segments of experts.bin, counted in the total
+    assert "experts" in fp32["programs"] and list(q["programs"]) == ["backbone"]
+    assert q["expert_layout"] == "int4" and q["files"]["experts.bin"] >= q["segments"]["experts"]
+    assert q["segments"]["experts"] < fp32["segments"]["experts"] / 5
     # linears shrink ~7x; the embedding is int8 (the host recipe's default, as the phones'), with an fp32 per-row scale
     assert q["segments"]["head"] < fp32["segments"]["head"] / 5
     assert q["quant_embedding"] == "int8" and fp32["quant_embedding"] == "none"
@@ -197,7 +211,9 @@ def test_inspect_accounts_segments_and_resident_bytes(micro_bundle_fp32, micro_b
     for info in (fp32, q):
         fp = info["footprint"]
         assert fp["embedding"] == {"stored": info["segments"]["embedding"], "backing": "file"}
-        assert fp["experts"] == {"stored": info["segments"]["experts"], "backing": "anon"}
+        # XNNPACK copies a loaded method's weights into anonymous memory; int4 segments are used in place
+        backing = "file" if info["expert_layout"] == "int4" else "anon"
+        assert fp["experts"] == {"stored": info["segments"]["experts"], "backing": backing}
         assert fp["kv_cache"]["per_position"] == kv_per_position
         assert fp["kv_cache"]["reserved"] == kv_per_position * cfg.max_seq_len
         assert fp["kv_cache"]["per_1k_positions"] == kv_per_position * 1024

@@ -161,10 +161,10 @@ def test_missing_and_corrupt_bundles_are_refused(lib, micro_bundle_8da4w, tmp_pa
     assert not handle and error == "bundle_dir is NULL" and lib.cosmoes_last_status() == 1
     broken = tmp_path / "broken"
     shutil.copytree(micro_bundle_8da4w, broken)
-    with open(broken / "experts.pte", "r+b") as f:
+    with open(broken / "experts.bin", "r+b") as f:
         f.truncate(1000)
     handle, error = _open(lib, broken, None)
-    assert not handle and "experts.pte" in error and "truncated" in error
+    assert not handle and "experts.bin" in error and "truncated" in error
     with pytest.raises(CosmoesError, match="is not a tokenizer.json|no tokenizer.json|tokenizer not found"):
         NativeTokenizer(tmp_path / "nowhere", lib=lib)
 

@@ -1,6 +1,7 @@
 """cosmoes.runtime.native and the C++ runner in export/: the same tokens as the Python runtime for every policy, expert
 traffic per policy, the memory budget, sampling, the statistics line and the bad-input paths."""
 
+import hashlib
 import json
 import shutil
 import subprocess
@@ -107,6 +108,17 @@ def test_statistics_line(runner, micro_bundle_8da4w, prompt_ids, tmp_path):
     assert s["rss_end_anon_mb"] + s["rss_end_file_mb"] == pytest.approx(s["rss_end_mb"], abs=0.5)
 
 
+def test_cold_experts_pick_the_same_tokens_and_say_so(runner, micro_bundle_8da4w, prompt_ids, tmp_path):
+    """--cold-experts drops each evicted int4 expert from the page cache: the same tokens and loads, flagged in the
+    statistics with the kernel family that ran the experts."""
+    args = ["--policy", "swap", "--prompt-ids", ",".join(map(str, prompt_ids)), "--gen", "8"]
+    warm = run_local(micro_bundle_8da4w, args, tmp_path / "warm.json").stats
+    cold = run_local(micro_bundle_8da4w, [*args, "--cold-experts"], tmp_path / "cold.json").stats
+    assert cold["tokens"] == warm["tokens"] and cold["expert_loads"] == warm["expert_loads"] > 0
+    assert (warm["cold_experts"], cold["cold_experts"]) == (False, True)
+    assert warm["expert_kernels"] == cold["expert_kernels"] in {"scalar", "avx2", "avxvnni", "avx512vnni", "neondot"}
+
+
 def test_resident_memory_by_kind_keeps_the_embedding_read_in_place(runner, micro_bundle_8da4w, prompt_ids, tmp_path):
     from cosmoes.export.manifest import load_manifest
 
@@ -119,9 +131,10 @@ def test_resident_memory_by_kind_keeps_the_embedding_read_in_place(runner, micro
     embedding = m.non_expert_bytes["embedding"] / 1e6
     assert r["embedding"]["anon"] < embedding / 4
     assert 0 < r["embedding"]["file"] <= m.programs["backbone"]["bytes"] / 1e6
-    # packed weights are anonymous; under lru:3 at most 3 experts per layer are
-    assert r["attention"]["anon"] > 0 and r["head"]["anon"] > 0 and r["experts"]["anon"] > 0
-    assert r["experts"]["file"] < 0.5 * m.expert_bytes() / 1e6
+    # XNNPACK's packed weights are anonymous; the int4 experts are their file pages, at most 3 per layer (lru:3)
+    assert r["attention"]["anon"] > 0 and r["head"]["anon"] > 0 and r["experts"]["anon"] == 0
+    segments = m.config["n_layers"] * 3 * max(e["bytes"] for lay in m.experts.values() for e in lay.values())
+    assert 0 < r["experts"]["file"] <= (segments + 2 * 4096 * 3 * m.config["n_layers"]) / 1e6
     # the KV caches hold the positions filled, no more than the whole cache
     used = len(prompt_ids) + 8
     assert 0 < r["kv_cache"]["anon"] <= m.kv_cache_bytes() / 1e6
@@ -143,11 +156,11 @@ def _copy(bundle, tmp_path):
     ("missing", "bundle file missing"),
     ("manifest", "corrupt bundle manifest"),
     ("version", "is newer than this runtime supports"),
-    ("old-version", "is older than this runtime supports (3): re-export it: `cosmoes export "),
+    ("old-version", "is older than this runtime supports (4): re-export it: `cosmoes export "),
 ])
 def test_damaged_bundles_are_one_line_errors(runner, micro_bundle_8da4w, tmp_path, damage, message):
     bundle = _copy(micro_bundle_8da4w, tmp_path)
-    experts = bundle / "experts.pte"
+    experts = bundle / "experts.bin"
     if damage == "flip":
         data = bytearray(experts.read_bytes())
         data[len(data) // 2] ^= 0xFF
@@ -244,16 +257,13 @@ def _drop_layer(m, _dst):
     (_set(["config", "router_temperature"], "hot"), 'config.router_temperature = "hot" must be a positive number'),
     (_set(["max_chunk"], 65), "max_chunk = 65 must be between 1 and max_seq_len (64)"),
     (_set(["threads"], -1), "threads = -1 must be between 0 and 1024"),
-    (_set(["programs", "experts", "file"], "../experts.pte"), "programs.experts.file = \"../experts.pte\" must be "
-                                                              "a plain file name inside the bundle directory"),
-    (_set(["programs", "experts", "file"], "/etc/passwd"), "must be a plain file name inside the bundle directory"),
-    (_set(["programs", "experts", "bytes"], -5), "programs.experts.bytes = -5 must be between 1 and"),
+    (_set(["programs", "backbone", "file"], "../backbone.pte"), "programs.backbone.file = \"../backbone.pte\" must "
+                                                                "be a plain file name inside the bundle directory"),
+    (_set(["programs", "backbone", "file"], "/etc/passwd"), "must be a plain file name inside the bundle directory"),
+    (_set(["programs", "backbone", "bytes"], -5), "programs.backbone.bytes = -5 must be between 1 and"),
     (_set(["programs", "backbone", "methods"], ["embed", "context", "head", "layer_0"]),
      'programs.backbone.methods lacks "layer_1", which the runtime calls'),
-    (_set(["experts", "0", "1", "method"], "layer_0_expert_0"), "is already another expert's method"),
-    (_set(["experts", "0", "1", "program"], "backbone"), 'experts.0.1.program = "backbone" must be "experts"'),
     (_drop_layer, "experts has 1 layer(s), config.n_layers = 2 and num_experts = 4 need 2"),
-    (_outside_link, "is a symbolic link to"),
     (_set(["memory", "kv_bytes_per_position"], 4096), "memory.kv_bytes_per_position = 4096 must be 1024"),
     (_set(["memory", "kv_buffer", "id"], 70), "memory.kv_buffer.id = 70 must be between 0 and 63"),
     (_set(["memory", "kv_buffer", "id"], 9), "memory.kv_buffer is not a buffer of memory.planned_bytes"),
@@ -268,6 +278,82 @@ def test_hostile_manifest_fields_are_one_line_errors(runner, micro_bundle_8da4w,
     assert message in proc.stderr
 
 
+def _segment(layer, expert, key, value):
+    return _set(["experts", str(layer), str(expert), key], value)
+
+
+def _outside_link_of(name):
+    def edit(m, dst):
+        (dst.parent / f"elsewhere-{name}").write_bytes((dst / name).read_bytes())
+        (dst / name).unlink()
+        (dst / name).symlink_to(dst.parent / f"elsewhere-{name}")
+    return edit
+
+
+def _resegment(layer, expert, data_edit):
+    """experts.bin changed by data_edit(bytearray, entry) with the file's own size and sha256 restamped: only the
+    segment's recorded sha256 can tell."""
+    def edit(m, dst):
+        path = dst / m["expert_file"]["file"]
+        data = bytearray(path.read_bytes())
+        data_edit(data, m["experts"][str(layer)][str(expert)])
+        path.write_bytes(bytes(data))
+        m["expert_file"].update(bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+    return edit
+
+
+def _flip_first_byte(data, entry):
+    data[entry["offset"]] ^= 0xFF
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set(["expert_file", "file"], "../experts.bin"), 'expert_file.file = "../experts.bin" must be a plain file name '
+                                                      "inside the bundle directory"),
+    (_set(["expert_file", "bytes"], 10), "experts.0.0.offset = 0 puts the segment past the end of experts.bin (10 "
+                                         "bytes)"),
+    (_set(["expert_file", "alignment"], 3), "expert_file.alignment = 3 must be between 64 and"),
+    (_segment(1, 2, "offset", 100), "experts.1.2.offset = 100 must be a multiple of expert_file.alignment 4096"),
+    (_segment(1, 2, "offset", 0), "overlaps another expert's segment"),
+    (_segment(0, 1, "bytes", 1000), "experts.0.1.bytes = 1000 must be "),
+    (_segment(0, 1, "method", "layer_0_expert_1"), "experts.0.1.method must not be given for expert_layout int4"),
+    (_segment(1, 3, "sha256", "x" * 64), "experts.1.3.sha256 = \"" + "x" * 64 + "\" must be 64 lowercase hex digits"),
+    (_set(["expert_layout"], "none"), 'expert_layout = "none" must be int4 or xnnpack for an MoE model'),
+    (_set(["quant"], "8da8w"), 'expert_layout = "int4" holds 8da4w experts, but quant is 8da8w'),
+    (_set(["expert_file"], None), "expert_file must be given for expert_layout int4"),
+    (_resegment(1, 2, _flip_first_byte), "the segment of expert 2 in layer 1 is corrupt (sha256 differs from "
+                                         "experts.1.2.sha256); re-export the bundle"),
+    (_outside_link_of("experts.bin"), "is a symbolic link to"),
+])
+def test_hostile_segment_fields_are_one_line_errors(runner, micro_bundle_8da4w, tmp_path, edit, message):
+    """The int4 layout's own fields: the segment file, each segment's offset, size and sha256."""
+    from cosmoes.export.manifest import load_manifest
+
+    bundle = _edit_manifest(micro_bundle_8da4w, tmp_path, edit)
+    proc = _run(runner, bundle, "--prompt-ids", "1")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+    assert message in proc.stderr
+    with pytest.raises(CosmoesError):  # and the Python side refuses it too
+        load_manifest(bundle, verify=True)
+
+
+@pytest.mark.parametrize("edit, message", [
+    (_set(["programs", "experts", "file"], "../experts.pte"), "programs.experts.file = \"../experts.pte\" must be "
+                                                              "a plain file name inside the bundle directory"),
+    (_set(["programs", "experts", "bytes"], -5), "programs.experts.bytes = -5 must be between 1 and"),
+    (_set(["experts", "0", "1", "method"], "layer_0_expert_0"), "is already another expert's method"),
+    (_set(["experts", "0", "1", "program"], "backbone"), 'experts.0.1.program = "backbone" must be "experts"'),
+    (_set(["expert_file"], {"file": "experts.bin", "bytes": 1, "sha256": "0" * 64, "alignment": 4096}),
+     "expert_file must be null for expert_layout xnnpack"),
+    (_outside_link_of("experts.pte"), "is a symbolic link to"),
+])
+def test_hostile_expert_program_fields_are_one_line_errors(runner, micro_bundle_8da4w_xnnpack, tmp_path, edit,
+                                                           message):
+    """The xnnpack layout's own fields: the experts program and each expert's method of it."""
+    proc = _run(runner, _edit_manifest(micro_bundle_8da4w_xnnpack, tmp_path, edit), "--prompt-ids", "1")
+    assert proc.returncode == 2 and proc.stderr.count("\n") == 1 and proc.stderr.startswith("error: ")
+    assert message in proc.stderr
+
+
 def _last_line_error(proc) -> str:
     # the program was opened, so ExecuTorch's own log lines (hidden by cosmoes unless --verbose) come first
     lines = proc.stderr.strip().splitlines()
@@ -275,8 +361,8 @@ def _last_line_error(proc) -> str:
     return lines[-1]
 
 
-def test_a_memory_plan_the_program_does_not_have_is_refused(runner, micro_bundle_8da4w, tmp_path):
-    bundle = _edit_manifest(micro_bundle_8da4w, tmp_path, _set(["memory", "planned_bytes", "experts"], [7]))
+def test_a_memory_plan_the_program_does_not_have_is_refused(runner, micro_bundle_8da4w_xnnpack, tmp_path):
+    bundle = _edit_manifest(micro_bundle_8da4w_xnnpack, tmp_path, _set(["memory", "planned_bytes", "experts"], [7]))
     line = _last_line_error(_run(runner, bundle, "--prompt-ids", "1"))
     assert line.endswith("experts.pte plans [8256] bytes of buffers, its manifest says [7] "
                          "(memory.planned_bytes.experts); re-export the bundle")
@@ -298,8 +384,9 @@ def test_hostile_json_is_refused_cleanly(runner, micro_bundle_8da4w, tmp_path, t
 
 
 # -- altered programs whose manifest was rewritten to match: refused, never a crash --------------------------------
-GARBLE_CASES = [(bundle, program, seed) for bundle in ("micro_bundle_8da4w", "micro_bundle_fp32")
+GARBLE_CASES = [(bundle, program, seed) for bundle in ("micro_bundle_8da4w_xnnpack", "micro_bundle_fp32")
                 for program in ("backbone", "experts") for seed in range(10)]
+GARBLE_CASES += [("micro_bundle_8da4w", "backbone", seed) for seed in range(10)]  # its experts: the hostile suite
 
 
 def _garble(bundle, tmp_path, program, seed):

@@ -206,5 +206,5 @@ def test_altered_payload_is_refused(runner, micro_bundle_fp32, tmp_path, corrupt
 
 
 @pytest.mark.parametrize("corrupt", [group_size_zero, dim_times_four], ids=lambda f: f.__name__)
-def test_altered_quantized_payload_is_refused(runner, micro_bundle_8da4w, tmp_path, corrupt):
-    assert_refused(*run_altered(runner, micro_bundle_8da4w, tmp_path, corrupt))
+def test_altered_quantized_payload_is_refused(runner, micro_bundle_8da4w_xnnpack, tmp_path, corrupt):
+    assert_refused(*run_altered(runner, micro_bundle_8da4w_xnnpack, tmp_path, corrupt))
