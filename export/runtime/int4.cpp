@@ -8,6 +8,7 @@
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
 #include <immintrin.h>
 #define COSMOES_X86 1
 #elif defined(__aarch64__)
@@ -161,7 +162,11 @@ bool cpu_has(Isa isa) {
       return cpu_has(Isa::Avx2) && __builtin_cpu_supports("avx512vnni") && __builtin_cpu_supports("avx512vl") &&
              __builtin_cpu_supports("avx512bw");
 #if COSMOES_HAVE_AVXVNNI
-    case Isa::AvxVnni: return cpu_has(Isa::Avx2) && __builtin_cpu_supports("avxvnni");
+    case Isa::AvxVnni: {
+      // CPUID.(7,1):EAX bit 4; clang 14 has the target but not __builtin_cpu_supports("avxvnni")
+      unsigned a = 0, b = 0, c = 0, d = 0;
+      return cpu_has(Isa::Avx2) && __get_cpuid_count(7, 1, &a, &b, &c, &d) && (a & (1u << 4));
+    }
 #endif
 #endif
 #if COSMOES_ARM64 && defined(__linux__)
