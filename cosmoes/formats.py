@@ -7,10 +7,15 @@ The lowest layer: the dataclasses (cosmoes.config, cosmoes.export.manifest), the
 # manifest.json: 2 = layers take RoPE tables + causal bias from a "context" method and attend over the used cache
 # slots only; 3 = a "memory" section (KV bytes per position, the KV caches' planned buffer, the programs' memory
 # plans) that the runtimes check against the programs and report resident memory by; 4 = "expert_layout": experts
-# as int4 segments of experts.bin ("expert_file") used in place, or as XNNPACK methods of experts.pte
+# as int4 segments of experts.bin ("expert_file") used in place, or as XNNPACK methods of experts.pte; 5 = the int4
+# nibbles in panels of 16 rows (one SIMD lane per row: no horizontal sums, prefill tiles of tokens)
 FORMAT_NAME = "cosmoes-executorch-bundle"
-FORMAT_VERSION = 4
+FORMAT_VERSION = 5
 EXPERT_LAYOUTS = ("none", "int4", "xnnpack")
+# experts.bin int4 matrices (cosmoes/int4.py, export/runtime/int4.h): rows stored in panels of INT4_PANEL, each
+# panel in slices of INT4_CHUNK columns (4 bytes per row)
+INT4_PANEL = 16
+INT4_CHUNK = 8
 
 # manifest.json: what a bundle may say it was exported for and with (cosmoes/export/recipes/ has one recipe per
 # target; tests/export/test_bundle.py holds the two equal)

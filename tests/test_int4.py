@@ -10,23 +10,27 @@ import torch
 from cosmoes import int4
 
 
-def test_weights_pack_to_nibbles_in_32_value_blocks_with_group_scales():
+def test_weights_pack_to_nibbles_in_panels_of_16_rows_with_group_scales():
     # one row, one group of 32 whose amax is 7.5: scale 1.0, so the integers are their own int4 codes
     first, second = [float(v) for v in range(-7, 8)] + [7.5], [float(v) for v in range(-7, 8)] + [0.0]
     p = int4.pack_linear(torch.tensor([first + second]), 32)
-    assert p.scales.tolist() == [[1.0]] and p.padded == 32 and p.nibbles.shape == (1, 16)
+    # the row is stored in a panel of 16 rows (15 of padding, with scale 0), 4 slices of 8 columns of 4 bytes each
+    assert p.out_features == 1 and p.stored == 16 and p.padded == 32 and p.nibbles.shape == (1, 4, 16, 4)
+    assert p.scales.tolist() == [[1.0] + [0.0] * 15]
     codes = list(range(-7, 8)) + [7] + list(range(-7, 8)) + [0]  # 7.5 rounds half to even (8), clamped to 7
     assert int4.weights_int(p)[0].tolist() == codes
-    # byte j holds value j (low nibble) and value j + 16 (high nibble), each as q + 8
-    assert p.nibbles[0, 0].item() == (-7 + 8) | ((-7 + 8) << 4)
-    assert p.nibbles[0, 15].item() == (7 + 8) | ((0 + 8) << 4)
+    # in slice c, byte j of a row holds column 8c + j (low nibble) and 8c + j + 4 (high nibble), each as q + 8
+    assert p.nibbles[0, 0, 0, 0].item() == (-7 + 8) | ((-3 + 8) << 4)
+    assert p.nibbles[0, 3, 0, 3].item() == (4 + 8) | ((0 + 8) << 4)
+    # the padding rows are code -8 under scale 0: they add nothing
+    assert p.nibbles[0, :, 1:].eq(8 * 16 + 8).all()
 
 
 def test_padding_and_a_zero_group_cost_nothing():
     w = torch.zeros(2, 40)
     w[0, :32] = 0.5
     p = int4.pack_linear(w, 32)
-    assert p.padded == 64 and p.scales[1].tolist() == [0.0, 0.0] and p.scales[0, 1].item() == 0.0
+    assert p.padded == 64 and p.scales[1, :2].tolist() == [0.0, 0.0] and p.scales[0, 1].item() == 0.0
     back = int4.unpack(p)
     assert back.shape == w.shape and torch.equal(back[:, 32:], w[:, 32:]) and torch.equal(back[1], w[1])
     # +amax maps to 7.5, which rounds to 8 and saturates at 7: half a step off, the most any value is
@@ -64,11 +68,11 @@ def test_linear_is_the_integer_sums_in_the_fixed_fp32_order():
 def test_the_torch_operator_and_its_fake_agree_on_shapes():
     p = int4.pack_linear(torch.randn(5, 64), 32)
     x = torch.randn(3, 64)
-    y = torch.ops.cosmoes.int4_linear(x, p.nibbles, p.scales, 64, 32)
+    y = torch.ops.cosmoes.int4_linear(x, p.nibbles, p.scales, 64, 5, 32)
     assert torch.equal(y, int4.linear(x, p))
     with torch._subclasses.fake_tensor.FakeTensorMode() as mode:
         fake = torch.ops.cosmoes.int4_linear(mode.from_tensor(x), mode.from_tensor(p.nibbles),
-                                             mode.from_tensor(p.scales), 64, 32)
+                                             mode.from_tensor(p.scales), 64, 5, 32)
     assert fake.shape == (3, 5)
 
 

@@ -1,13 +1,13 @@
 """The packed expert file (experts.bin): each expert one int4 segment used in place by the runtimes (§3.4.2–3.4.3).
 
 An expert is data, not a program. Its linears are packed at export time in the layout the runtimes' kernels read
-(cosmoes/int4.py: int4 nibbles in 32-value blocks, fp32 scales group-major), one segment per expert, page-aligned,
+(cosmoes/int4.py: int4 nibbles in panels of 16 rows, fp32 scales group-major), one segment per expert, page-aligned,
 with its offset, size and sha256 in the manifest. A runtime maps the file and points the kernel at a segment: a
 load is the page-ins of its bytes, an eviction gives the pages back, and nothing is copied or re-packed.
 
 Segment layout (both runtimes derive it from the config and the group size; the manifest records offset and bytes):
-matrices in the order of `expert_matrices`, each its nibbles (rows x padded/2 bytes) then its scales
-(padded/group x rows fp32), every part starting at a multiple of PART_ALIGN bytes.
+matrices in the order of `expert_matrices`, each its nibbles (stored x padded/2 bytes, stored = rows rounded up to
+16) then its scales (padded/group x stored fp32), every part starting at a multiple of PART_ALIGN bytes.
 """
 
 from __future__ import annotations
@@ -17,6 +17,9 @@ import mmap
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
+
+from cosmoes.formats import INT4_CHUNK as CHUNK
+from cosmoes.formats import INT4_PANEL as PANEL
 
 SEGMENT_FILE = "experts.bin"
 LAYOUT = "int4"  # manifest expert_layout of a bundle whose experts are segments of SEGMENT_FILE
@@ -37,16 +40,25 @@ class MatrixLayout:
     scales_at: int
 
     @property
+    def stored(self) -> int:
+        return stored_rows(self.rows)
+
+    @property
     def nibble_bytes(self) -> int:
-        return self.rows * self.padded // 2
+        return self.stored * self.padded // 2
 
     @property
     def scale_bytes(self) -> int:
-        return self.padded // self.group * self.rows * 4
+        return self.padded // self.group * self.stored * 4
 
 
 def _up(n: int, to: int) -> int:
     return -(-n // to) * to
+
+
+def stored_rows(rows: int) -> int:
+    """Rows as stored: whole panels of the kernels."""
+    return _up(rows, PANEL)
 
 
 def expert_matrices(dim: int, ffn_dim: int, wd_rank: int | None, group: int) -> tuple[list[MatrixLayout], int]:
@@ -60,7 +72,7 @@ def expert_matrices(dim: int, ffn_dim: int, wd_rank: int | None, group: int) -> 
     for name, rows, inp in shapes:
         padded = _up(inp, group)
         nibbles_at = _up(at, PART_ALIGN)
-        scales_at = _up(nibbles_at + rows * padded // 2, PART_ALIGN)
+        scales_at = _up(nibbles_at + stored_rows(rows) * padded // 2, PART_ALIGN)
         m = MatrixLayout(name, rows, inp, padded, group, nibbles_at, scales_at)
         at = scales_at + m.scale_bytes
         out.append(m)
@@ -143,8 +155,8 @@ class SegmentFile:
             nib = torch.frombuffer(self._map, dtype=torch.uint8, count=m.nibble_bytes, offset=offset + m.nibbles_at)
             sc = torch.frombuffer(self._map, dtype=torch.float32, count=m.scale_bytes // 4,
                                   offset=offset + m.scales_at)
-            out.append(PackedLinear(nib.view(m.rows, m.padded // 2), sc.view(m.padded // m.group, m.rows),
-                                    m.in_features, m.group))
+            out.append(PackedLinear(nib.view(m.stored // PANEL, m.padded // CHUNK, PANEL, CHUNK // 2),
+                                    sc.view(m.padded // m.group, m.stored), m.in_features, m.rows, m.group))
         return out
 
     def release(self, offset: int) -> None:

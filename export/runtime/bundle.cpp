@@ -561,8 +561,9 @@ std::vector<MatrixLayout> expert_matrices(int64_t dim, int64_t ffn_dim, int64_t 
     MatrixLayout l;
     l.rows = rows, l.in = in, l.group = group, l.padded = up(in, group);
     l.nibbles_at = up(at, kPartAlign);
-    l.scales_at = up(l.nibbles_at + rows * l.padded / 2, kPartAlign);
-    at = l.scales_at + l.padded / group * rows * 4;
+    const int64_t stored = up(rows, 16);  // int4.h kPanel
+    l.scales_at = up(l.nibbles_at + stored * l.padded / 2, kPartAlign);
+    at = l.scales_at + l.padded / group * stored * 4;
     out.push_back(l);
   }
   if (segment_bytes) *segment_bytes = at;

@@ -1,10 +1,12 @@
 // The int4 expert kernels: a scalar reference and AVX2 / AVX-VNNI / AVX-512-VNNI / NEON-dotprod versions of it, each
-// compiled for its own instruction set (function target attributes) and picked at run time; see int4.h.
+// compiled for its own instruction set (function target attributes) and picked at run time; see int4.h. Every SIMD
+// kernel is one panel of 16 rows times a tile of up to 4 tokens: a GEMV for decode, a small-M GEMM for prefill.
 #include "int4.h"
 
 #include <algorithm>
 #include <cmath>
 #include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #if defined(__x86_64__) || defined(__i386__)
@@ -27,131 +29,289 @@ namespace {
 
 void check(const Matrix& w, int64_t N, int64_t r0, int64_t r1) {
   if (w.group <= 0 || w.group % 32 || w.cols <= 0 || w.cols % w.group || w.rows <= 0 || N < 0 || r0 < 0 ||
-      r1 > w.rows || r0 > r1)
+      r1 > w.rows || r0 > r1 || r0 % kPanel)
     throw Error("int4 linear: bad shape (rows " + std::to_string(w.rows) + ", cols " + std::to_string(w.cols) +
                 ", group " + std::to_string(w.group) + ", rows " + std::to_string(r0) + ".." + std::to_string(r1) + ")");
 }
 
-// Σ of each group's activations, per token: the kernels multiply unsigned nibbles (q + 8) and subtract 8 Σa.
-void group_sums(const int8_t* q, int64_t N, int64_t cols, int64_t group, std::vector<int32_t>& asum) {
-  const int64_t G = cols / group;
-  asum.assign(static_cast<size_t>(N * G), 0);
-  for (int64_t n = 0; n < N; ++n)
-    for (int64_t g = 0; g < G; ++g) {
-      int32_t s = 0;
-      for (int64_t k = 0; k < group; ++k) s += q[n * cols + g * group + k];
-      asum[n * G + g] = s;
-    }
-}
-
-int32_t weight(const uint8_t* row, int64_t k) {
-  const uint8_t b = row[(k / 32) * 16 + (k % 32) % 16];
-  return static_cast<int32_t>((k % 32) < 16 ? (b & 0xF) : (b >> 4)) - 8;
+// The signed value of row r, column k (the layout of int4.h).
+int32_t weight(const Matrix& w, int64_t r, int64_t k) {
+  const uint8_t b = w.nibbles[(r / kPanel) * kPanel * (w.cols / 2) + (k / 8) * (kPanel * 4) + (r % kPanel) * 4 + k % 4];
+  return static_cast<int32_t>((k % 8) < 4 ? (b & 0xF) : (b >> 4)) - 8;
 }
 
 void scalar_rows(const Matrix& w, const int8_t* q, const float* sa, int64_t N, float* y, int64_t r0, int64_t r1) {
-  const int64_t G = w.cols / w.group;
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = w.nibbles + r * (w.cols / 2);
+  const int64_t G = w.cols / w.group, srows = stored_rows(w.rows);
+  for (int64_t r = r0; r < r1; ++r)
     for (int64_t n = 0; n < N; ++n) {
       const int8_t* a = q + n * w.cols;
       float acc = 0.f;
       for (int64_t g = 0; g < G; ++g) {
         int32_t isum = 0;
-        for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) isum += a[k] * weight(row, k);
-        const float part = static_cast<float>(isum) * w.scales[g * w.rows + r];
+        for (int64_t k = g * w.group; k < (g + 1) * w.group; ++k) isum += a[k] * weight(w, r, k);
+        const float part = static_cast<float>(isum) * w.scales[g * srows + r];
         acc = acc + part;
       }
       y[n * w.rows + r] = acc * sa[n];
     }
-  }
+}
+
+// What every SIMD kernel shares: a panel of 16 rows times a tile of MT tokens (MT <= kTile), written to 16 floats
+// per token at out + t * ostride. The weights of a panel are unpacked once per 8 columns and used for all MT tokens,
+// so prefill reads each weight once per tile, not once per token.
+struct PanelArgs {
+  const uint8_t* panel;   // the panel's nibbles
+  const float* scales;    // scales of its first row in group 0 (row stride srows)
+  int64_t srows, G, chunks;  // chunks of 8 columns per group
+  const int8_t* a;        // the tile's first token; token t at a + t * cols
+  int64_t cols;
+  const int32_t* asum;    // the tile's first token's group sums; token t at asum + t * G
+  const float* sa;
+  float* out;
+  int64_t ostride;
+};
+
+constexpr int kTile = 4;
+
+int32_t load4(const int8_t* p) {
+  int32_t v;
+  std::memcpy(&v, p, 4);
+  return v;
 }
 
 #if COSMOES_X86
-// 8 rows at a time: per group, one int32 vector of partial sums per row, reduced to [s0..s7] by a hadd tree, then
-// the fp32 accumulation of the 8 rows side by side (multiply, then add: the reference's order, no FMA).
-#define COSMOES_X86_KERNEL(NAME, TARGET, DOT)                                                                   \
-  __attribute__((target(TARGET))) void NAME(const Matrix& w, const int8_t* q, const float* sa, int64_t N,      \
-                                            float* y, int64_t r0, int64_t r1, const int32_t* asum) {           \
-    const int64_t G = w.cols / w.group, blocks = w.group / 32, stride = w.cols / 2;                              \
-    const __m128i low = _mm_set1_epi8(0x0F);                                                                    \
+// 16 rows in one zmm: lane i is row i, and a 4-byte broadcast of the activations makes dpbusd add row i's four
+// products to lane i, so no horizontal sums are needed.
+template <int MT>
+__attribute__((target("avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni"))) void avx512vnni_panel(const PanelArgs& p) {
+  const __m512i low = _mm512_set1_epi8(0x0F);
+  __m512 acc[MT];
+  for (int t = 0; t < MT; ++t) acc[t] = _mm512_setzero_ps();
+  const uint8_t* at = p.panel;
+  for (int64_t g = 0; g < p.G; ++g) {
+    // low and high nibbles into separate sums: 2 * MT independent dpbusd chains hide its latency
+    __m512i s[MT][2];
+    for (int t = 0; t < MT; ++t) s[t][0] = s[t][1] = _mm512_setzero_si512();
+    for (int64_t c = 0, k = g * p.chunks * 8; c < p.chunks; ++c, k += 8, at += 64) {
+      const __m512i v = _mm512_loadu_si512(at);
+      const __m512i lo = _mm512_and_si512(v, low), hi = _mm512_and_si512(_mm512_srli_epi16(v, 4), low);
+      for (int t = 0; t < MT; ++t) {
+        const int8_t* a = p.a + t * p.cols + k;
+        s[t][0] = _mm512_dpbusd_epi32(s[t][0], lo, _mm512_set1_epi32(load4(a)));
+        s[t][1] = _mm512_dpbusd_epi32(s[t][1], hi, _mm512_set1_epi32(load4(a + 4)));
+      }
+    }
+    const __m512 sc = _mm512_loadu_ps(p.scales + g * p.srows);
+    for (int t = 0; t < MT; ++t) {
+      const __m512i sum = _mm512_sub_epi32(_mm512_add_epi32(s[t][0], s[t][1]), _mm512_set1_epi32(8 * p.asum[t * p.G + g]));
+      acc[t] = _mm512_add_ps(acc[t], _mm512_mul_ps(_mm512_cvtepi32_ps(sum), sc));
+    }
+  }
+  for (int t = 0; t < MT; ++t) _mm512_storeu_ps(p.out + t * p.ostride, _mm512_mul_ps(acc[t], _mm512_set1_ps(p.sa[t])));
+}
+
+// 8 rows per ymm (the panel's two halves side by side). AVX2 has no dpbusd: maddubs gives int16 pair sums (at most
+// 2 * 15 * 127 per pair, so the low- and high-nibble halves add in int16 without saturating), madd by 1 the int32.
+#define COSMOES_X86_PANEL(NAME, TARGET, DOT2)                                                                   \
+  template <int MT>                                                                                             \
+  __attribute__((target(TARGET))) void NAME(const PanelArgs& p) {                                               \
+    const __m256i low = _mm256_set1_epi8(0x0F);                                                                 \
     const __m256i ones = _mm256_set1_epi16(1);                                                                  \
     (void)ones;                                                                                                 \
-    int64_t r = r0;                                                                                             \
-    for (; r + 8 <= r1; r += 8) {                                                                               \
-      const uint8_t* base = w.nibbles + r * stride;                                                             \
-      for (int64_t n = 0; n < N; ++n) {                                                                         \
-        const int8_t* a = q + n * w.cols;                                                                       \
-        __m256 acc = _mm256_setzero_ps();                                                                       \
-        for (int64_t g = 0; g < G; ++g) {                                                                       \
-          __m256i s[8];                                                                                         \
-          for (int i = 0; i < 8; ++i) s[i] = _mm256_setzero_si256();                                            \
-          for (int64_t b = 0; b < blocks; ++b) {                                                                \
-            const int64_t blk = g * blocks + b;                                                                 \
-            const __m256i av = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(a + blk * 32));              \
-            for (int i = 0; i < 8; ++i) {                                                                       \
-              const __m128i raw = _mm_loadu_si128(reinterpret_cast<const __m128i*>(base + i * stride + blk * 16)); \
-              const __m256i wv = _mm256_set_m128i(_mm_and_si128(_mm_srli_epi16(raw, 4), low),                  \
-                                                  _mm_and_si128(raw, low));                                     \
-              DOT(s[i], wv, av);                                                                                \
-            }                                                                                                   \
+    __m256 acc[MT][2];                                                                                          \
+    for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = _mm256_setzero_ps();                                   \
+    const uint8_t* at = p.panel;                                                                                \
+    for (int64_t g = 0; g < p.G; ++g) {                                                                         \
+      __m256i s[MT][2];                                                                                         \
+      for (int t = 0; t < MT; ++t) s[t][0] = s[t][1] = _mm256_setzero_si256();                                  \
+      for (int64_t c = 0, k = g * p.chunks * 8; c < p.chunks; ++c, k += 8, at += 64) {                         \
+        for (int h = 0; h < 2; ++h) {                                                                           \
+          const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(at + 32 * h));                  \
+          const __m256i lo = _mm256_and_si256(v, low), hi = _mm256_and_si256(_mm256_srli_epi16(v, 4), low);     \
+          for (int t = 0; t < MT; ++t) {                                                                        \
+            const int8_t* a = p.a + t * p.cols + k;                                                             \
+            DOT2(s[t][h], lo, _mm256_set1_epi32(load4(a)), hi, _mm256_set1_epi32(load4(a + 4)));                \
           }                                                                                                     \
-          const __m256i h0 = _mm256_hadd_epi32(_mm256_hadd_epi32(s[0], s[1]), _mm256_hadd_epi32(s[2], s[3]));   \
-          const __m256i h1 = _mm256_hadd_epi32(_mm256_hadd_epi32(s[4], s[5]), _mm256_hadd_epi32(s[6], s[7]));   \
-          __m256i sum = _mm256_add_epi32(_mm256_permute2x128_si256(h0, h1, 0x20),                               \
-                                         _mm256_permute2x128_si256(h0, h1, 0x31));                              \
-          sum = _mm256_sub_epi32(sum, _mm256_set1_epi32(8 * asum[n * G + g]));                                  \
-          const __m256 part = _mm256_mul_ps(_mm256_cvtepi32_ps(sum), _mm256_loadu_ps(w.scales + g * w.rows + r)); \
-          acc = _mm256_add_ps(acc, part);                                                                       \
         }                                                                                                       \
-        _mm256_storeu_ps(y + n * w.rows + r, _mm256_mul_ps(acc, _mm256_set1_ps(sa[n])));                        \
+      }                                                                                                         \
+      for (int h = 0; h < 2; ++h) {                                                                             \
+        const __m256 sc = _mm256_loadu_ps(p.scales + g * p.srows + 8 * h);                                      \
+        for (int t = 0; t < MT; ++t) {                                                                          \
+          const __m256i sum = _mm256_sub_epi32(s[t][h], _mm256_set1_epi32(8 * p.asum[t * p.G + g]));           \
+          acc[t][h] = _mm256_add_ps(acc[t][h], _mm256_mul_ps(_mm256_cvtepi32_ps(sum), sc));                     \
+        }                                                                                                       \
       }                                                                                                         \
     }                                                                                                           \
-    if (r < r1) scalar_rows(w, q, sa, N, y, r, r1);                                                             \
+    for (int t = 0; t < MT; ++t)                                                                                \
+      for (int h = 0; h < 2; ++h)                                                                               \
+        _mm256_storeu_ps(p.out + t * p.ostride + 8 * h, _mm256_mul_ps(acc[t][h], _mm256_set1_ps(p.sa[t])));     \
   }
 
-#define COSMOES_DOT_AVX2(acc, wv, av) acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_maddubs_epi16(wv, av), ones))
-#define COSMOES_DOT_AVX512VNNI(acc, wv, av) acc = _mm256_dpbusd_epi32(acc, wv, av)
-#define COSMOES_DOT_AVXVNNI(acc, wv, av) acc = _mm256_dpbusd_avx_epi32(acc, wv, av)
+#define COSMOES_DOT2_AVX2(acc, lo, alo, hi, ahi) \
+  acc = _mm256_add_epi32(acc, _mm256_madd_epi16(_mm256_add_epi16(_mm256_maddubs_epi16(lo, alo), _mm256_maddubs_epi16(hi, ahi)), ones))
+#define COSMOES_DOT2_AVXVNNI(acc, lo, alo, hi, ahi) \
+  acc = _mm256_dpbusd_avx_epi32(_mm256_dpbusd_avx_epi32(acc, lo, alo), hi, ahi)
 
-COSMOES_X86_KERNEL(avx2_rows, "avx2,fma", COSMOES_DOT_AVX2)
-COSMOES_X86_KERNEL(avx512vnni_rows, "avx2,fma,avx512f,avx512bw,avx512vl,avx512vnni", COSMOES_DOT_AVX512VNNI)
+COSMOES_X86_PANEL(avx2_panel, "avx2,fma", COSMOES_DOT2_AVX2)
 #if defined(__GNUC__) && !defined(__clang__) && __GNUC__ >= 11 || defined(__clang__) && __clang_major__ >= 12
 #define COSMOES_HAVE_AVXVNNI 1
-COSMOES_X86_KERNEL(avxvnni_rows, "avx2,fma,avxvnni", COSMOES_DOT_AVXVNNI)
+COSMOES_X86_PANEL(avxvnni_panel, "avx2,fma,avxvnni", COSMOES_DOT2_AVXVNNI)
 #endif
 #endif  // COSMOES_X86
 
 #if COSMOES_ARM64
-// One row at a time: signed nibbles (q) times signed int8 activations with sdot, a horizontal add per group.
-__attribute__((target("arch=armv8.2-a+dotprod"))) void neondot_rows(const Matrix& w, const int8_t* q, const float* sa, int64_t N,
-                                                      float* y, int64_t r0, int64_t r1, const int32_t*) {
-  const int64_t G = w.cols / w.group, blocks = w.group / 32, stride = w.cols / 2;
+// 4 rows per q register, signed nibbles (q = nibble - 8) times signed int8 activations: sdot by lane adds row i's
+// four products to lane i, with the activations' 4 bytes picked by lane index (no broadcast, no group sums).
+template <int MT>
+__attribute__((target("arch=armv8.2-a+dotprod"))) void neondot_panel(const PanelArgs& p) {
   const uint8x16_t low = vdupq_n_u8(0x0F);
   const int8x16_t eight = vdupq_n_s8(8);
-  for (int64_t r = r0; r < r1; ++r) {
-    const uint8_t* row = w.nibbles + r * stride;
-    for (int64_t n = 0; n < N; ++n) {
-      const int8_t* a = q + n * w.cols;
-      float acc = 0.f;
-      for (int64_t g = 0; g < G; ++g) {
-        int32x4_t s = vdupq_n_s32(0);
-        for (int64_t b = 0; b < blocks; ++b) {
-          const int64_t blk = g * blocks + b;
-          const uint8x16_t raw = vld1q_u8(row + blk * 16);
-          const int8x16_t lo = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(raw, low)), eight);
-          const int8x16_t hi = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(raw, 4)), eight);
-          s = vdotq_s32(s, lo, vld1q_s8(a + blk * 32));
-          s = vdotq_s32(s, hi, vld1q_s8(a + blk * 32 + 16));
+  for (int quarter = 0; quarter < 4; quarter += 2) {  // 8 rows at a time keeps MT x 2 int and float sums in registers
+    float32x4_t acc[MT][2];
+    for (int t = 0; t < MT; ++t) acc[t][0] = acc[t][1] = vdupq_n_f32(0.f);
+    const uint8_t* at = p.panel + 16 * quarter;
+    for (int64_t g = 0; g < p.G; ++g) {
+      int32x4_t s[MT][2];
+      for (int t = 0; t < MT; ++t) s[t][0] = s[t][1] = vdupq_n_s32(0);
+      for (int64_t c = 0, k = g * p.chunks * 8; c < p.chunks; ++c, k += 8, at += 64) {
+        int8x16_t lo[2], hi[2];
+        for (int h = 0; h < 2; ++h) {
+          const uint8x16_t v = vld1q_u8(at + 16 * h);
+          lo[h] = vsubq_s8(vreinterpretq_s8_u8(vandq_u8(v, low)), eight);
+          hi[h] = vsubq_s8(vreinterpretq_s8_u8(vshrq_n_u8(v, 4)), eight);
         }
-        const float part = static_cast<float>(vaddvq_s32(s)) * w.scales[g * w.rows + r];
-        acc = acc + part;
+        for (int t = 0; t < MT; ++t) {
+          const int8x8_t a = vld1_s8(p.a + t * p.cols + k);
+          for (int h = 0; h < 2; ++h) {
+            s[t][h] = vdotq_lane_s32(s[t][h], lo[h], a, 0);
+            s[t][h] = vdotq_lane_s32(s[t][h], hi[h], a, 1);
+          }
+        }
       }
-      y[n * w.rows + r] = acc * sa[n];
+      for (int h = 0; h < 2; ++h) {
+        const float32x4_t sc = vld1q_f32(p.scales + g * p.srows + 4 * (quarter + h));
+        for (int t = 0; t < MT; ++t) acc[t][h] = vaddq_f32(acc[t][h], vmulq_f32(vcvtq_f32_s32(s[t][h]), sc));
+      }
     }
+    for (int t = 0; t < MT; ++t)
+      for (int h = 0; h < 2; ++h)
+        vst1q_f32(p.out + t * p.ostride + 4 * (quarter + h), vmulq_f32(acc[t][h], vdupq_n_f32(p.sa[t])));
   }
 }
 #endif
+
+// Activation quantisation in SIMD: at 16 tokens x 1280 columns the scalar loop (a libm nearbyint per value) took
+// longer than the int4 products themselves. True division and round-half-even keep the reference's bits.
+#if COSMOES_X86
+__attribute__((target("avx2,fma"))) void quantize_avx2(const float* x, int64_t N, int64_t in, int64_t padded,
+                                                       int8_t* q, float* sa) {
+  const __m256 sign = _mm256_set1_ps(-0.0f), hi = _mm256_set1_ps(127.f), lo = _mm256_set1_ps(-127.f);
+  for (int64_t n = 0; n < N; ++n) {
+    const float* row = x + n * in;
+    __m256 m = _mm256_setzero_ps();
+    int64_t k = 0;
+    for (; k + 8 <= in; k += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(row + k)));
+    alignas(32) float lanes[8];
+    _mm256_store_ps(lanes, m);
+    float amax = 0.f;
+    for (float v : lanes) amax = std::max(amax, v);
+    for (; k < in; ++k) amax = std::max(amax, std::fabs(row[k]));
+    const float s = amax / 127.0f;
+    sa[n] = s;
+    int8_t* out = q + n * padded;
+    k = 0;
+    if (s > 0.f) {
+      const __m256 sv = _mm256_set1_ps(s);
+      for (; k + 8 <= in; k += 8) {
+        __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(row + k), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m256i i = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, v)));
+        const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+        _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k), _mm_packs_epi16(w, w));
+      }
+      for (; k < in; ++k) out[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(row[k] / s))));
+    }
+    std::fill(out + k, out + padded, int8_t{0});
+  }
+}
+
+// Σ of each group's activations, per token: dpbusd multiplies unsigned by signed bytes, so the x86 kernels take the
+// nibbles as stored (q + 8) and subtract 8 Σa (the NEON kernels subtract the 8 from the nibbles instead).
+__attribute__((target("avx2,fma"))) void group_sums_avx2(const int8_t* q, int64_t N, int64_t cols, int64_t group,
+                                                         int32_t* asum) {
+  const __m256i ones8 = _mm256_set1_epi8(1), ones16 = _mm256_set1_epi16(1);
+  const int64_t G = cols / group;
+  for (int64_t n = 0; n < N; ++n)
+    for (int64_t g = 0; g < G; ++g) {
+      __m256i s = _mm256_setzero_si256();
+      for (int64_t k = g * group; k < (g + 1) * group; k += 32) {
+        const __m256i v = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(q + n * cols + k));
+        s = _mm256_add_epi32(s, _mm256_madd_epi16(_mm256_maddubs_epi16(ones8, v), ones16));
+      }
+      alignas(32) int32_t lanes[8];
+      _mm256_store_si256(reinterpret_cast<__m256i*>(lanes), s);
+      int32_t total = 0;
+      for (int32_t v : lanes) total += v;
+      asum[n * G + g] = total;
+    }
+}
+#endif
+
+#if COSMOES_ARM64
+__attribute__((target("arch=armv8.2-a+dotprod"))) void quantize_neon(const float* x, int64_t N, int64_t in,
+                                                                     int64_t padded, int8_t* q, float* sa) {
+  const float32x4_t hi = vdupq_n_f32(127.f), lo = vdupq_n_f32(-127.f);
+  for (int64_t n = 0; n < N; ++n) {
+    const float* row = x + n * in;
+    float32x4_t m = vdupq_n_f32(0.f);
+    int64_t k = 0;
+    for (; k + 4 <= in; k += 4) m = vmaxq_f32(m, vabsq_f32(vld1q_f32(row + k)));
+    float amax = std::max(0.f, vmaxvq_f32(m));
+    for (; k < in; ++k) amax = std::max(amax, std::fabs(row[k]));
+    const float s = amax / 127.0f;
+    sa[n] = s;
+    int8_t* out = q + n * padded;
+    k = 0;
+    if (s > 0.f) {
+      const float32x4_t sv = vdupq_n_f32(s);
+      for (; k + 8 <= in; k += 8) {
+        int32x4_t i[2];
+        for (int h = 0; h < 2; ++h)
+          i[h] = vcvtq_s32_f32(vminq_f32(hi, vmaxq_f32(lo, vrndnq_f32(vdivq_f32(vld1q_f32(row + k + 4 * h), sv)))));
+        vst1_s8(out + k, vmovn_s16(vcombine_s16(vmovn_s32(i[0]), vmovn_s32(i[1]))));
+      }
+      for (; k < in; ++k) out[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(row[k] / s))));
+    }
+    std::fill(out + k, out + padded, int8_t{0});
+  }
+}
+#endif
+
+using PanelFn = void (*)(const PanelArgs&);
+struct PanelKernel {
+  PanelFn tile[kTile];  // tile[m - 1] handles m tokens
+};
+
+#define COSMOES_PANEL_KERNEL(NAME) PanelKernel{{NAME<1>, NAME<2>, NAME<3>, NAME<4>}}
+
+// Rows [r0, r1) (r0 a panel start): panel by panel, tokens in tiles of kTile; a last panel with fewer than 16 real
+// rows is computed into scratch and its real rows copied.
+void panel_rows(const PanelKernel& kern, const Matrix& w, const int8_t* q, const float* sa, int64_t N, float* y,
+                int64_t r0, int64_t r1, const int32_t* asum) {
+  const int64_t G = w.cols / w.group, srows = stored_rows(w.rows), panel_bytes = kPanel * w.cols / 2;
+  float tail[kTile * kPanel];
+  for (int64_t r = r0; r < r1; r += kPanel) {
+    const bool whole = r + kPanel <= w.rows;
+    for (int64_t n = 0; n < N; n += kTile) {
+      const int64_t m = std::min<int64_t>(kTile, N - n);
+      PanelArgs p{w.nibbles + (r / kPanel) * panel_bytes, w.scales + r, srows, G, w.group / 8, q + n * w.cols,
+                  w.cols, asum + n * G, sa + n, whole ? y + n * w.rows + r : tail, whole ? w.rows : kPanel};
+      kern.tile[m - 1](p);
+      if (!whole)
+        for (int64_t t = 0; t < m; ++t)
+          for (int64_t i = 0; i < std::min(r1, w.rows) - r; ++i) y[(n + t) * w.rows + r + i] = tail[t * kPanel + i];
+    }
+  }
+}
 
 bool cpu_has(Isa isa) {
   switch (isa) {
@@ -224,6 +384,17 @@ Isa active_isa() {
 
 void quantize(const float* x, int64_t N, int64_t in, int64_t padded, int8_t* q, float* sa) {
   if (in <= 0 || padded < in) throw Error("int4 quantize: bad width " + std::to_string(in));
+  switch (active_isa()) {
+#if COSMOES_X86
+    case Isa::Avx2:
+    case Isa::AvxVnni:
+    case Isa::Avx512Vnni: return quantize_avx2(x, N, in, padded, q, sa);
+#endif
+#if COSMOES_ARM64
+    case Isa::NeonDot: return quantize_neon(x, N, in, padded, q, sa);
+#endif
+    default: break;
+  }
   for (int64_t n = 0; n < N; ++n) {
     const float* row = x + n * in;
     float amax = 0.f;
@@ -245,17 +416,32 @@ void linear(const Matrix& w, const int8_t* q, const float* sa, int64_t N, float*
   const Isa isa = active_isa();
   if (isa == Isa::Scalar) return scalar_rows(w, q, sa, N, y, r0, r1);
   thread_local std::vector<int32_t> asum;
-  group_sums(q, N, w.cols, w.group, asum);
+  asum.resize(static_cast<size_t>(N * (w.cols / w.group)));
+#if COSMOES_X86
+  group_sums_avx2(q, N, w.cols, w.group, asum.data());
+#endif
   switch (isa) {
 #if COSMOES_X86
-    case Isa::Avx2: return avx2_rows(w, q, sa, N, y, r0, r1, asum.data());
-    case Isa::Avx512Vnni: return avx512vnni_rows(w, q, sa, N, y, r0, r1, asum.data());
+    case Isa::Avx2: {
+      static const PanelKernel k = COSMOES_PANEL_KERNEL(avx2_panel);
+      return panel_rows(k, w, q, sa, N, y, r0, r1, asum.data());
+    }
+    case Isa::Avx512Vnni: {
+      static const PanelKernel k = COSMOES_PANEL_KERNEL(avx512vnni_panel);
+      return panel_rows(k, w, q, sa, N, y, r0, r1, asum.data());
+    }
 #if COSMOES_HAVE_AVXVNNI
-    case Isa::AvxVnni: return avxvnni_rows(w, q, sa, N, y, r0, r1, asum.data());
+    case Isa::AvxVnni: {
+      static const PanelKernel k = COSMOES_PANEL_KERNEL(avxvnni_panel);
+      return panel_rows(k, w, q, sa, N, y, r0, r1, asum.data());
+    }
 #endif
 #endif
 #if COSMOES_ARM64
-    case Isa::NeonDot: return neondot_rows(w, q, sa, N, y, r0, r1, asum.data());
+    case Isa::NeonDot: {
+      static const PanelKernel k = COSMOES_PANEL_KERNEL(neondot_panel);
+      return panel_rows(k, w, q, sa, N, y, r0, r1, asum.data());
+    }
 #endif
     default: return scalar_rows(w, q, sa, N, y, r0, r1);
   }

@@ -8,8 +8,13 @@
 
 namespace cosmoes::int4 {
 
-// An out x cols int4 matrix (cols padded to a multiple of group, group a multiple of 32): nibbles rows x cols/2
-// (32-value blocks, byte j = value j low, value j + 16 high, stored as q + 8), scales fp32 [cols/group][rows].
+// Rows are stored in panels of 16 (the last one padded with zero rows whose scale is 0).
+constexpr int64_t kPanel = 16;
+inline int64_t stored_rows(int64_t rows) { return (rows + kPanel - 1) / kPanel * kPanel; }
+
+// An out x cols int4 matrix (cols padded to a multiple of group, group a multiple of 32), as cosmoes/int4.py packs
+// it: per panel of 16 rows (8 * cols bytes), per chunk of 8 columns, 64 bytes = 4 per row, byte j of a row holding
+// column j low and column j + 4 high, stored as q + 8; scales fp32 [cols/group][stored_rows(rows)].
 struct Matrix {
   const uint8_t* nibbles;
   const float* scales;
@@ -20,7 +25,8 @@ struct Matrix {
 void quantize(const float* x, int64_t N, int64_t in, int64_t padded, int8_t* q, float* sa);
 
 // Rows [row_begin, row_end) of y (N x w.rows) for all N tokens of q (N x w.cols): a caller splits rows across
-// threads. A block of weight rows is read once and used for every token (decode is the N = 1 case).
+// threads at panel boundaries (row_begin a multiple of kPanel). A panel's weights are unpacked once per tile of up
+// to 4 tokens (decode is the N = 1 case).
 void linear(const Matrix& w, const int8_t* q, const float* sa, int64_t N, float* y, int64_t row_begin,
             int64_t row_end);
 

@@ -90,8 +90,8 @@ void linear_chunk(void* ctx, int64_t chunk) {
   if (r0 < r1) int4::linear(job->w, job->q, job->sa, job->N, job->out, r0, r1);
 }
 
-// Rows per chunk: the matrix split evenly over the pool's threads, in blocks of 16 rows (the kernels' unit).
-constexpr int64_t kRowBlock = 16;
+// Rows per chunk: the matrix split evenly over the pool's threads, in whole panels (the kernels' unit).
+constexpr int64_t kRowBlock = int4::kPanel;
 
 void apply(const MatrixLayout& l, const uint8_t* segment, const float* x, int64_t N, float* out, ExpertScratch& s,
            ParallelFor parallel, int64_t threads) {

@@ -31,8 +31,9 @@ int run(const std::string& dir) {
   int64_t rows, cols, in, group, N;
   std::ifstream shape(dir + "/shape.txt");
   if (!(shape >> rows >> cols >> in >> group >> N)) throw cosmoes::Error(dir + "/shape.txt: unreadable");
-  auto nib = read_all<uint8_t>(dir + "/nibbles.bin", rows * cols / 2);
-  auto sc = read_all<float>(dir + "/scales.bin", cols / group * rows);
+  const int64_t stored = cosmoes::int4::stored_rows(rows);
+  auto nib = read_all<uint8_t>(dir + "/nibbles.bin", stored * cols / 2);
+  auto sc = read_all<float>(dir + "/scales.bin", cols / group * stored);
   auto x = read_all<float>(dir + "/x.bin", N * in);
   std::vector<int8_t> q(N * cols);
   std::vector<float> sa(N), y(N * rows);
@@ -44,9 +45,10 @@ int run(const std::string& dir) {
 
 int bench(int64_t rows, int64_t cols, int64_t group, int64_t N, int64_t iters) {
   std::mt19937 rng(0);
-  std::vector<uint8_t> nib(rows * cols / 2);
+  const int64_t stored = cosmoes::int4::stored_rows(rows);
+  std::vector<uint8_t> nib(stored * cols / 2);
   for (auto& b : nib) b = static_cast<uint8_t>(rng());
-  std::vector<float> sc(cols / group * rows, 0.01f), x(N * cols), y(N * rows), sa(N);
+  std::vector<float> sc(cols / group * stored, 0.01f), x(N * cols), y(N * rows), sa(N);
   for (auto& v : x) v = static_cast<float>(rng() % 2001) / 1000.f - 1.f;
   std::vector<int8_t> q(N * cols);
   cosmoes::int4::Matrix w{nib.data(), sc.data(), rows, cols, group};

@@ -11,6 +11,7 @@ import torch
 
 from cosmoes.errors import CosmoesError
 from cosmoes.artifacts import MANIFEST_NAME
+from cosmoes.formats import FORMAT_VERSION
 from cosmoes.runtime.native import build_runner, generate_native, run_local
 from cosmoes.runtime.python import BundleRuntime
 from cosmoes.tokenizer import default_tokenizer
@@ -156,7 +157,7 @@ def _copy(bundle, tmp_path):
     ("missing", "bundle file missing"),
     ("manifest", "corrupt bundle manifest"),
     ("version", "is newer than this runtime supports"),
-    ("old-version", "is older than this runtime supports (4): re-export it: `cosmoes export "),
+    ("old-version", f"is older than this runtime supports ({FORMAT_VERSION}): re-export it: `cosmoes export "),
 ])
 def test_damaged_bundles_are_one_line_errors(runner, micro_bundle_8da4w, tmp_path, damage, message):
     bundle = _copy(micro_bundle_8da4w, tmp_path)
