@@ -200,38 +200,58 @@ __attribute__((target("arch=armv8.2-a+dotprod"))) void neondot_panel(const Panel
 }
 #endif
 
-// Activation quantisation in SIMD: at 16 tokens x 1280 columns the scalar loop (a libm nearbyint per value) took
-// longer than the int4 products themselves. True division and round-half-even keep the reference's bits.
-#if COSMOES_X86
-__attribute__((target("avx2,fma"))) void quantize_avx2(const float* x, int64_t N, int64_t in, int64_t padded,
-                                                       int8_t* q, float* sa) {
-  const __m256 sign = _mm256_set1_ps(-0.0f), hi = _mm256_set1_ps(127.f), lo = _mm256_set1_ps(-127.f);
+// Activation quantisation: per token s = max|x| / 127 and q = round-half-even(x / s) clamped to +-127. Each SIMD
+// family supplies the max and a rounded prefix; `quantize_rows` does the rest with the scalar formula, so every
+// family keeps the reference's bits (true division, round-half-even). At 16 tokens x 1280 columns the scalar loop (a
+// libm nearbyint per value) took longer than the int4 products themselves.
+int8_t quantize_one(float v, float s) {
+  return static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(v / s))));
+}
+
+// amax(row, in) -> max |row[k]|; round(row, in, s, out) -> how many leading values it wrote (out[k], k < that)
+template <typename Amax, typename Round>
+void quantize_rows(const float* x, int64_t N, int64_t in, int64_t padded, int8_t* q, float* sa, Amax amax,
+                   Round round) {
   for (int64_t n = 0; n < N; ++n) {
     const float* row = x + n * in;
-    __m256 m = _mm256_setzero_ps();
-    int64_t k = 0;
-    for (; k + 8 <= in; k += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(row + k)));
-    alignas(32) float lanes[8];
-    _mm256_store_ps(lanes, m);
-    float amax = 0.f;
-    for (float v : lanes) amax = std::max(amax, v);
-    for (; k < in; ++k) amax = std::max(amax, std::fabs(row[k]));
-    const float s = amax / 127.0f;
+    const float s = amax(row, in) / 127.0f;
     sa[n] = s;
     int8_t* out = q + n * padded;
-    k = 0;
-    if (s > 0.f) {
-      const __m256 sv = _mm256_set1_ps(s);
-      for (; k + 8 <= in; k += 8) {
-        __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(row + k), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        const __m256i i = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, v)));
-        const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
-        _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k), _mm_packs_epi16(w, w));
-      }
-      for (; k < in; ++k) out[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(row[k] / s))));
-    }
+    int64_t k = 0;
+    if (s > 0.f)
+      for (k = round(row, in, s, out); k < in; ++k) out[k] = quantize_one(row[k], s);
     std::fill(out + k, out + padded, int8_t{0});
   }
+}
+
+float amax_scalar(const float* row, int64_t k, int64_t in, float m) {
+  for (; k < in; ++k) m = std::max(m, std::fabs(row[k]));
+  return m;
+}
+
+#if COSMOES_X86
+__attribute__((target("avx2,fma"))) float amax_avx2(const float* row, int64_t in) {
+  const __m256 sign = _mm256_set1_ps(-0.0f);
+  __m256 m = _mm256_setzero_ps();
+  int64_t k = 0;
+  for (; k + 8 <= in; k += 8) m = _mm256_max_ps(m, _mm256_andnot_ps(sign, _mm256_loadu_ps(row + k)));
+  alignas(32) float lanes[8];
+  _mm256_store_ps(lanes, m);
+  float amax = 0.f;
+  for (float v : lanes) amax = std::max(amax, v);
+  return amax_scalar(row, k, in, amax);
+}
+
+__attribute__((target("avx2,fma"))) int64_t round_avx2(const float* row, int64_t in, float s, int8_t* out) {
+  const __m256 hi = _mm256_set1_ps(127.f), lo = _mm256_set1_ps(-127.f), sv = _mm256_set1_ps(s);
+  int64_t k = 0;
+  for (; k + 8 <= in; k += 8) {
+    __m256 v = _mm256_round_ps(_mm256_div_ps(_mm256_loadu_ps(row + k), sv), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m256i i = _mm256_cvtps_epi32(_mm256_min_ps(hi, _mm256_max_ps(lo, v)));
+    const __m128i w = _mm_packs_epi32(_mm256_castsi256_si128(i), _mm256_extracti128_si256(i, 1));
+    _mm_storel_epi64(reinterpret_cast<__m128i*>(out + k), _mm_packs_epi16(w, w));
+  }
+  return k;
 }
 
 // Σ of each group's activations, per token: dpbusd multiplies unsigned by signed bytes, so the x86 kernels take the
@@ -257,32 +277,24 @@ __attribute__((target("avx2,fma"))) void group_sums_avx2(const int8_t* q, int64_
 #endif
 
 #if COSMOES_ARM64
-__attribute__((target("arch=armv8.2-a+dotprod"))) void quantize_neon(const float* x, int64_t N, int64_t in,
-                                                                     int64_t padded, int8_t* q, float* sa) {
-  const float32x4_t hi = vdupq_n_f32(127.f), lo = vdupq_n_f32(-127.f);
-  for (int64_t n = 0; n < N; ++n) {
-    const float* row = x + n * in;
-    float32x4_t m = vdupq_n_f32(0.f);
-    int64_t k = 0;
-    for (; k + 4 <= in; k += 4) m = vmaxq_f32(m, vabsq_f32(vld1q_f32(row + k)));
-    float amax = std::max(0.f, vmaxvq_f32(m));
-    for (; k < in; ++k) amax = std::max(amax, std::fabs(row[k]));
-    const float s = amax / 127.0f;
-    sa[n] = s;
-    int8_t* out = q + n * padded;
-    k = 0;
-    if (s > 0.f) {
-      const float32x4_t sv = vdupq_n_f32(s);
-      for (; k + 8 <= in; k += 8) {
-        int32x4_t i[2];
-        for (int h = 0; h < 2; ++h)
-          i[h] = vcvtq_s32_f32(vminq_f32(hi, vmaxq_f32(lo, vrndnq_f32(vdivq_f32(vld1q_f32(row + k + 4 * h), sv)))));
-        vst1_s8(out + k, vmovn_s16(vcombine_s16(vmovn_s32(i[0]), vmovn_s32(i[1]))));
-      }
-      for (; k < in; ++k) out[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, std::nearbyint(row[k] / s))));
-    }
-    std::fill(out + k, out + padded, int8_t{0});
+__attribute__((target("arch=armv8.2-a+dotprod"))) float amax_neon(const float* row, int64_t in) {
+  float32x4_t m = vdupq_n_f32(0.f);
+  int64_t k = 0;
+  for (; k + 4 <= in; k += 4) m = vmaxq_f32(m, vabsq_f32(vld1q_f32(row + k)));
+  return amax_scalar(row, k, in, std::max(0.f, vmaxvq_f32(m)));
+}
+
+__attribute__((target("arch=armv8.2-a+dotprod"))) int64_t round_neon(const float* row, int64_t in, float s,
+                                                                     int8_t* out) {
+  const float32x4_t hi = vdupq_n_f32(127.f), lo = vdupq_n_f32(-127.f), sv = vdupq_n_f32(s);
+  int64_t k = 0;
+  for (; k + 8 <= in; k += 8) {
+    int32x4_t i[2];
+    for (int h = 0; h < 2; ++h)
+      i[h] = vcvtq_s32_f32(vminq_f32(hi, vmaxq_f32(lo, vrndnq_f32(vdivq_f32(vld1q_f32(row + k + 4 * h), sv)))));
+    vst1_s8(out + k, vmovn_s16(vcombine_s16(vmovn_s32(i[0]), vmovn_s32(i[1]))));
   }
+  return k;
 }
 #endif
 
@@ -388,26 +400,15 @@ void quantize(const float* x, int64_t N, int64_t in, int64_t padded, int8_t* q, 
 #if COSMOES_X86
     case Isa::Avx2:
     case Isa::AvxVnni:
-    case Isa::Avx512Vnni: return quantize_avx2(x, N, in, padded, q, sa);
+    case Isa::Avx512Vnni: return quantize_rows(x, N, in, padded, q, sa, amax_avx2, round_avx2);
 #endif
 #if COSMOES_ARM64
-    case Isa::NeonDot: return quantize_neon(x, N, in, padded, q, sa);
+    case Isa::NeonDot: return quantize_rows(x, N, in, padded, q, sa, amax_neon, round_neon);
 #endif
     default: break;
   }
-  for (int64_t n = 0; n < N; ++n) {
-    const float* row = x + n * in;
-    float amax = 0.f;
-    for (int64_t k = 0; k < in; ++k) amax = std::max(amax, std::fabs(row[k]));
-    const float s = amax / 127.0f;
-    sa[n] = s;
-    int8_t* out = q + n * padded;
-    for (int64_t k = 0; k < in; ++k) {
-      const float v = s > 0.f ? std::nearbyint(row[k] / s) : 0.f;
-      out[k] = static_cast<int8_t>(std::min(127.f, std::max(-127.f, v)));
-    }
-    std::fill(out + in, out + padded, int8_t{0});
-  }
+  quantize_rows(x, N, in, padded, q, sa, [](const float* row, int64_t in_) { return amax_scalar(row, 0, in_, 0.f); },
+                [](const float*, int64_t, float, int8_t*) { return int64_t{0}; });
 }
 
 void linear(const Matrix& w, const int8_t* q, const float* sa, int64_t N, float* y, int64_t r0, int64_t r1) {
