@@ -17,6 +17,11 @@ EXPERT_LAYOUTS = ("none", "int4", "xnnpack")
 INT4_PANEL = 16
 INT4_CHUNK = 8
 
+
+def int4_stored_rows(rows: int) -> int:
+    """An int4 matrix's rows as stored: whole panels of the kernels."""
+    return -(-rows // INT4_PANEL) * INT4_PANEL
+
 # manifest.json: what a bundle may say it was exported for and with (cosmoes/export/recipes/ has one recipe per
 # target; tests/export/test_bundle.py holds the two equal)
 TARGETS = ("android", "host", "ios")

@@ -18,6 +18,7 @@ import torch
 
 from cosmoes.formats import INT4_CHUNK as CHUNK
 from cosmoes.formats import INT4_PANEL as PANEL
+from cosmoes.formats import int4_stored_rows as stored_rows
 
 BLOCK = 32  # the group is a multiple of this
 
@@ -40,10 +41,6 @@ class PackedLinear:
     @property
     def padded(self) -> int:
         return self.nibbles.numel() * 2 // self.stored
-
-
-def stored_rows(rows: int) -> int:
-    return -(-rows // PANEL) * PANEL
 
 
 def pack_linear(weight: torch.Tensor, group: int) -> PackedLinear:

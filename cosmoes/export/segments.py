@@ -20,6 +20,7 @@ from typing import BinaryIO
 
 from cosmoes.formats import INT4_CHUNK as CHUNK
 from cosmoes.formats import INT4_PANEL as PANEL
+from cosmoes.formats import int4_stored_rows as stored_rows
 
 SEGMENT_FILE = "experts.bin"
 LAYOUT = "int4"  # manifest expert_layout of a bundle whose experts are segments of SEGMENT_FILE
@@ -54,11 +55,6 @@ class MatrixLayout:
 
 def _up(n: int, to: int) -> int:
     return -(-n // to) * to
-
-
-def stored_rows(rows: int) -> int:
-    """Rows as stored: whole panels of the kernels."""
-    return _up(rows, PANEL)
 
 
 def expert_matrices(dim: int, ffn_dim: int, wd_rank: int | None, group: int) -> tuple[list[MatrixLayout], int]:

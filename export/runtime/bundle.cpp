@@ -1,6 +1,8 @@
 // Reading and validating manifest.json (written by cosmoes/export/manifest.py) before any program is opened.
 #include "bundle.h"
 
+#include "int4.h"
+
 #include <sys/stat.h>
 
 #include <algorithm>
@@ -561,7 +563,7 @@ std::vector<MatrixLayout> expert_matrices(int64_t dim, int64_t ffn_dim, int64_t 
     MatrixLayout l;
     l.rows = rows, l.in = in, l.group = group, l.padded = up(in, group);
     l.nibbles_at = up(at, kPartAlign);
-    const int64_t stored = up(rows, 16);  // int4.h kPanel
+    const int64_t stored = int4::stored_rows(rows);
     l.scales_at = up(l.nibbles_at + stored * l.padded / 2, kPartAlign);
     at = l.scales_at + l.padded / group * stored * 4;
     out.push_back(l);
