@@ -123,3 +123,23 @@ def test_a_kernel_family_the_cpu_lacks_or_does_not_know_is_one_line(check_exe):
                               env={**os.environ, "COSMOES_ISA": value})
         assert proc.returncode == 2 and proc.stderr.startswith("error: " + message)
         assert proc.stderr.count("\n") == 1
+
+
+def test_every_kernel_family_gives_the_reference_silu_bits(check_exe, tmp_path):
+    # SIMD e^x in double must round to the same floats as the reference's exp, across the range activations take
+    # and at the clamps (|v| about 708-709), overflow, subnormals, signed zeros and infinities
+    g = torch.Generator().manual_seed(0)
+    edges = torch.tensor([0.0, -0.0, 1e-40, -1e-40, 88.7, -88.7, 707.9, -707.9, 708.5, -708.5, 709.0, -709.0,
+                          709.5, -709.5, 745.2, -745.2, 1e30, -1e30, 3.4e38, -3.4e38, float("inf"), float("-inf")])
+    a = torch.cat([torch.randn(200_001, generator=g) * 4, (torch.rand(50_000, generator=g) - 0.5) * 1500, edges])
+    b = torch.randn(a.numel(), generator=g)
+    (tmp_path / "a.bin").write_bytes(a.numpy().tobytes())
+    (tmp_path / "b.bin").write_bytes(b.numpy().tobytes())
+    want = int4.silu(a) * b
+    for isa in _available(check_exe):
+        proc = subprocess.run([check_exe, "silu", tmp_path], capture_output=True, text=True,
+                              env={**os.environ, "COSMOES_ISA": isa})
+        assert proc.returncode == 0 and proc.stdout.split()[:2] == ["isa", isa], proc.stderr
+        got = torch.frombuffer(bytearray((tmp_path / "h.bin").read_bytes()), dtype=torch.float32)
+        same = (got == want) | (got.isnan() & want.isnan())
+        assert same.all() and torch.equal(got.signbit(), want.signbit()), (isa, a[~same][:5], got[~same][:5])

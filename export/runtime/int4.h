@@ -32,6 +32,8 @@ void linear(const Matrix& w, const int8_t* q, const float* sa, int64_t N, float*
 
 // v / (1 + e^-v) in double, rounded once to float (as cosmoes.int4.silu).
 float silu(float v);
+// h = silu(a) * b over n values, silu as above (the same bits) in the active family's SIMD lanes.
+void silu_mul(const float* a, const float* b, float* h, int64_t n);
 
 enum class Isa { Scalar, NeonDot, Avx2, AvxVnni, Avx512Vnni };
 // The kernel family in use: the best this CPU has, capped by the environment variable COSMOES_ISA (scalar, avx2,

@@ -129,7 +129,7 @@ void run_expert(const std::vector<MatrixLayout>& layout, bool wd, const uint8_t*
   project(0, s.a);
   project(wd ? 2 : 1, s.b);
   s.h.resize(s.a.size());
-  for (size_t i = 0; i < s.a.size(); ++i) s.h[i] = int4::silu(s.a[i]) * s.b[i];
+  int4::silu_mul(s.a.data(), s.b.data(), s.h.data(), static_cast<int64_t>(s.a.size()));
   const MatrixLayout& last = layout.back();
   if (wd) {
     lin(layout[4], s.h.data(), t);

@@ -2,6 +2,7 @@
 // them against the bytes they read.
 //   cosmoes_int4_check run DIR                      DIR/shape.txt (rows cols in group N), nibbles.bin, scales.bin,
 //                                                   x.bin (fp32 N x in) -> DIR/y.bin (fp32 N x rows)
+//   cosmoes_int4_check silu DIR                     DIR/a.bin, b.bin (fp32, same length) -> DIR/h.bin = silu(a) * b
 //   cosmoes_int4_check bench ROWS COLS GROUP N ITERS   microseconds per call and GB/s of weights read
 // Both print the kernel family first (COSMOES_ISA caps it).
 #include <chrono>
@@ -43,6 +44,16 @@ int run(const std::string& dir) {
   return 0;
 }
 
+int silu(const std::string& dir) {
+  std::ifstream f(dir + "/a.bin", std::ios::binary | std::ios::ate);
+  const auto n = static_cast<size_t>(f.tellg()) / 4;
+  auto a = read_all<float>(dir + "/a.bin", n), b = read_all<float>(dir + "/b.bin", n);
+  std::vector<float> h(n);
+  cosmoes::int4::silu_mul(a.data(), b.data(), h.data(), static_cast<int64_t>(n));
+  std::ofstream(dir + "/h.bin", std::ios::binary).write(reinterpret_cast<const char*>(h.data()), h.size() * 4);
+  return 0;
+}
+
 int bench(int64_t rows, int64_t cols, int64_t group, int64_t N, int64_t iters) {
   std::mt19937 rng(0);
   const int64_t stored = cosmoes::int4::stored_rows(rows);
@@ -72,10 +83,11 @@ int main(int argc, char** argv) {
     std::printf("isa %s\n", cosmoes::int4::isa_name(cosmoes::int4::active_isa()));
     std::string cmd = argc > 1 ? argv[1] : "";
     if (cmd == "run" && argc == 3) return run(argv[2]);
+    if (cmd == "silu" && argc == 3) return silu(argv[2]);
     if (cmd == "bench" && argc == 7)
       return bench(std::stoll(argv[2]), std::stoll(argv[3]), std::stoll(argv[4]), std::stoll(argv[5]),
                    std::stoll(argv[6]));
-    std::fprintf(stderr, "usage: cosmoes_int4_check run DIR | bench ROWS COLS GROUP N ITERS\n");
+    std::fprintf(stderr, "usage: cosmoes_int4_check run DIR | silu DIR | bench ROWS COLS GROUP N ITERS\n");
     return 2;
   } catch (const std::exception& e) {
     std::fprintf(stderr, "error: %s\n", e.what());
