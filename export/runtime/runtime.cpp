@@ -619,6 +619,8 @@ void Runtime::moe(int64_t layer, const std::vector<float>& x_TD, const std::vect
   experts_->begin_step(layer, selected);
   std::fill(out_TD.begin(), out_TD.end(), 0.f);
   const std::vector<int64_t> last(ids_TK.end() - K, ids_TK.end());
+  if (segments_ && T == 1 && threads_ > 1 && selected.size() > 1) return moe_side_by_side(layer, x_TD, selected,
+                                                                                           weights_TK, ids_TK, out_TD);
   std::vector<float> x_ND;
   std::vector<int64_t> token, slot;
   for (int64_t e : selected) {  // ascending, as the eager model, so fp32 sums are added in the same order
@@ -652,6 +654,48 @@ void Runtime::moe(int64_t layer, const std::vector<float>& x_TD, const std::vect
         const float product = y_ND[n * D + d] * w;  // rounded before the add, as torch's mul + index_add_
         out[d] += product;
       }
+    }
+    experts_->release(layer, e, last);
+  }
+}
+
+// One token's top_k experts at once, each on its own thread with its own scratch: one pool dispatch per layer
+// instead of one per linear (six for two experts), and no thread waits on another inside an expert. Every policy
+// holds top_k experts of a layer (lru:N and budgets have N >= top_k), so all are acquired first; the outputs are
+// then added in ascending expert order, as in moe(), and each expert released.
+void Runtime::moe_side_by_side(int64_t layer, const std::vector<float>& x_TD, const std::vector<int64_t>& selected,
+                               const std::vector<float>& weights_TK, const std::vector<int64_t>& ids_TK,
+                               std::vector<float>& out_TD) {
+  const int64_t D = m_.dim, n = static_cast<int64_t>(selected.size());
+  side_scratch_.resize(selected.size());
+  side_out_.resize(selected.size());
+  std::vector<const uint8_t*> segment;
+  for (int64_t e : selected) {
+    experts_->acquire(layer, e);
+    segment.push_back(segments_->at(m_.experts[layer][e].offset));
+  }
+  struct Job {
+    Runtime* self;
+    const std::vector<const uint8_t*>* segment;
+    const float* x;
+  } job{this, &segment, x_TD.data()};
+  auto t0 = Clock::now();
+  pool_parallel(&job, [](void* ctx, int64_t i) {
+    auto* j = static_cast<Job*>(ctx);
+    Runtime& r = *j->self;
+    r.side_out_[i].resize(static_cast<size_t>(r.m_.dim));
+    run_expert(r.expert_layout_, r.m_.wd_rank > 0, (*j->segment)[i], j->x, 1, r.side_out_[i].data(),
+               r.side_scratch_[i], nullptr, 1);
+  }, n);
+  stage_ms_.experts += ms_since(t0);
+  const std::vector<int64_t> last(ids_TK.begin(), ids_TK.end());
+  for (int64_t i = 0; i < n; ++i) {
+    const int64_t e = selected[i];
+    const int64_t k = std::find(ids_TK.begin(), ids_TK.end(), e) - ids_TK.begin();
+    const float w = weights_TK[k];
+    for (int64_t d = 0; d < D; ++d) {
+      const float product = side_out_[i][d] * w;  // rounded before the add, as torch's mul + index_add_
+      out_TD[d] += product;
     }
     experts_->release(layer, e, last);
   }

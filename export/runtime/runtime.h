@@ -144,6 +144,9 @@ class Runtime {
   std::vector<MatrixLayout> expert_layout_;
   ExpertScratch scratch_;
   std::vector<float> expert_out_;
+  // one per expert run side by side (decode's top_k experts on their own threads)
+  std::vector<ExpertScratch> side_scratch_;
+  std::vector<std::vector<float>> side_out_;
   std::unique_ptr<ExpertCache> experts_;  // null for a dense model
   ExpertStats dense_stats_;
   LoadAccount loaded_;  // anonymous memory each kind of backbone method added when it loaded
@@ -159,6 +162,9 @@ class Runtime {
   void run_chunk(const int64_t* ids, int64_t T, std::vector<float>* last_logits);
   void moe(int64_t layer, const std::vector<float>& x_TD, const std::vector<float>& scores_TE, int64_t T,
            std::vector<float>& out_TD);
+  void moe_side_by_side(int64_t layer, const std::vector<float>& x_TD, const std::vector<int64_t>& selected,
+                        const std::vector<float>& weights_TK, const std::vector<int64_t>& ids_TK,
+                        std::vector<float>& out_TD);
 };
 
 // Next-token choice: argmax at temperature 0, else temperature + top-p (nucleus) sampling from a seeded stream.

@@ -49,6 +49,17 @@ def test_same_tokens_loads_and_exrep_as_python_runtime(runner, bundle, policy, p
     assert native.stats["exrep_per_layer"] == pytest.approx(py.stats.exrep(), abs=1e-6)
 
 
+@pytest.mark.parametrize("policy", ["all", "swap", "lru:2"])
+def test_two_threads_run_a_tokens_experts_side_by_side_with_the_same_tokens_and_loads(runner, micro_bundle_8da4w,
+                                                                                       policy, prompt_ids):
+    # decode runs the top_k int4 experts on their own threads: the same sums in the same order, the same cache
+    py = BundleRuntime(micro_bundle_8da4w, policy=policy, threads=1)
+    expected = py.generate(prompt_ids, 24)
+    native = generate_native(micro_bundle_8da4w, prompt_ids, 24, policy=policy, threads=2)
+    assert native.tokens == expected
+    assert (native.stats["expert_loads"], native.stats["expert_evictions"]) == (py.stats.loads, py.stats.evictions)
+
+
 def test_policies_bound_resident_experts(runner, micro_bundle_8da4w, prompt_ids):
     stats = {p: generate_native(micro_bundle_8da4w, prompt_ids, 16, policy=p).stats for p in ("all", "swap", "lru:3")}
     layers, experts = 2, 4
