@@ -9,6 +9,9 @@ method touches only that expert's segments, and freeing the method frees its pac
 from __future__ import annotations
 
 import contextlib
+import io
+import multiprocessing
+import os
 import time
 import warnings
 from dataclasses import dataclass, field
@@ -60,33 +63,119 @@ def _partitioner(delegate: dict):
 
 
 def lower_program(stages: list[Stage], share_state: bool, delegate: dict | None = None,
-                  progress: Callable[[str], None] | None = None) -> LoweredProgram:
+                  progress: Callable[[str], None] | None = None, jobs: int = 0) -> LoweredProgram:
     """One multi-method .pte: every stage a method, each method's XNNPACK weights their own segments.
 
-    Methods are lowered one at a time (so progress can be reported per method) and then merged into one
-    program. share_state places all mutable buffers (the KV caches) in one arena that no method's activations
-    overlap. This matters because the Python runtime gives all methods of a program one shared
-    activation arena: without it, an expert call would overwrite the KV cache of a layer.
+    Methods are lowered one at a time, the per-layer ones in `jobs` forked worker processes (0: one per core,
+    see export_jobs), and then merged into one program. share_state places all mutable buffers (the KV caches)
+    in one arena that no method's activations overlap. This matters because the Python runtime gives all
+    methods of a program one shared activation arena: without it, an expert call would overwrite the KV cache
+    of a layer.
     """
     with _quiet():
-        return _lower(stages, share_state, delegate or {}, progress)
+        return _lower(stages, share_state, delegate or {}, progress, jobs)
 
 
-def _lower(stages: list[Stage], share_state: bool, delegate: dict, progress) -> LoweredProgram:
+def _lower_one(stage: Stage, delegate: dict):
+    from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
+
+    edge = to_edge_transform_and_lower({stage.name: export_stage(stage)}, partitioner=[_partitioner(delegate)],
+                                       compile_config=EdgeCompileConfig(_check_ir_validity=False))
+    return edge.exported_program(stage.name)
+
+
+# The stages a forked worker lowers: inherited through fork (modules with their weights are not pickled).
+_FORKED: list[Stage] = []
+
+
+def _worker_init() -> None:
+    torch.set_num_threads(1)  # one process per core already
+
+
+def _serialize(ep) -> bytes:
+    from executorch.exir.serde import serialize as serde
+
+    buf = io.BytesIO()
+    serde.save(ep, buf)
+    return buf.getvalue()
+
+
+def _lower_in_worker(job: tuple[int, dict]) -> tuple[int, bytes]:
+    index, delegate = job
+    with _quiet():
+        return index, _serialize(_lower_one(_FORKED[index], delegate))
+
+
+def _from_worker(data: bytes):
+    # bytes our own forked child just wrote (ExecuTorch's exir serde), never a file from outside
+    from executorch.exir.serde import serialize as serde
+
+    return serde.load(io.BytesIO(data))
+
+
+def export_jobs(requested: int = 0) -> int:
+    """Worker processes for lowering: `requested`, else COSMOES_EXPORT_JOBS, else one per core (1: no workers)."""
+    if requested > 0:
+        return requested
+    env = os.environ.get("COSMOES_EXPORT_JOBS", "").strip()
+    if env:
+        if not (env.isdigit() and 0 < int(env) <= 256):
+            from cosmoes.errors import CosmoesError
+
+            raise CosmoesError(f"COSMOES_EXPORT_JOBS={env} is not a number of processes (1-256)")
+        return int(env)
+    return max(1, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+
+
+def _lower_all(stages: list[Stage], delegate: dict, jobs: int, report) -> dict:
+    """Every stage's lowered edge program, by name.
+
+    Stages go to forked workers, one per core, and come back through ExecuTorch's exir serde (the programs are
+    the same but for the requires_grad flags of norm weights); the embedding stays in this process (the int8
+    embedding's torchao ops do not survive the serde round trip). Every other stage goes through the round trip
+    whatever `jobs` is, so a bundle's bytes do not depend on the machine's core count. Merged in stage order.
+    """
+    global _FORKED
+    out = {}
+    remote = [i for i, st in enumerate(stages) if st.kind != "embedding"]
+    local = [i for i in range(len(stages)) if i not in set(remote)]
+    if jobs > 1 and len(remote) > 1 and "fork" in multiprocessing.get_all_start_methods():
+        _FORKED = stages
+        try:
+            ctx = multiprocessing.get_context("fork")
+            with ctx.Pool(min(jobs, len(remote)), initializer=_worker_init) as pool:
+                pending = pool.imap_unordered(_lower_in_worker, [(i, delegate) for i in remote])
+                for i in local:
+                    out[stages[i].name] = _lower_one(stages[i], delegate)
+                    report(stages[i].name)
+                for i, data in pending:
+                    out[stages[i].name] = _from_worker(data)
+                    report(stages[i].name)
+        finally:
+            _FORKED = []
+    else:
+        for i, st in enumerate(stages):
+            ep = _lower_one(st, delegate)
+            out[st.name] = _from_worker(_serialize(ep)) if i in remote else ep
+            report(st.name)
+    return {st.name: out[st.name] for st in stages}
+
+
+def _lower(stages: list[Stage], share_state: bool, delegate: dict, progress, jobs: int = 0) -> LoweredProgram:
     from executorch.exir import EdgeCompileConfig, EdgeProgramManager, ExecutorchBackendConfig
-    from executorch.exir import to_edge_transform_and_lower
     from executorch.exir.passes import MemoryPlanningPass
 
     t0 = time.time()
-    compile_config = EdgeCompileConfig(_check_ir_validity=False)
-    lowered = {}
-    for i, stage in enumerate(stages, 1):
-        edge = to_edge_transform_and_lower({stage.name: export_stage(stage)}, partitioner=[_partitioner(delegate)],
-                                           compile_config=compile_config)
-        lowered[stage.name] = edge.exported_program(stage.name)
+    done = 0
+
+    def report(name: str) -> None:
+        nonlocal done
+        done += 1
         if progress:
-            progress(f"lowered {stage.name} ({i}/{len(stages)}, {time.time() - t0:.0f} s)")
-    merged = EdgeProgramManager(lowered, compile_config=compile_config)
+            progress(f"lowered {name} ({done}/{len(stages)}, {time.time() - t0:.0f} s)")
+
+    lowered = _lower_all(stages, delegate, export_jobs(jobs), report)
+    merged = EdgeProgramManager(lowered, compile_config=EdgeCompileConfig(_check_ir_validity=False))
     planning = MemoryPlanningPass(alloc_graph_input=True, alloc_graph_output=True, share_mutable_buffers=share_state)
     # Quant fusion turns torchao's dequantize + embedding into ExecuTorch's quantized embedding kernels.
     prog = merged.to_executorch(ExecutorchBackendConfig(memory_planning_pass=planning,
@@ -134,4 +223,4 @@ def method_weight_bytes(prog, names: list[str]) -> dict[str, int]:
     return out
 
 
-__all__ = ["LoweredProgram", "export_stage", "lower_program", "method_weight_bytes", "planned_bytes"]
+__all__ = ["LoweredProgram", "export_jobs", "export_stage", "lower_program", "method_weight_bytes", "planned_bytes"]

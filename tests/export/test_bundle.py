@@ -348,3 +348,28 @@ def test_export_refuses_to_replace_a_directory_that_is_not_a_bundle(micro_checkp
     with pytest.raises(CosmoesError, match="refusing to overwrite"):
         export_bundle(micro_checkpoint, tmp_path / "notes", ExportConfig(quant="none"), progress=None)
     assert (tmp_path / "notes" / "todo.txt").read_text() == "keep me"
+
+
+def test_worker_processes_lower_the_same_program_as_one_process(micro_checkpoint):
+    # the per-layer stages (and context, head) are lowered in forked workers and come back through exir serde
+    from cosmoes.export.transforms import quantize_model, split_model
+
+    model = load_model(micro_checkpoint)
+    model.eval()
+    quantize_model(model, "8da4w", 32, "int8", skip_experts=True)
+    stages = split_model(model, 16, experts=False)
+    one = lower_mod.lower_program(stages, share_state=True, jobs=1)
+    two = lower_mod.lower_program(stages, share_state=True, jobs=2)
+    assert one.buffer == two.buffer and one.planned_bytes == two.planned_bytes
+    assert one.methods == two.methods == [s.name for s in stages]
+
+
+def test_export_jobs_follow_the_argument_then_the_environment(monkeypatch):
+    monkeypatch.setenv("COSMOES_EXPORT_JOBS", "3")
+    assert lower_mod.export_jobs(5) == 5 and lower_mod.export_jobs() == 3
+    monkeypatch.delenv("COSMOES_EXPORT_JOBS")
+    assert lower_mod.export_jobs() >= 1  # one per core
+    for bad in ("zero", "0", "-2"):
+        monkeypatch.setenv("COSMOES_EXPORT_JOBS", bad)
+        with pytest.raises(CosmoesError, match=f"^COSMOES_EXPORT_JOBS={bad} is not a number of processes"):
+            lower_mod.export_jobs()
