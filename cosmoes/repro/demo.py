@@ -38,7 +38,7 @@ def run_demo(cfg: DemoConfig, log=print) -> dict:
                                 eval_every=max(1, cfg.steps // 3), log_every=10, save_every=cfg.steps,
                                 bles_coef=cfg.bles_coef, data=DataConfig()))
     checkpoint, bundle = trained["checkpoint"], out / "bundle"
-    log(f"[2/4] exporting {checkpoint} → {bundle} ({cfg.target}, {cfg.quant}); one method per expert")
+    log(f"[2/4] exporting {checkpoint} → {bundle} ({cfg.target}, {cfg.quant}); each expert its own segment")
     manifest = export_bundle(checkpoint, bundle, ExportConfig(target=cfg.target, quant=cfg.quant))
     log("[3/4] verifying the bundle against the checkpoint on held-out text")
     check = verify(bundle, checkpoint)
