@@ -84,14 +84,6 @@ def _lower_one(stage: Stage, delegate: dict):
     return edge.exported_program(stage.name)
 
 
-# The stages a forked worker lowers: inherited through fork (modules with their weights are not pickled).
-_FORKED: list[Stage] = []
-
-
-def _worker_init() -> None:
-    torch.set_num_threads(1)  # one process per core already
-
-
 def _serialize(ep) -> bytes:
     from executorch.exir.serde import serialize as serde
 
@@ -100,10 +92,78 @@ def _serialize(ep) -> bytes:
     return buf.getvalue()
 
 
-def _lower_in_worker(job: tuple[int, dict]) -> tuple[int, bytes]:
-    index, delegate = job
-    with _quiet():
-        return index, _serialize(_lower_one(_FORKED[index], delegate))
+def _worker(stages: list[Stage], indices: list[int], delegate: dict, conn) -> None:
+    """A forked child: lowers its stages and sends (index, bytes) for each, or ("error", message); never returns.
+
+    It leaves with os._exit, not through the interpreter's shutdown: a forked copy of a process with torch's
+    threads can hang in finalisers on locks those threads held at the fork.
+    """
+    code = 0
+    try:
+        torch.set_num_threads(1)  # one process per core already
+        with _quiet():
+            for i in indices:
+                conn.send((i, _serialize(_lower_one(stages[i], delegate))))
+    except BaseException as e:  # noqa: BLE001 - reported to the parent, which raises it
+        from cosmoes.errors import CosmoesError
+
+        code = 1
+        try:  # the project's own errors are already one line for the user: passed on as they are
+            conn.send(("error", str(e) if isinstance(e, CosmoesError) else
+                       f"lowering failed in a worker process: {type(e).__name__}: {e}"))
+        except Exception:  # noqa: BLE001 - the parent sees the exit code instead
+            pass
+    finally:
+        conn.close()
+        os._exit(code)
+
+
+def _lower_forked(stages: list[Stage], remote: list[int], local: list[int], delegate: dict, jobs: int,
+                  report) -> dict:
+    """`remote` stages in `jobs` forked processes (round robin), `local` ones here meanwhile; name -> program."""
+    from multiprocessing.connection import wait
+
+    ctx = multiprocessing.get_context("fork")
+    workers = []
+    for w in range(min(jobs, len(remote))):
+        recv, send = ctx.Pipe(duplex=False)
+        proc = ctx.Process(target=_worker, args=(stages, remote[w::jobs], delegate, send), daemon=True)
+        proc.start()
+        send.close()
+        workers.append((proc, recv))
+    out = {}
+    try:
+        for i in local:
+            out[stages[i].name] = _lower_one(stages[i], delegate)
+            report(stages[i].name)
+        open_ = {recv: proc for proc, recv in workers}
+        while open_:
+            for recv in wait(list(open_)):
+                try:
+                    i, data = recv.recv()
+                except EOFError:
+                    open_.pop(recv).join()
+                    continue
+                if i == "error":
+                    from cosmoes.errors import CosmoesError
+
+                    raise CosmoesError(data)
+                out[stages[i].name] = _from_worker(data)
+                report(stages[i].name)
+    finally:
+        for proc, recv in workers:
+            recv.close()
+            if proc.is_alive():
+                proc.kill()
+            proc.join()
+    missing = [stages[i].name for i in remote if stages[i].name not in out]
+    if missing:
+        from cosmoes.errors import CosmoesError
+
+        codes = sorted({proc.exitcode for proc, _ in workers})
+        raise CosmoesError(f"a lowering worker process ended early (exit codes {codes}); not lowered: "
+                           + ", ".join(missing))
+    return out
 
 
 def _from_worker(data: bytes):
@@ -135,25 +195,12 @@ def _lower_all(stages: list[Stage], delegate: dict, jobs: int, report) -> dict:
     embedding's torchao ops do not survive the serde round trip). Every other stage goes through the round trip
     whatever `jobs` is, so a bundle's bytes do not depend on the machine's core count. Merged in stage order.
     """
-    global _FORKED
-    out = {}
     remote = [i for i, st in enumerate(stages) if st.kind != "embedding"]
     local = [i for i in range(len(stages)) if i not in set(remote)]
     if jobs > 1 and len(remote) > 1 and "fork" in multiprocessing.get_all_start_methods():
-        _FORKED = stages
-        try:
-            ctx = multiprocessing.get_context("fork")
-            with ctx.Pool(min(jobs, len(remote)), initializer=_worker_init) as pool:
-                pending = pool.imap_unordered(_lower_in_worker, [(i, delegate) for i in remote])
-                for i in local:
-                    out[stages[i].name] = _lower_one(stages[i], delegate)
-                    report(stages[i].name)
-                for i, data in pending:
-                    out[stages[i].name] = _from_worker(data)
-                    report(stages[i].name)
-        finally:
-            _FORKED = []
+        out = _lower_forked(stages, remote, local, delegate, jobs, report)
     else:
+        out = {}
         for i, st in enumerate(stages):
             ep = _lower_one(st, delegate)
             out[st.name] = _from_worker(_serialize(ep)) if i in remote else ep

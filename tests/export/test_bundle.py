@@ -373,3 +373,15 @@ def test_export_jobs_follow_the_argument_then_the_environment(monkeypatch):
         monkeypatch.setenv("COSMOES_EXPORT_JOBS", bad)
         with pytest.raises(CosmoesError, match=f"^COSMOES_EXPORT_JOBS={bad} is not a number of processes"):
             lower_mod.export_jobs()
+
+
+class _Broken(torch.nn.Module):
+    def forward(self, x):
+        raise ValueError("no graph here")
+
+
+def test_a_stage_that_fails_in_a_worker_process_is_one_error_not_a_hang():
+    stages = [Stage(f"layer_{i}", _Broken(), (torch.zeros(2, 4),), ({},), "backbone", "attention", layer=i)
+              for i in range(3)]
+    with pytest.raises(CosmoesError, match="^lowering failed in a worker process: ValueError: no graph here"):
+        lower_mod.lower_program(stages, share_state=True, jobs=2)
