@@ -190,8 +190,11 @@ def _have_binaries(bin_dir: Path) -> bool:
     return all(os.access(bin_dir / t, os.X_OK) for t in TARGETS)
 
 
-def build_llamacpp(cache_dir: Path | None = None, version: str = VERSION, jobs: int = JOBS) -> Path:
-    """Build (once; cached in cache_dir) llama-simple and llama-bench; returns the directory holding them."""
+def build_llamacpp(cache_dir: Path | None = None, version: str = VERSION, jobs: int = JOBS,
+                   isa: list[str] | None = None) -> Path:
+    """Build (once; cached in cache_dir) llama-simple and llama-bench; returns the directory holding them.
+
+    isa: the -DGGML_* instruction-set flags (default: this host's, isa_flags()); a capped set builds for less."""
     cache_dir = Path(cache_dir) if cache_dir else default_cache_dir()
     bin_dir = cache_dir / "bin"
     if _have_binaries(bin_dir):
@@ -202,7 +205,7 @@ def build_llamacpp(cache_dir: Path | None = None, version: str = VERSION, jobs: 
     sdist = _download(version, cache_dir / "dl", log)
     src = _unpack(sdist, cache_dir / "src")
     build = cache_dir / "build"
-    flags = [*BASE_FLAGS, *isa_flags()]
+    flags = [*BASE_FLAGS, *(isa_flags() if isa is None else isa)]
     _log(f"configuring: cmake {' '.join(flags)}")
     _run_logged(["cmake", "-S", str(src), "-B", str(build), *flags], log, "cmake configure")
     _log(f"building {' '.join(TARGETS)} with -j{jobs} (several minutes)")

@@ -199,13 +199,16 @@ def export(source: str = typer.Argument(..., help="checkpoint directory or prese
                                     help="random init seed when SOURCE is a preset"),
            experts: Optional[str] = typer.Option(_default(ExportConfig, "experts"), "--experts",
                                                  help="int4: each expert a packed segment used in place (default "
-                                                      "with 8da4w); xnnpack: each expert an XNNPACK method")):
+                                                      "with 8da4w); xnnpack: each expert an XNNPACK method"),
+           kv_cache: str = typer.Option(_default(ExportConfig, "kv_cache"), "--kv-cache",
+                                        help="KV-cache element type: fp32 or fp16 (half the bytes per position)")):
     """Export a model to an ExecuTorch bundle whose experts load and free one by one (§3.4.2)."""
     from cosmoes.export.bundle import export_bundle
 
     check_out_dir("out", out)
     cfg = ExportConfig(target=target, quant=quant, group_size=group_size, quant_embedding=quant_embedding,
-                       max_seq_len=max_seq_len, max_chunk=max_chunk, seed=seed, experts=experts)
+                       max_seq_len=max_seq_len, max_chunk=max_chunk, seed=seed, experts=experts,
+                       kv_cache=kv_cache)
     export_bundle(source, out, cfg)
 
 

@@ -57,7 +57,12 @@ class ModelConfig:
     @property
     def kv_bytes_per_position(self) -> int:
         """fp32 keys + values of every layer for one position: what each token of context costs at run time."""
-        return self.n_layers * 2 * self.kv_heads * self.head_dim * 4
+        return self.kv_values_per_position * 4
+
+    @property
+    def kv_values_per_position(self) -> int:
+        """Keys + values of every layer for one position (times the cache's element size: its bytes)."""
+        return self.n_layers * 2 * self.kv_heads * self.head_dim
 
     @property
     def is_moe(self) -> bool:

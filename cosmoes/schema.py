@@ -27,7 +27,7 @@ from pydantic import (AfterValidator, BaseModel, ConfigDict, Field, ValidationEr
 from pydantic_core import PydanticCustomError
 
 from cosmoes.errors import CosmoesError
-from cosmoes.formats import (EMBEDDING_QUANT_MODES, EXPERT_LAYOUTS, FORMAT_NAME, FORMAT_VERSION, HF_NAMES, MAX_SEQ_LEN, MAX_THREADS,
+from cosmoes.formats import (KV_DTYPES, EMBEDDING_QUANT_MODES, EXPERT_LAYOUTS, FORMAT_NAME, FORMAT_VERSION, HF_NAMES, MAX_SEQ_LEN, MAX_THREADS,
                              MIN_GROUP, QUANT_MODES, TARGETS)
 
 # Bumped when a rule changes what a config.json may hold; recorded in docs/schema/config.schema.json. (The manifest
@@ -213,6 +213,7 @@ class MemorySchema(BaseModel):
     model_config = ConfigDict(strict=True, extra="forbid")
 
     kv_bytes_per_position: int = Field(ge=1, le=MAX_BYTES)
+    kv_dtype: Literal["fp32", "fp16"] = "fp32"
     kv_buffer: KvBufferSchema
     planned_bytes: dict[str, Annotated[list[Count], Field(max_length=MAX_PLANNED_BUFFERS)]]
 
@@ -321,10 +322,11 @@ class ManifestSchema(BaseModel):
 
     def _memory_matches_the_programs(self) -> None:
         mem, cfg = self.memory, self.config
-        per_position = cfg.n_layers * 2 * (cfg.n_kv_heads or cfg.n_heads) * (cfg.dim // cfg.n_heads) * 4
+        per_position = (cfg.n_layers * 2 * (cfg.n_kv_heads or cfg.n_heads) * (cfg.dim // cfg.n_heads)
+                        * KV_DTYPES[mem.kv_dtype])
         if mem.kv_bytes_per_position != per_position:
             _fail("memory.kv_bytes_per_position", mem.kv_bytes_per_position,
-                  f"must be {per_position} (fp32 keys and values of config.n_layers layers)")
+                  f"must be {per_position} ({mem.kv_dtype} keys and values of config.n_layers layers)")
         extra = next((name for name in mem.planned_bytes if name not in self.programs), None)
         if extra is not None:
             _fail("memory.planned_bytes", _NO_VALUE, f"names {json.dumps(extra)}, not a program of this bundle")

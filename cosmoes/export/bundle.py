@@ -22,7 +22,7 @@ from cosmoes.artifacts import MANIFEST_NAME
 from cosmoes.export.manifest import Manifest, load_manifest, write_manifest
 from cosmoes.export.policy import parse_policy, valid_policies
 from cosmoes.export.recipes import Recipe, check_quant
-from cosmoes.formats import MIN_GROUP
+from cosmoes.formats import KV_DTYPES, MIN_GROUP
 
 TOKENIZER_DIR = "tokenizer"
 PROGRAMS = ("backbone", "experts")
@@ -42,6 +42,7 @@ class ExportConfig:
     # int4: each expert a packed segment of experts.bin that the runtimes' kernels use in place (8da4w only);
     # xnnpack: each expert its own XNNPACK method of experts.pte (re-packed on every load). None: int4 for 8da4w.
     experts: str | None = None
+    kv_cache: str = "fp32"  # element type of the KV caches: fp32 | fp16 (half the bytes a decode step reads)
 
     def resolve(self) -> tuple["ExportConfig", Recipe]:
         """The config with every default filled in from the target's recipe, validated."""
@@ -59,6 +60,8 @@ class ExportConfig:
         cfg.max_chunk = recipe.max_chunk if self.max_chunk is None else self.max_chunk
         check_quant(cfg.target, cfg.quant, cfg.quant_embedding)
         cfg.experts = _expert_layout(cfg.quant, self.experts)
+        if cfg.kv_cache not in KV_DTYPES:
+            raise InvalidValue("kv-cache", f"must be one of {', '.join(KV_DTYPES)}, got {cfg.kv_cache!r}")
         for name in ("max_chunk", "max_seq_len", "group_size"):
             value = getattr(cfg, name)
             if value is None:
@@ -138,7 +141,7 @@ def context_length(cfg: ExportConfig, recipe: Recipe, model_cfg) -> int:
                                           f"was trained for (config.json max_seq_len)")
     else:
         n = cfg.max_seq_len
-    per_position = model_cfg.kv_bytes_per_position
+    per_position = model_cfg.kv_values_per_position * KV_DTYPES[cfg.kv_cache]
     if recipe.max_kv_cache_mb is not None and n * per_position > recipe.max_kv_cache_mb * 1e6:
         fits = int(recipe.max_kv_cache_mb * 1e6 // per_position)
         raise InvalidValue("max_seq_len", f"{n} needs a {n * per_position / 1e6:.0f} MB KV cache; target "
@@ -212,7 +215,7 @@ def _write_programs(model, tmp: Path, cfg: ExportConfig, recipe: Recipe, progres
     mc = model.config
     packed = mc.is_moe and cfg.experts == "int4"
     report = quantize_model(model, cfg.quant, cfg.group_size, cfg.quant_embedding, skip_experts=packed)
-    stages = split_model(model, cfg.max_chunk, experts=not packed)
+    stages = split_model(model, cfg.max_chunk, experts=not packed, kv_dtype=cfg.kv_cache)
     manifest = Manifest(target=cfg.target, quant=cfg.quant, group_size=report.group_size,
                         quant_embedding=cfg.quant_embedding, max_seq_len=mc.max_seq_len,
                         max_chunk=min(cfg.max_chunk, mc.max_seq_len), config=mc.to_dict(),
@@ -242,7 +245,7 @@ def _write_programs(model, tmp: Path, cfg: ExportConfig, recipe: Recipe, progres
         done += len(members)
         if progress:
             progress(f"[{name}] {len(members)} methods in {lowered.seconds:.0f} s ({done}/{total} done)")
-    _record_kv_buffer(manifest, mc)
+    _record_kv_buffer(manifest, mc, cfg.kv_cache)
     return manifest
 
 
@@ -258,14 +261,15 @@ def _write_segments(model, tmp: Path, manifest: Manifest, group: int, progress) 
         progress(f"[experts] {n} int4 segments in {time.time() - t0:.0f} s")
 
 
-def _record_kv_buffer(manifest: Manifest, mc) -> None:
+def _record_kv_buffer(manifest: Manifest, mc, kv_dtype: str) -> None:
     # The KV caches are the backbone's mutable buffers, which share_mutable_buffers plans into an id of their own
     # (the last); checked here so a change in ExecuTorch's planner fails the export, not a phone's memory report.
     plan = manifest.memory["planned_bytes"]["backbone"]
-    kv = mc.kv_bytes_per_position * mc.max_seq_len
+    per_position = mc.kv_values_per_position * KV_DTYPES[kv_dtype]
+    kv = per_position * mc.max_seq_len
     if not plan or plan[-1] != kv:
         raise CosmoesError(f"the backbone's memory plan {plan} has no buffer of the KV caches' {kv} bytes")
-    manifest.memory.update(kv_bytes_per_position=mc.kv_bytes_per_position,
+    manifest.memory.update(kv_bytes_per_position=per_position, kv_dtype=kv_dtype,
                            kv_buffer={"program": "backbone", "id": len(plan) - 1})
 
 

@@ -14,13 +14,13 @@ data-dependent control flow and each expert is a method of its own that can be l
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from torch.export import Dim
 
+import cosmoes.ops  # noqa: F401 - defines torch.ops.cosmoes.cached_attention, which LayerStage calls
 from cosmoes.errors import CosmoesError
 from cosmoes.formats import MIN_GROUP
 from cosmoes.model import Transformer, rope_cos_sin
@@ -37,54 +37,32 @@ class StaticKVCache(nn.Module):
     carry the layer index because share_mutable_buffers identifies state by name across methods.
     """
 
-    def __init__(self, layer_idx: int, kv_heads: int, max_seq_len: int, head_dim: int):
+    def __init__(self, layer_idx: int, kv_heads: int, max_seq_len: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32):
         super().__init__()
         self.k_name, self.v_name = f"k_cache_{layer_idx}", f"v_cache_{layer_idx}"
-        self.register_buffer(self.k_name, torch.zeros(kv_heads, max_seq_len, head_dim), persistent=False)
-        self.register_buffer(self.v_name, torch.zeros(kv_heads, max_seq_len, head_dim), persistent=False)
+        shape = (kv_heads, max_seq_len, head_dim)
+        self.register_buffer(self.k_name, torch.zeros(shape, dtype=dtype), persistent=False)
+        self.register_buffer(self.v_name, torch.zeros(shape, dtype=dtype), persistent=False)
 
     def update(self, k_1HTd: torch.Tensor, v_1HTd: torch.Tensor, L: int):
-        """Write this call's keys/values at positions L-T..L-1; the first L slots of the caches (k_HLd, v_HLd)."""
+        """Write this call's keys/values at positions L-T..L-1; the whole caches (k_HSd, v_HSd), read in place by
+        cosmoes::cached_attention over their first L slots."""
         T = k_1HTd.shape[2]
         positions_T = torch.arange(L - T, L, dtype=torch.long)
         k_HSd, v_HSd = getattr(self, self.k_name), getattr(self, self.v_name)
         # index_put_ itself, not `cache[:, positions] = ...`: Python's setitem drops the value's leading size-1
         # dims, so with one kv head (MQA) the traced values lose their head dim and ExecuTorch's index_put_ kernel,
         # which does not broadcast values of lower rank, fails an ET_CHECK.
-        torch.ops.aten.index_put_(k_HSd, [None, positions_T], k_1HTd[0])
-        torch.ops.aten.index_put_(v_HSd, [None, positions_T], v_1HTd[0])
-        # Attending over the L slots in use instead of all max_seq_len: a decode step then reads O(L) of cache,
-        # not the whole static cache (1.8 MB per wearable layer at 512 slots, more than its attention weights).
-        # slice_copy rather than a view: a view's contiguity depends on L == S, which torch.export would guard on.
-        return (torch.ops.aten.slice_copy.Tensor(k_HSd, 1, 0, L),
-                torch.ops.aten.slice_copy.Tensor(v_HSd, 1, 0, L))
+        torch.ops.aten.index_put_(k_HSd, [None, positions_T], k_1HTd[0].to(k_HSd.dtype))
+        torch.ops.aten.index_put_(v_HSd, [None, positions_T], v_1HTd[0].to(v_HSd.dtype))
+        return k_HSd, v_HSd
 
 
 def causal_bias(positions_T: torch.Tensor, positions_L: torch.Tensor) -> torch.Tensor:
     """(T, L) additive mask: 0 where the query at positions_T[t] may see the key at positions_L[l], else -inf."""
     return torch.zeros(positions_T.shape[0], positions_L.shape[0]).masked_fill(
         positions_L[None, :] > positions_T[:, None], float("-inf"))
-
-
-def cached_attention(q_1HTd: torch.Tensor, k_HLd: torch.Tensor, v_HLd: torch.Tensor,
-                     bias_TL: torch.Tensor) -> torch.Tensor:
-    """softmax(q kᵀ / √d + causal bias) v over the L cached positions, as (1, T, H·d).
-
-    The same maths as F.scaled_dot_product_attention with the boolean causal mask (query at position p sees
-    positions 0..p), written with batched matmuls over grouped query heads. Query head h uses key/value head
-    h // (H / H_kv), as enable_gqa does. (Measured on a wearable-moe layer, XNNPACK: transposing the L used key
-    slots here is no slower than keeping the whole key cache transposed — 138 against 213 µs per decode call at
-    L = 128, 806 against 920 µs at 1024.)
-    """
-    _, H, T, d = q_1HTd.shape
-    kv, L, _ = k_HLd.shape
-    g = H // kv
-    q_GNd = q_1HTd.reshape(kv, g * T, d) * (1.0 / math.sqrt(d))
-    scores = (torch.bmm(q_GNd, k_HLd.transpose(1, 2)).view(kv, g, T, L) + bias_TL).view(kv, g * T, L)
-    out_GNd = torch.bmm(torch.softmax(scores, dim=-1), v_HLd)
-    # (kv, g, T, d) -> (T, kv·g·d): split, then permute; merging kv and g first would make torch.export guard
-    # on the dynamic T
-    return out_GNd.view(kv, g, T, d).permute(2, 0, 1, 3).reshape(1, T, H * d)
 
 
 class EmbedStage(nn.Module):
@@ -112,18 +90,21 @@ class ContextStage(nn.Module):
 class LayerStage(nn.Module):
     """Pre-norm attention (with its KV cache) and the router of one block; the FFN runs elsewhere."""
 
-    def __init__(self, model: Transformer, layer_idx: int):
+    def __init__(self, model: Transformer, layer_idx: int, kv_dtype: str = "fp32"):
         super().__init__()
         cfg = model.config
         block = model.layers[layer_idx]
         self.attention_norm, self.attention, self.ffn_norm = block.attention_norm, block.attention, block.ffn_norm
         self.router = block.feed_forward.router if cfg.is_moe else None
-        self.cache = StaticKVCache(layer_idx, cfg.kv_heads, cfg.max_seq_len, cfg.head_dim)
+        dtype = {"fp32": torch.float32, "fp16": torch.float16}[kv_dtype]
+        self.cache = StaticKVCache(layer_idx, cfg.kv_heads, cfg.max_seq_len, cfg.head_dim, dtype)
 
     def forward(self, h_1TD: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor, bias_TL: torch.Tensor):
         q, k, v = self.attention.project(self.attention_norm(h_1TD), cos_Td[None], sin_Td[None])
-        k_HLd, v_HLd = self.cache.update(k, v, bias_TL.shape[1])
-        h_1TD = h_1TD + self.attention.wo(cached_attention(q, k_HLd, v_HLd, bias_TL))
+        L = bias_TL.shape[1]
+        k_HSd, v_HSd = self.cache.update(k, v, L)
+        # one call over the cache in place (the graph it replaces copied the used slots and ran in 8 partitions)
+        h_1TD = h_1TD + self.attention.wo(torch.ops.cosmoes.cached_attention(q, k_HSd, v_HSd, L))
         x_1TD = self.ffn_norm(h_1TD)
         if self.router is None:
             return h_1TD, x_1TD
@@ -168,7 +149,7 @@ def expert_method(layer: int, expert: int) -> str:
     return f"layer_{layer}_expert_{expert}"
 
 
-def split_model(model: Transformer, max_chunk: int = 128, experts: bool = True) -> list[Stage]:
+def split_model(model: Transformer, max_chunk: int = 128, experts: bool = True, kv_dtype: str = "fp32") -> list[Stage]:
     """The model as a list of exportable stages; stages share (not copy) the model's weights.
 
     experts=False leaves the MoE experts out (they are packed as data segments instead, cosmoes.export.segments).
@@ -191,7 +172,7 @@ def split_model(model: Transformer, max_chunk: int = 128, experts: bool = True) 
               Stage("context", ContextStage(model), (torch.tensor([1, 2]), torch.arange(3)), ({0: T}, {0: L}),
                     "backbone", "attention")]  # its few RoPE constants count as attention bytes
     for i, block in enumerate(model.layers):
-        stages.append(Stage(f"layer_{i}", LayerStage(model, i), (h, cos, sin, bias),
+        stages.append(Stage(f"layer_{i}", LayerStage(model, i, kv_dtype), (h, cos, sin, bias),
                             ({1: T}, {0: T}, {0: T}, {0: T, 1: L}), "backbone", "attention", layer=i))
         if not cfg.is_moe:
             stages.append(Stage(f"layer_{i}_ffn", ExpertStage(block.feed_forward), (x,), ({0: N},), "backbone",
@@ -337,6 +318,6 @@ def _is_expert(fqn: str) -> bool:
     return ".experts." in fqn
 
 
-__all__ = ["StaticKVCache", "causal_bias", "cached_attention", "ContextStage", "EmbedStage", "LayerStage", "ExpertStage", "HeadStage", "Stage", "expert_method",
+__all__ = ["StaticKVCache", "causal_bias", "ContextStage", "EmbedStage", "LayerStage", "ExpertStage", "HeadStage", "Stage", "expert_method",
            "split_model", "QuantReport", "PaddedLinear", "quantised_linears", "choose_group_size", "pad_linears",
            "quantize_model"]

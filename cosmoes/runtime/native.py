@@ -8,7 +8,9 @@ its own) with AddressSanitizer and UBSan, and every use of the runner in that pr
 
 from __future__ import annotations
 
+import ctypes
 import fcntl
+import functools
 import hashlib
 import json
 import os
@@ -84,9 +86,12 @@ def _check_toolchain() -> None:
                            "or set CXX)")
 
 
-def build_runner(progress=None) -> Path:
-    """Path of the host runner, building it first if its sources or ExecuTorch changed (CosmoesError on failure)."""
-    build = cache_root() / f"runner-{'asan-' if sanitize() else ''}{source_hash()}"
+def build_runner(progress=None, sanitized: bool | None = None) -> Path:
+    """Path of the host runner, building it first if its sources or ExecuTorch changed (CosmoesError on failure).
+
+    sanitized: the AddressSanitizer + UBSan build (default: as COSMOES_SANITIZE says)."""
+    asan = sanitize() if sanitized is None else sanitized
+    build = cache_root() / f"runner-{'asan-' if asan else ''}{source_hash()}"
     exe = build / RUNNER_NAME
     if exe.is_file():
         return exe
@@ -99,7 +104,7 @@ def build_runner(progress=None) -> Path:
         if progress:
             progress(f"building the native runner in {build} (once; about a minute)")
         log = build / "build.log"
-        steps = [["cmake", "-S", str(source_dir()), "-B", str(build / "cmake"), *_build_type_flags(),
+        steps = [["cmake", "-S", str(source_dir()), "-B", str(build / "cmake"), *_build_type_flags(asan),
                   f"-DCMAKE_PREFIX_PATH={executorch_prefix()}", f"-DCOSMOES_TOKENIZERS_DIR={tokenizers_prefix()}"],
                  ["cmake", "--build", str(build / "cmake"), "-j", str(os.cpu_count() or 1)]]
         with open(log, "w") as out:
@@ -119,6 +124,21 @@ def library_path(progress=None) -> Path:
     return path
 
 
+@functools.cache
+def load_ops() -> Path:
+    """Registers the project's graph operators (cosmoes::cached_attention) with ExecuTorch in this process, for the
+    Python runtime: libcosmoes_ops, built with the host runner, shares the Python bindings' libexecutorch."""
+    # never the sanitized build: an ASan library cannot be loaded into a Python that was not started under ASan
+    path = build_runner(sanitized=False).parent / "cmake" / "libcosmoes_ops.so"
+    try:
+        lib = ctypes.CDLL(str(path))
+    except OSError as e:
+        raise CosmoesError(f"cannot load the runtime's operators from {path}: {e}") from None
+    if lib.cosmoes_register_ops() != 0:
+        raise CosmoesError("ExecuTorch refused the runtime's operator cosmoes::cached_attention")
+    return path
+
+
 def install_library(prefix: str | Path) -> Path:
     """`cmake --install` of the host build into ``prefix``: include/cosmoes/cosmoes.h, lib/libcosmoes.so with the
     shared libraries it needs, bin/cosmoes_runner and the CMake package (find_package(cosmoes))."""
@@ -129,8 +149,8 @@ def install_library(prefix: str | Path) -> Path:
     return Path(prefix)
 
 
-def _build_type_flags() -> list[str]:
-    if not sanitize():
+def _build_type_flags(asan: bool) -> list[str]:
+    if not asan:
         return ["-DCMAKE_BUILD_TYPE=Release"]
     # -g and light optimisation: the sanitizers' reports name source lines, and the tests stay quick
     return ["-DCMAKE_BUILD_TYPE=RelWithDebInfo", f"-DCMAKE_CXX_FLAGS={SANITIZE_FLAGS}",

@@ -221,6 +221,9 @@ class BundleRuntime:
     def _open_programs(self) -> None:
         from executorch.runtime import Runtime
 
+        from cosmoes.runtime.native import load_ops
+
+        load_ops()  # the layer methods call cosmoes::cached_attention
         runtime = Runtime.get()
         expert_methods = {e.get("method") for lay in self.manifest.experts.values() for e in lay.values()}
         with native_stderr_hidden():  # XNNPACK's first method load probes the CPU and logs it on fd 2

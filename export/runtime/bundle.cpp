@@ -384,10 +384,14 @@ void read_memory(const Fields& f, const Value& root, BundleManifest& m) {
   const Value& mem = f.object(root, "memory", "memory");
   m.kv_bytes_per_position = f.integer(mem, "kv_bytes_per_position", "memory.kv_bytes_per_position", 1,
                                       limits::kBytes);
-  const int64_t per_position = m.n_layers * 2 * m.n_kv_heads * m.head_dim * 4;
+  const std::string kv_dtype = mem.has("kv_dtype") ? f.string(mem, "kv_dtype", "memory.kv_dtype") : "fp32";
+  if (kv_dtype != "fp32" && kv_dtype != "fp16")
+    f.fail("memory.kv_dtype", f.get(mem, "kv_dtype", "memory.kv_dtype"), "must be \"fp32\" or \"fp16\"");
+  const int64_t per_position = m.n_layers * 2 * m.n_kv_heads * m.head_dim * (kv_dtype == "fp16" ? 2 : 4);
   if (m.kv_bytes_per_position != per_position)
     f.fail("memory.kv_bytes_per_position", f.get(mem, "kv_bytes_per_position", ""),
-           "must be " + std::to_string(per_position) + " (fp32 keys and values of config.n_layers layers)");
+           "must be " + std::to_string(per_position) + " (" + kv_dtype +
+               " keys and values of config.n_layers layers)");
   const Value& kv = f.object(mem, "kv_buffer", "memory.kv_buffer");
   m.kv_program = f.string(kv, "program", "memory.kv_buffer.program");
   m.kv_buffer_id = f.integer(kv, "id", "memory.kv_buffer.id", 0, limits::kPlannedBuffers - 1);

@@ -17,22 +17,12 @@
 #include <malloc.h>
 #endif
 
+#include "attention.h"
 #include "errors.h"
+#include "pool.h"
 #include "pte.h"
 #include "sysinfo.h"
 
-// The wheel ships libexecutorch_threadpool but not its header; these two members are its stable public API
-// (extension/threadpool/threadpool.h upstream), declared here so the runner can size the pool like the Python
-// runtime's `_unsafe_reset_threadpool`.
-namespace executorch::extension::threadpool {
-class ThreadPool {
- public:
-  size_t get_thread_count() const;
-  bool _unsafe_reset_threadpool(uint32_t num_threads);
-  void run(executorch::runtime::FunctionRef<void(size_t)> fn, size_t range);
-};
-ThreadPool* get_threadpool();
-}  // namespace executorch::extension::threadpool
 
 namespace cosmoes {
 
@@ -72,15 +62,6 @@ void abort_as_error() {
   std::_Exit(2);
 }
 
-// The int4 experts' row chunks over ExecuTorch's pool, the one the XNNPACK methods use (no second set of threads).
-void pool_parallel(void* ctx, void (*fn)(void*, int64_t), int64_t n) {
-  auto* pool = executorch::extension::threadpool::get_threadpool();
-  if (!pool) {
-    for (int64_t i = 0; i < n; ++i) fn(ctx, i);
-    return;
-  }
-  pool->run([&](size_t i) { fn(ctx, static_cast<int64_t>(i)); }, static_cast<size_t>(n));
-}
 
 // Runs a method and checks it returned at least `outputs` values, so callers may index them.
 std::vector<EValue> run(Module& program, const std::string& method, std::vector<EValue> inputs, size_t outputs,
@@ -382,6 +363,7 @@ static std::string sizes_text(const std::vector<int64_t>& sizes) {
 // -- Runtime ----------------------------------------------------------------------------------------------------
 Runtime::Runtime(const std::string& bundle_dir, const RuntimeOptions& options) {
   return_freed_weights_to_os();
+  if (!register_ops()) throw cosmoes::Error("ExecuTorch refused the runtime's operator cosmoes::cached_attention");
   auto t0 = Clock::now();
   m_ = load_bundle_manifest(bundle_dir, options.check_sha);
   check_sha_ = options.check_sha;
