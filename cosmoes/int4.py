@@ -115,17 +115,5 @@ def expert_ffn(x_ND: torch.Tensor, w1, w3, w2) -> torch.Tensor:
     return _project(silu(_project(x_ND, w1)) * _project(x_ND, w3), w2)
 
 
-@torch.library.custom_op("cosmoes::int4_linear", mutates_args=())
-def int4_linear(x: torch.Tensor, nibbles: torch.Tensor, scales: torch.Tensor, in_features: int, out_features: int,
-                group: int) -> torch.Tensor:
-    """The packed linear as a torch operator (for graphs that carry experts as data)."""
-    return linear(x, PackedLinear(nibbles, scales, in_features, out_features, group))
-
-
-@int4_linear.register_fake
-def _(x, nibbles, scales, in_features, out_features, group):
-    return x.new_empty(x.shape[0], out_features)
-
-
 __all__ = ["PackedLinear", "pack_linear", "unpack", "weights_int", "quantize_activations", "linear", "silu",
-           "expert_ffn", "int4_linear", "stored_rows"]
+           "expert_ffn", "stored_rows"]

@@ -1,6 +1,9 @@
-"""The project's operators inside exported graphs: attention over the used slots of a static KV cache in one call
-(issue #21), with a torch reference for export and eager use; the runtimes run the native kernel
-(export/runtime/attention.cpp), registered with ExecuTorch under the same name.
+"""The project's operators inside exported graphs (issue #21), each with a torch reference for export and eager use;
+the runtimes run the native kernels (export/runtime/ops.cpp), registered with ExecuTorch under the same names.
+
+`cosmoes::int4_linear(x, nibbles, scales, in_features, out_features, group)`: x (..., in) through an int4 matrix
+packed as cosmoes.int4 packs it, used in place from the program's constant data; the reference is cosmoes.int4.linear,
+whose bits the native kernels give.
 
 `cosmoes::cached_attention(q, k_cache, v_cache, L)`: q (1, H, T, d) holds the queries of positions L-T..L-1,
 k_cache / v_cache (H_kv, S, d) fp32 or fp16 hold positions 0..L-1 (this call's already written); query head h reads
@@ -14,10 +17,55 @@ import math
 
 import torch
 
+from cosmoes import int4
+
 _LIB = torch.library.Library("cosmoes", "FRAGMENT")
 _LIB.define("cached_attention(Tensor q, Tensor k_cache, Tensor v_cache, SymInt L) -> Tensor")
 _LIB.define("cached_attention.out(Tensor q, Tensor k_cache, Tensor v_cache, SymInt L, *, Tensor(a!) out) "
             "-> Tensor(a!)")
+
+
+_LIB.define("int4_linear(Tensor x, Tensor nibbles, Tensor scales, int in_features, int out_features, int group) "
+            "-> Tensor")
+_LIB.define("int4_linear.out(Tensor x, Tensor nibbles, Tensor scales, int in_features, int out_features, int group, *, "
+            "Tensor(a!) out) -> Tensor(a!)")
+
+
+@torch.library.impl(_LIB, "int4_linear", "CompositeExplicitAutograd")
+def _int4_linear(x, nibbles, scales, in_features, out_features, group):
+    p = int4.PackedLinear(nibbles, scales, in_features, out_features, group)
+    return int4.linear(x.reshape(-1, in_features), p).reshape(*x.shape[:-1], out_features)
+
+
+@torch.library.impl(_LIB, "int4_linear.out", "CompositeExplicitAutograd")
+def _int4_linear_out(x, nibbles, scales, in_features, out_features, group, *, out):
+    out.copy_(_int4_linear(x, nibbles, scales, in_features, out_features, group))
+    return out
+
+
+@torch.library.register_fake("cosmoes::int4_linear")
+def _int4_linear_fake(x, nibbles, scales, in_features, out_features, group):
+    return x.new_empty(*x.shape[:-1], out_features, dtype=torch.float32)
+
+
+@torch.library.register_fake("cosmoes::int4_linear.out")
+def _int4_linear_out_fake(x, nibbles, scales, in_features, out_features, group, *, out):
+    return out
+
+
+class Int4Linear(torch.nn.Module):
+    """A linear as cosmoes::int4_linear over its packed weights (constants of the exported program)."""
+
+    def __init__(self, weight: torch.Tensor, group: int):
+        super().__init__()
+        p = int4.pack_linear(weight, group)
+        self.in_features, self.out_features, self.group = p.in_features, p.out_features, p.group
+        self.register_buffer("nibbles", p.nibbles)
+        self.register_buffer("scales", p.scales)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.cosmoes.int4_linear(x, self.nibbles, self.scales, self.in_features, self.out_features,
+                                             self.group)
 
 
 def cached_attention_reference(q_1HTd: torch.Tensor, k_HSd: torch.Tensor, v_HSd: torch.Tensor,
@@ -62,4 +110,4 @@ def _cached_attention_out_fake(q, k_cache, v_cache, L, *, out):
     return out
 
 
-__all__ = ["cached_attention_reference"]
+__all__ = ["Int4Linear", "cached_attention_reference"]

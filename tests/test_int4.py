@@ -66,6 +66,8 @@ def test_linear_is_the_integer_sums_in_the_fixed_fp32_order():
 
 
 def test_the_torch_operator_and_its_fake_agree_on_shapes():
+    import cosmoes.ops  # noqa: F401 - defines torch.ops.cosmoes.int4_linear
+
     p = int4.pack_linear(torch.randn(5, 64), 32)
     x = torch.randn(3, 64)
     y = torch.ops.cosmoes.int4_linear(x, p.nibbles, p.scales, 64, 5, 32)

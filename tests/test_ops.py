@@ -1,6 +1,6 @@
-"""cosmoes::cached_attention: the native kernel (export/runtime/attention.cpp, run by ExecuTorch after
-cosmoes.runtime.native.load_ops registers it) computes the torch reference's attention over the cache in place, for
-fp32 and fp16 caches, grouped heads, and prefill chunks that start mid-cache."""
+"""The graph operators' native kernels (export/runtime/ops.cpp, run by ExecuTorch after cosmoes.runtime.native.load_ops
+registers them) against their torch references: cosmoes::cached_attention over the cache in place (fp32 and fp16
+caches, grouped heads, prefill chunks that start mid-cache), cosmoes::int4_linear bit for bit."""
 
 import math
 
@@ -21,16 +21,7 @@ class _Attend(torch.nn.Module):
 
 
 def _run_exported(module, q, bias):
-    from executorch.exir import to_edge
-    from executorch.runtime import Runtime
-
-    from cosmoes.runtime.native import load_ops
-
-    load_ops()
-    ep = torch.export.export(module, (q, bias))
-    program = to_edge(ep).to_executorch()
-    loaded = Runtime.get().load_program(program.buffer)
-    return loaded.load_method("forward").execute([q, bias])[0]
+    return _execute(module, q, bias)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -56,3 +47,38 @@ def test_the_reference_is_causal_scaled_attention_over_the_used_slots():
         for t, seen in ((0, 2), (1, 3)):
             w = torch.softmax(q[0, h, t] @ k[0, :seen].T / math.sqrt(d), dim=-1)
             torch.testing.assert_close(out[0, t, h * d:(h + 1) * d], w @ v[0, :seen])
+
+
+class _Project(torch.nn.Module):
+    def __init__(self, out: int, inp: int, group: int):
+        super().__init__()
+        from cosmoes.ops import Int4Linear
+
+        self.linear = Int4Linear(torch.randn(out, inp, generator=torch.Generator().manual_seed(4)), group)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.linear(x)
+
+
+def _execute(module, *inputs):
+    from executorch.exir import to_edge
+    from executorch.runtime import Runtime
+
+    from cosmoes.runtime.native import load_ops
+
+    load_ops()
+    program = to_edge(torch.export.export(module, inputs)).to_executorch()
+    return Runtime.get().load_program(program.buffer).load_method("forward").execute(list(inputs))[0]
+
+
+@pytest.mark.parametrize("out,inp,group,lead", [(37, 70, 32, (1, 1)), (300, 128, 64, (1, 5)), (16, 32, 32, (3,))])
+def test_native_int4_linear_gives_the_references_bits(out, inp, group, lead):
+    from cosmoes import int4
+
+    module = _Project(out, inp, group)
+    x = torch.randn(*lead, inp, generator=torch.Generator().manual_seed(5))
+    got = _execute(module, x)
+    lin = module.linear
+    want = int4.linear(x.reshape(-1, inp), int4.PackedLinear(lin.nibbles, lin.scales, inp, out, group))
+    assert got.shape == (*lead, out)
+    assert torch.equal(got.reshape(-1, out), want)  # the same bits: both runtimes pick the same tokens

@@ -3,11 +3,7 @@
 
 #include <cmath>
 #include <cstring>
-#include <mutex>
 #include <vector>
-
-#include <executorch/runtime/kernel/kernel_includes.h>
-#include <executorch/runtime/kernel/operator_registry.h>
 
 #include "pool.h"
 
@@ -18,7 +14,6 @@
 namespace cosmoes {
 namespace {
 
-constexpr const char* kCachedAttention = "cosmoes::cached_attention.out";
 constexpr int kLanes = 8;  // partial sums of a dot product: lane j adds elements j, j + 8, ... (a fixed order)
 
 // fp16 -> fp32 for n values; exact, so any instruction set gives the same floats.
@@ -121,60 +116,12 @@ void attend_row(void* ctx, int64_t i) {
   for (int64_t c = 0; c < d; ++c) out[c] = acc[c] / sum;
 }
 
-namespace et = executorch::runtime;
-using executorch::aten::ScalarType;
-using executorch::aten::Tensor;
-
-// The boxed kernel: (q, k_cache, v_cache, L, out) and the return slot. Any inconsistency fails the call (the
-// runtime reports it as one line) instead of reading out of bounds.
-void cached_attention_out(et::KernelRuntimeContext& ctx, et::Span<et::EValue*> stack) {
-  if (stack.size() < 5 || !stack[0]->isTensor() || !stack[1]->isTensor() || !stack[2]->isTensor() ||
-      !stack[3]->isInt() || !stack[4]->isTensor())
-    return ctx.fail(et::Error::InvalidArgument);
-  const Tensor& q = stack[0]->toTensor();
-  const Tensor& k = stack[1]->toTensor();
-  const Tensor& v = stack[2]->toTensor();
-  const int64_t L = stack[3]->toInt();
-  Tensor& out = stack[4]->toTensor();
-  const bool half = k.scalar_type() == ScalarType::Half;
-  if (q.dim() != 4 || k.dim() != 3 || v.dim() != 3 || q.size(0) != 1 || q.scalar_type() != ScalarType::Float ||
-      out.scalar_type() != ScalarType::Float || (!half && k.scalar_type() != ScalarType::Float) ||
-      v.scalar_type() != k.scalar_type())
-    return ctx.fail(et::Error::InvalidArgument);
-  const int64_t H = q.size(1), T = q.size(2), d = q.size(3), H_kv = k.size(0), S = k.size(1);
-  for (int i = 0; i < 3; ++i)
-    if (v.size(i) != k.size(i)) return ctx.fail(et::Error::InvalidArgument);
-  if (H_kv < 1 || H % H_kv || k.size(2) != d || T < 1 || L < T || L > S) return ctx.fail(et::Error::InvalidArgument);
-  const executorch::aten::SizesType sizes[3] = {1, static_cast<executorch::aten::SizesType>(T),
-                                                static_cast<executorch::aten::SizesType>(H * d)};
-  if (et::resize_tensor(out, {sizes, 3}) != et::Error::Ok) return ctx.fail(et::Error::InvalidArgument);
-  cached_attention(q.const_data_ptr<float>(), k.const_data_ptr(), v.const_data_ptr(), half, H, H_kv, T, d, S, L,
-                   out.mutable_data_ptr<float>());
-  if (stack.size() > 5) *stack[5] = *stack[4];
-}
-
 }  // namespace
 
 void cached_attention(const float* q, const void* k, const void* v, bool half, int64_t H, int64_t H_kv, int64_t T,
                       int64_t d, int64_t S, int64_t L, float* out) {
   Job job{q, static_cast<const uint8_t*>(k), static_cast<const uint8_t*>(v), half, H, H / H_kv, T, d, S, L, out};
   pool_parallel(&job, attend_row, H * T);
-}
-
-bool register_ops() {
-  static bool ok = false;
-  static std::once_flag once;
-  std::call_once(once, [] {
-    // Another copy of this code in the process may have registered it already (libcosmoes loaded beside the Python
-    // runtime's libcosmoes_ops): ExecuTorch aborts on a second registration of a name, and the kernel is the same.
-    if (et::registry_has_op_function(kCachedAttention)) {
-      ok = true;
-      return;
-    }
-    static const et::Kernel kernels[] = {et::Kernel(kCachedAttention, cached_attention_out)};
-    ok = et::register_kernels({kernels, 1}) == et::Error::Ok;
-  });
-  return ok;
 }
 
 }  // namespace cosmoes

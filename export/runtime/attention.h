@@ -12,8 +12,4 @@ namespace cosmoes {
 void cached_attention(const float* q, const void* k, const void* v, bool half, int64_t H, int64_t H_kv, int64_t T,
                       int64_t d, int64_t S, int64_t L, float* out);
 
-// Registers cosmoes::cached_attention.out with ExecuTorch's kernel registry, once per process (the runtime does at
-// start; the Python runtime through libcosmoes_ops's cosmoes_register_ops). False if the registry refused it.
-bool register_ops();
-
 }  // namespace cosmoes

@@ -1,0 +1,127 @@
+// The boxed ExecuTorch kernels of the project's graph operators. Every argument is checked against the others before
+// a byte is read, and any inconsistency fails the call (the runtime reports it as one line), never a crash.
+#include "ops.h"
+
+#include <algorithm>
+#include <mutex>
+#include <vector>
+
+#include <executorch/runtime/kernel/kernel_includes.h>
+#include <executorch/runtime/kernel/operator_registry.h>
+
+#include "attention.h"
+#include "int4.h"
+#include "pool.h"
+
+namespace cosmoes {
+namespace {
+
+namespace et = executorch::runtime;
+using executorch::aten::ScalarType;
+using executorch::aten::SizesType;
+using executorch::aten::Tensor;
+
+constexpr const char* kCachedAttention = "cosmoes::cached_attention.out";
+constexpr const char* kInt4Linear = "cosmoes::int4_linear.out";
+
+bool tensors(et::Span<et::EValue*> stack, std::initializer_list<size_t> at) {
+  return std::all_of(at.begin(), at.end(), [&](size_t i) { return i < stack.size() && stack[i]->isTensor(); });
+}
+
+bool ints(et::Span<et::EValue*> stack, std::initializer_list<size_t> at) {
+  return std::all_of(at.begin(), at.end(), [&](size_t i) { return i < stack.size() && stack[i]->isInt(); });
+}
+
+// (q, k_cache, v_cache, L, out) and the return slot.
+void cached_attention_out(et::KernelRuntimeContext& ctx, et::Span<et::EValue*> stack) {
+  if (!tensors(stack, {0, 1, 2, 4}) || !ints(stack, {3})) return ctx.fail(et::Error::InvalidArgument);
+  const Tensor& q = stack[0]->toTensor();
+  const Tensor& k = stack[1]->toTensor();
+  const Tensor& v = stack[2]->toTensor();
+  const int64_t L = stack[3]->toInt();
+  Tensor& out = stack[4]->toTensor();
+  const bool half = k.scalar_type() == ScalarType::Half;
+  if (q.dim() != 4 || k.dim() != 3 || v.dim() != 3 || q.size(0) != 1 || q.scalar_type() != ScalarType::Float ||
+      out.scalar_type() != ScalarType::Float || (!half && k.scalar_type() != ScalarType::Float) ||
+      v.scalar_type() != k.scalar_type())
+    return ctx.fail(et::Error::InvalidArgument);
+  const int64_t H = q.size(1), T = q.size(2), d = q.size(3), H_kv = k.size(0), S = k.size(1);
+  for (int i = 0; i < 3; ++i)
+    if (v.size(i) != k.size(i)) return ctx.fail(et::Error::InvalidArgument);
+  if (H_kv < 1 || H % H_kv || k.size(2) != d || T < 1 || L < T || L > S) return ctx.fail(et::Error::InvalidArgument);
+  const SizesType sizes[3] = {1, static_cast<SizesType>(T), static_cast<SizesType>(H * d)};
+  if (et::resize_tensor(out, {sizes, 3}) != et::Error::Ok) return ctx.fail(et::Error::InvalidArgument);
+  cached_attention(q.const_data_ptr<float>(), k.const_data_ptr(), v.const_data_ptr(), half, H, H_kv, T, d, S, L,
+                   out.mutable_data_ptr<float>());
+  if (stack.size() > 5) *stack[5] = *stack[4];
+}
+
+struct Int4Job {
+  int4::Matrix w;
+  const int8_t* q;
+  const float* sa;
+  int64_t N, rows_per_chunk;
+  float* y;
+};
+
+void int4_chunk(void* ctx, int64_t chunk) {
+  auto& j = *static_cast<Int4Job*>(ctx);
+  const int64_t r0 = chunk * j.rows_per_chunk, r1 = std::min(j.w.rows, r0 + j.rows_per_chunk);
+  if (r0 < r1) int4::linear(j.w, j.q, j.sa, j.N, j.y, r0, r1);
+}
+
+// (x, nibbles, scales, in_features, out_features, group, out) and the return slot: x (..., in) -> out (..., out).
+void int4_linear_out(et::KernelRuntimeContext& ctx, et::Span<et::EValue*> stack) {
+  if (!tensors(stack, {0, 1, 2, 6}) || !ints(stack, {3, 4, 5})) return ctx.fail(et::Error::InvalidArgument);
+  const Tensor& x = stack[0]->toTensor();
+  const Tensor& nibbles = stack[1]->toTensor();
+  const Tensor& scales = stack[2]->toTensor();
+  const int64_t in = stack[3]->toInt(), rows = stack[4]->toInt(), group = stack[5]->toInt();
+  Tensor& out = stack[6]->toTensor();
+  if (x.scalar_type() != ScalarType::Float || out.scalar_type() != ScalarType::Float ||
+      nibbles.scalar_type() != ScalarType::Byte || scales.scalar_type() != ScalarType::Float || x.dim() < 1 ||
+      x.dim() > 8 || group < 32 || group % 32 || in < 1 || rows < 1 || x.size(x.dim() - 1) != in)
+    return ctx.fail(et::Error::InvalidArgument);
+  const int64_t padded = (in + group - 1) / group * group, stored = int4::stored_rows(rows);
+  if (nibbles.numel() != stored * padded / 2 || scales.numel() != (padded / group) * stored)
+    return ctx.fail(et::Error::InvalidArgument);
+  SizesType sizes[8];
+  for (int i = 0; i + 1 < x.dim(); ++i) sizes[i] = x.size(i);
+  sizes[x.dim() - 1] = static_cast<SizesType>(rows);
+  if (et::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) != et::Error::Ok)
+    return ctx.fail(et::Error::InvalidArgument);
+  const int64_t N = x.numel() / in;
+  thread_local std::vector<int8_t> q;
+  thread_local std::vector<float> sa;
+  q.resize(static_cast<size_t>(N * padded));
+  sa.resize(static_cast<size_t>(N));
+  int4::quantize(x.const_data_ptr<float>(), N, in, padded, q.data(), sa.data());
+  Int4Job job{{nibbles.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(), rows, padded, group},
+              q.data(), sa.data(), N, 0, out.mutable_data_ptr<float>()};
+  // the rows evenly over the pool's threads, in whole panels (the kernels' unit)
+  auto* pool = executorch::extension::threadpool::get_threadpool();
+  const int64_t threads = pool ? std::max<int64_t>(1, static_cast<int64_t>(pool->get_thread_count())) : 1;
+  const int64_t per = (rows + threads - 1) / threads;
+  job.rows_per_chunk = std::max<int64_t>(int4::kPanel, (per + int4::kPanel - 1) / int4::kPanel * int4::kPanel);
+  pool_parallel(&job, int4_chunk, (rows + job.rows_per_chunk - 1) / job.rows_per_chunk);
+  if (stack.size() > 7) *stack[7] = *stack[6];
+}
+
+}  // namespace
+
+bool register_ops() {
+  static bool ok = false;
+  static std::once_flag once;
+  std::call_once(once, [] {
+    // Another copy of this code in the process may have registered them already (libcosmoes loaded beside the
+    // Python runtime's libcosmoes_ops): ExecuTorch aborts on a second registration of a name; the kernels are the same.
+    static const et::Kernel kernels[] = {et::Kernel(kCachedAttention, cached_attention_out),
+                                         et::Kernel(kInt4Linear, int4_linear_out)};
+    ok = true;
+    for (const et::Kernel& kernel : kernels)
+      if (!et::registry_has_op_function(kernel.name_)) ok = ok && et::register_kernels({&kernel, 1}) == et::Error::Ok;
+  });
+  return ok;
+}
+
+}  // namespace cosmoes
