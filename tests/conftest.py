@@ -52,10 +52,11 @@ def micro_checkpoint(tmp_path_factory):
     return save_checkpoint(model, tmp_path_factory.mktemp("micro") / "ckpt", tokenizer=default_tokenizer())
 
 
-def _export(checkpoint, out, quant: str, experts: str | None = None):
+def _export(checkpoint, out, quant: str, experts: str | None = None, kv_cache: str = "fp32"):
     from cosmoes.export.bundle import ExportConfig, export_bundle
 
-    export_bundle(checkpoint, out, ExportConfig(target="host", quant=quant, max_chunk=MICRO_CHUNK, experts=experts))
+    export_bundle(checkpoint, out, ExportConfig(target="host", quant=quant, max_chunk=MICRO_CHUNK, experts=experts,
+                                                kv_cache=kv_cache))
     return out
 
 
@@ -69,6 +70,12 @@ def micro_bundle_fp32(micro_checkpoint, tmp_path_factory):
 def micro_bundle_8da4w(micro_checkpoint, tmp_path_factory):
     """The micro checkpoint exported with 8-bit dynamic activations and 4-bit group-wise weights."""
     return _export(micro_checkpoint, tmp_path_factory.mktemp("bundles") / "micro-8da4w", "8da4w")
+
+
+@pytest.fixture(scope="session")
+def micro_bundle_8da4w_kv16(micro_checkpoint, tmp_path_factory):
+    """The 8da4w export with fp16 KV caches (--kv-cache fp16)."""
+    return _export(micro_checkpoint, tmp_path_factory.mktemp("bundles") / "micro-8da4w-kv16", "8da4w", kv_cache="fp16")
 
 
 @pytest.fixture(scope="session")

@@ -284,7 +284,8 @@ def _embedding_config(mode: str, dim: int, group_size: int | None):
 
 
 def quantize_model(model: Transformer, mode: str, group_size: int | None = 32,
-                   quant_embedding: str = "none", skip_experts: bool = False, int4_head: bool = False) -> QuantReport:
+                   quant_embedding: str = "none", skip_experts: bool = False, int4_head: bool = False,
+                   int4_attention: bool = False) -> QuantReport:
     """Quantise the model in place for ExecuTorch/XNNPACK and report what was done.
 
     Routers stay fp32 (D x E, negligible in size) so expert selection follows the trained router rather than
@@ -303,6 +304,13 @@ def quantize_model(model: Transformer, mode: str, group_size: int | None = 32,
             from cosmoes.ops import Int4Linear
 
             model.output = Int4Linear(model.output.weight, report.group_size)
+        if int4_attention:
+            from cosmoes.ops import Int4Linear
+
+            for block in model.layers:
+                for name in ("wq", "wk", "wv", "wo"):
+                    setattr(block.attention, name, Int4Linear(getattr(block.attention, name).weight,
+                                                              report.group_size))
         report.padded_linears = pad_linears(model, report.group_size, skip_experts)
     if mode != "none":
         keep = (lambda m, fqn: _is_quantised_linear(m, fqn) and not _is_expert(fqn)) if skip_experts \

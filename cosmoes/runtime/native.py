@@ -134,7 +134,11 @@ def load_ops() -> Path:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         raise CosmoesError(f"cannot load the runtime's operators from {path}: {e}") from None
-    if lib.cosmoes_register_ops() != 0:
+    from cosmoes.quiet import native_stderr_hidden
+
+    with native_stderr_hidden():  # ExecuTorch logs "kernel ... not found" when asked whether one is registered
+        status = lib.cosmoes_register_ops()
+    if status != 0:
         raise CosmoesError("ExecuTorch refused the runtime's operators (cosmoes::cached_attention, cosmoes::int4_linear)")
     return path
 

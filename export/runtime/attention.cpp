@@ -14,7 +14,8 @@
 namespace cosmoes {
 namespace {
 
-constexpr int kLanes = 8;  // partial sums of a dot product: lane j adds elements j, j + 8, ... (a fixed order)
+constexpr int kLanes = 8;
+constexpr int64_t kParallelWork = 1 << 19;  // multiply-adds (per K and V) below which attention runs on one thread  // partial sums of a dot product: lane j adds elements j, j + 8, ... (a fixed order)
 
 // fp16 -> fp32 for n values; exact, so any instruction set gives the same floats.
 #if defined(__aarch64__)
@@ -121,6 +122,12 @@ void attend_row(void* ctx, int64_t i) {
 void cached_attention(const float* q, const void* k, const void* v, bool half, int64_t H, int64_t H_kv, int64_t T,
                       int64_t d, int64_t S, int64_t L, float* out) {
   Job job{q, static_cast<const uint8_t*>(k), static_cast<const uint8_t*>(v), half, H, H / H_kv, T, d, S, L, out};
+  // A decode step's rows are a few microseconds each: on one thread unless there is enough to share (waking the
+  // pool costs more than it saves below that, measured on a wearable layer)
+  if (H * T * L * d < kParallelWork) {
+    for (int64_t i = 0; i < H * T; ++i) attend_row(&job, i);
+    return;
+  }
   pool_parallel(&job, attend_row, H * T);
 }
 

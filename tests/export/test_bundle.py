@@ -385,3 +385,28 @@ def test_a_stage_that_fails_in_a_worker_process_is_one_error_not_a_hang():
               for i in range(3)]
     with pytest.raises(CosmoesError, match="^lowering failed in a worker process: ValueError: no graph here"):
         lower_mod.lower_program(stages, share_state=True, jobs=2)
+
+
+def _operators(pte) -> dict[str, set[str]]:
+    from executorch.exir._serialize._program import deserialize_pte_binary
+
+    program = deserialize_pte_binary(pte.read_bytes())
+    program = getattr(program, "program", program)
+    return {plan.name: {op.name for op in plan.operators if op.name.startswith("cosmoes::")}
+            for plan in program.execution_plan}
+
+
+def test_8da4w_layers_and_head_run_the_projects_operators(micro_bundle_8da4w, micro_bundle_fp32):
+    ops = _operators(micro_bundle_8da4w / "backbone.pte")
+    layers = [name for name in ops if name.startswith("layer_")]
+    assert layers and all(ops[n] == {"cosmoes::cached_attention", "cosmoes::int4_linear"} for n in layers)
+    assert ops["head"] == {"cosmoes::int4_linear"}
+    # without quantisation only the attention is the project's (the linears stay XNNPACK's fp32 ones)
+    fp32 = _operators(micro_bundle_fp32 / "backbone.pte")
+    assert all(fp32[n] == {"cosmoes::cached_attention"} for n in layers) and fp32["head"] == set()
+
+
+def test_a_kv_cache_type_outside_the_list_is_one_line(micro_checkpoint, tmp_path):
+    with pytest.raises(CosmoesError, match="kv-cache.*fp32, fp16.*'bf16'"):
+        export_bundle(micro_checkpoint, tmp_path / "b", ExportConfig(target="host", kv_cache="bf16"))
+    assert not (tmp_path / "b").exists()

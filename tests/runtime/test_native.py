@@ -443,3 +443,19 @@ def test_each_checkout_gets_its_own_build(monkeypatch, tmp_path):
     shutil.copytree(native.source_dir(), clone)
     monkeypatch.setattr(native, "source_dir", lambda: clone)
     assert native.source_hash() != here
+
+
+@pytest.mark.parametrize("policy", ["all", "swap"])
+def test_an_fp16_kv_cache_gives_the_same_tokens_in_both_runtimes_at_half_the_bytes(runner, micro_bundle_8da4w,
+                                                                                    micro_bundle_8da4w_kv16, policy,
+                                                                                    prompt_ids):
+    from cosmoes.export.manifest import load_manifest
+
+    half, full = load_manifest(micro_bundle_8da4w_kv16), load_manifest(micro_bundle_8da4w)
+    assert (half.memory["kv_dtype"], full.memory["kv_dtype"]) == ("fp16", "fp32")
+    assert half.memory["kv_bytes_per_position"] * 2 == full.memory["kv_bytes_per_position"]
+    py = BundleRuntime(micro_bundle_8da4w_kv16, policy=policy, threads=1)
+    expected = py.generate(prompt_ids, 24)
+    for threads in (1, 2):
+        assert generate_native(micro_bundle_8da4w_kv16, prompt_ids, 24, policy=policy, threads=threads).tokens \
+            == expected
