@@ -63,3 +63,13 @@ def test_one_run_writes_cosmoes_rows_beside_a_llama_cpp_that_did_not_run(micro_b
         assert rows[("cosmoes all", t)]["kernels"] == "scalar"  # the cap reached the runner
         assert rows[("llama.cpp", t)]["failed"] == 1 and "--no-llamacpp" in rows[("llama.cpp", t)]["error"]
     assert (out / "peer.png").stat().st_size > 0 and "cosmoes against llama.cpp" in (out / "peer.md").read_text()
+
+
+def test_a_childs_peak_rss_is_its_own_not_the_forked_parents():
+    import numpy as np
+    from llamacpp import _run_measured
+
+    parent = np.ones(80_000_000)  # 640 MB resident here; ru_maxrss would hand it to the exec'd child
+    code = "import time; b = bytearray(150_000_000); time.sleep(0.3)"
+    rc, _, _, peak_mb = _run_measured([sys.executable, "-c", code], timeout=60)
+    assert rc == 0 and 150 < peak_mb < 400 < parent.nbytes / 1e6
