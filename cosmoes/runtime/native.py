@@ -134,11 +134,7 @@ def load_ops() -> Path:
         lib = ctypes.CDLL(str(path))
     except OSError as e:
         raise CosmoesError(f"cannot load the runtime's operators from {path}: {e}") from None
-    from cosmoes.quiet import native_stderr_hidden
-
-    with native_stderr_hidden():  # ExecuTorch logs "kernel ... not found" when asked whether one is registered
-        status = lib.cosmoes_register_ops()
-    if status != 0:
+    if lib.cosmoes_register_ops() != 0:
         raise CosmoesError("ExecuTorch refused the runtime's operators (cosmoes::cached_attention, cosmoes::int4_linear)")
     return path
 

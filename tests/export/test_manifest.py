@@ -243,6 +243,9 @@ MANIFEST_RULES = [
     ("non_expert_bytes.embedding", 1.5, "non_expert_bytes.embedding = 1.5 must be an integer"),
     ("memory.kv_bytes_per_position", 4096, "memory.kv_bytes_per_position = 4096 must be 1024 (fp32 keys and values "
                                            "of config.n_layers layers)"),
+    ("memory.kv_dtype", "fp16", "memory.kv_bytes_per_position = 1024 must be 512 (fp16 keys and values "
+                                "of config.n_layers layers)"),
+    ("memory.kv_dtype", "bf16", 'memory.kv_dtype = "bf16" must be "fp32" or "fp16"'),
     ("memory.kv_buffer.id", 7, "memory.kv_buffer is not a buffer of memory.planned_bytes"),
     ("memory.kv_buffer.id", -1, "memory.kv_buffer.id = -1 must be at least 0"),
     ("memory.kv_buffer.program", "experts", "memory.kv_buffer is not a buffer of memory.planned_bytes"),

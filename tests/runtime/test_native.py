@@ -269,6 +269,8 @@ def _drop_layer(m, _dst):
     (_set(["config", "router_temperature"], "hot"), 'config.router_temperature = "hot" must be a positive number'),
     (_set(["max_chunk"], 65), "max_chunk = 65 must be between 1 and max_seq_len (64)"),
     (_set(["threads"], -1), "threads = -1 must be between 0 and 1024"),
+    (_set(["memory", "kv_dtype"], "bf16"), 'memory.kv_dtype = "bf16" must be "fp32" or "fp16"'),
+    (_set(["memory", "kv_dtype"], "fp16"), "memory.kv_bytes_per_position = 1024 must be 512 (fp16 keys and values"),
     (_set(["programs", "backbone", "file"], "../backbone.pte"), "programs.backbone.file = \"../backbone.pte\" must "
                                                                 "be a plain file name inside the bundle directory"),
     (_set(["programs", "backbone", "file"], "/etc/passwd"), "must be a plain file name inside the bundle directory"),
