@@ -20,11 +20,6 @@ import torch
 from cosmoes import int4
 
 _LIB = torch.library.Library("cosmoes", "FRAGMENT")
-_LIB.define("cached_attention(Tensor q, Tensor k_cache, Tensor v_cache, SymInt L) -> Tensor")
-_LIB.define("cached_attention.out(Tensor q, Tensor k_cache, Tensor v_cache, SymInt L, *, Tensor(a!) out) "
-            "-> Tensor(a!)")
-
-
 _LIB.define("int4_linear(Tensor x, Tensor nibbles, Tensor scales, int in_features, int out_features, int group) "
             "-> Tensor")
 _LIB.define("int4_linear.out(Tensor x, Tensor nibbles, Tensor scales, int in_features, int out_features, int group, *, "
@@ -66,6 +61,11 @@ class Int4Linear(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return torch.ops.cosmoes.int4_linear(x, self.nibbles, self.scales, self.in_features, self.out_features,
                                              self.group)
+
+
+_LIB.define("cached_attention(Tensor q, Tensor k_cache, Tensor v_cache, SymInt L) -> Tensor")
+_LIB.define("cached_attention.out(Tensor q, Tensor k_cache, Tensor v_cache, SymInt L, *, Tensor(a!) out) "
+            "-> Tensor(a!)")
 
 
 def cached_attention_reference(q_1HTd: torch.Tensor, k_HSd: torch.Tensor, v_HSd: torch.Tensor,

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import os
 import signal
 import sys
 import threading
@@ -216,7 +215,7 @@ def _write_programs(model, tmp: Path, cfg: ExportConfig, recipe: Recipe, progres
     mc = model.config
     packed = mc.is_moe and cfg.experts == "int4"
     report = quantize_model(model, cfg.quant, cfg.group_size, cfg.quant_embedding, skip_experts=packed,
-                            int4_head=cfg.experts == "int4", int4_attention=cfg.experts == "int4")
+                            int4_backbone=cfg.experts == "int4")
     stages = split_model(model, cfg.max_chunk, experts=not packed, kv_dtype=cfg.kv_cache)
     manifest = Manifest(target=cfg.target, quant=cfg.quant, group_size=report.group_size,
                         quant_embedding=cfg.quant_embedding, max_seq_len=mc.max_seq_len,

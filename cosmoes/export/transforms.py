@@ -284,33 +284,25 @@ def _embedding_config(mode: str, dim: int, group_size: int | None):
 
 
 def quantize_model(model: Transformer, mode: str, group_size: int | None = 32,
-                   quant_embedding: str = "none", skip_experts: bool = False, int4_head: bool = False,
-                   int4_attention: bool = False) -> QuantReport:
+                   quant_embedding: str = "none", skip_experts: bool = False,
+                   int4_backbone: bool = False) -> QuantReport:
     """Quantise the model in place for ExecuTorch/XNNPACK and report what was done.
 
     Routers stay fp32 (D x E, negligible in size) so expert selection follows the trained router rather than
     quantisation noise; embeddings stay fp32 unless ``quant_embedding`` is int8/int4. ``group_size`` is the
     preferred 8da4w group; the group used follows `choose_group_size`, and linears it does not divide are padded.
-    skip_experts leaves the MoE experts' linears as they are (packed apart, cosmoes.export.segments). int4_head
-    (8da4w) packs the output projection for the project's int4 kernel (cosmoes::int4_linear, used in place from the
-    program's constants) instead of XNNPACK's: measured faster on the AVX2 and AVX-512 hosts (docs/export.md).
+    skip_experts leaves the MoE experts' linears as they are (packed apart, cosmoes.export.segments).
+    int4_backbone (8da4w) packs the attention projections and the output head for the experts' int4 kernel
+    (cosmoes::int4_linear, used in place from the program's constants) instead of XNNPACK's: measured faster on the
+    AVX2 host (docs/export.md).
     """
     from torchao.quantization import quantize_
 
     report = QuantReport(group_size=None)
     if mode == "8da4w":
         report.group_size = choose_group_size(model, group_size or 32)
-        if int4_head:
-            from cosmoes.ops import Int4Linear
-
-            model.output = Int4Linear(model.output.weight, report.group_size)
-        if int4_attention:
-            from cosmoes.ops import Int4Linear
-
-            for block in model.layers:
-                for name in ("wq", "wk", "wv", "wo"):
-                    setattr(block.attention, name, Int4Linear(getattr(block.attention, name).weight,
-                                                              report.group_size))
+        if int4_backbone:
+            _pack_backbone_int4(model, report.group_size)
         report.padded_linears = pad_linears(model, report.group_size, skip_experts)
     if mode != "none":
         keep = (lambda m, fqn: _is_quantised_linear(m, fqn) and not _is_expert(fqn)) if skip_experts \
@@ -322,6 +314,15 @@ def quantize_model(model: Transformer, mode: str, group_size: int | None = 32,
         cfg = _embedding_config(quant_embedding, model.config.dim, report.group_size or group_size)
         quantize_(model, cfg, filter_fn=lambda m, fqn: isinstance(m, nn.Embedding))
     return report
+
+
+def _pack_backbone_int4(model: Transformer, group: int) -> None:
+    from cosmoes.ops import Int4Linear
+
+    model.output = Int4Linear(model.output.weight, group)
+    for block in model.layers:
+        for name in ("wq", "wk", "wv", "wo"):
+            setattr(block.attention, name, Int4Linear(getattr(block.attention, name).weight, group))
 
 
 def _is_quantised_linear(module: nn.Module, fqn: str) -> bool:

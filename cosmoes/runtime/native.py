@@ -126,8 +126,9 @@ def library_path(progress=None) -> Path:
 
 @functools.cache
 def load_ops() -> Path:
-    """Registers the project's graph operators (cosmoes::cached_attention, cosmoes::int4_linear) with ExecuTorch in this process, for the
-    Python runtime: libcosmoes_ops, built with the host runner, shares the Python bindings' libexecutorch."""
+    """Registers the project's graph operators (cosmoes::cached_attention, cosmoes::int4_linear) with ExecuTorch in
+    this process, for the Python runtime: libcosmoes_ops, built with the host runner, shares the Python bindings'
+    libexecutorch."""
     # never the sanitized build: an ASan library cannot be loaded into a Python that was not started under ASan
     path = build_runner(sanitized=False).parent / "cmake" / "libcosmoes_ops.so"
     try:
@@ -135,7 +136,8 @@ def load_ops() -> Path:
     except OSError as e:
         raise CosmoesError(f"cannot load the runtime's operators from {path}: {e}") from None
     if lib.cosmoes_register_ops() != 0:
-        raise CosmoesError("ExecuTorch refused the runtime's operators (cosmoes::cached_attention, cosmoes::int4_linear)")
+        raise CosmoesError("ExecuTorch refused the runtime's operators (cosmoes::cached_attention, "
+                           "cosmoes::int4_linear)")
     return path
 
 

@@ -223,7 +223,7 @@ class BundleRuntime:
 
         from cosmoes.runtime.native import load_ops
 
-        load_ops()  # the layer methods call cosmoes::cached_attention
+        load_ops()  # the layer and head methods call cosmoes::cached_attention and cosmoes::int4_linear
         runtime = Runtime.get()
         expert_methods = {e.get("method") for lay in self.manifest.experts.values() for e in lay.values()}
         with native_stderr_hidden():  # XNNPACK's first method load probes the CPU and logs it on fd 2

@@ -541,6 +541,35 @@ void linear(const Matrix& w, const int8_t* q, const float* sa, int64_t N, float*
   }
 }
 
+namespace {
+
+struct LinearJob {
+  const Matrix* w;
+  const int8_t* q;
+  const float* sa;
+  int64_t N, rows_per_chunk;
+  float* y;
+};
+
+void linear_chunk(void* ctx, int64_t chunk) {
+  auto& j = *static_cast<LinearJob*>(ctx);
+  const int64_t r0 = chunk * j.rows_per_chunk, r1 = std::min(j.w->rows, r0 + j.rows_per_chunk);
+  if (r0 < r1) linear(*j.w, j.q, j.sa, j.N, j.y, r0, r1);
+}
+
+}  // namespace
+
+void linear_parallel(const Matrix& w, const int8_t* q, const float* sa, int64_t N, float* y, ParallelFor parallel,
+                     int64_t threads) {
+  const int64_t per_thread = (w.rows + std::max<int64_t>(1, threads) - 1) / std::max<int64_t>(1, threads);
+  LinearJob job{&w, q, sa, N, std::max<int64_t>(kPanel, (per_thread + kPanel - 1) / kPanel * kPanel), y};
+  const int64_t chunks = (w.rows + job.rows_per_chunk - 1) / job.rows_per_chunk;
+  if (chunks <= 1 || !parallel)
+    linear_chunk(&job, 0);
+  else
+    parallel(&job, linear_chunk, chunks);
+}
+
 float silu(float v) {
   const double d = v;
   return static_cast<float>(d / (1.0 + std::exp(-d)));

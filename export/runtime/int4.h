@@ -30,6 +30,14 @@ void quantize(const float* x, int64_t N, int64_t in, int64_t padded, int8_t* q, 
 void linear(const Matrix& w, const int8_t* q, const float* sa, int64_t N, float* y, int64_t row_begin,
             int64_t row_end);
 
+// Runs `fn(ctx, chunk)` for chunk in [0, n), spread over a thread pool (the runtime's: pool.h).
+using ParallelFor = void (*)(void* ctx, void (*fn)(void* ctx, int64_t chunk), int64_t n);
+
+// All rows of y (N x w.rows), split evenly over `threads` in whole panels and run through `parallel` (inline when
+// that makes one chunk or parallel is null).
+void linear_parallel(const Matrix& w, const int8_t* q, const float* sa, int64_t N, float* y, ParallelFor parallel,
+                     int64_t threads);
+
 // v / (1 + e^-v) in double, rounded once to float (as cosmoes.int4.silu).
 float silu(float v);
 // h = silu(a) * b over n values, silu as above (the same bits) in the active family's SIMD lanes.

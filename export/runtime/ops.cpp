@@ -58,20 +58,6 @@ void cached_attention_out(et::KernelRuntimeContext& ctx, et::Span<et::EValue*> s
   if (stack.size() > 5) *stack[5] = *stack[4];
 }
 
-struct Int4Job {
-  int4::Matrix w;
-  const int8_t* q;
-  const float* sa;
-  int64_t N, rows_per_chunk;
-  float* y;
-};
-
-void int4_chunk(void* ctx, int64_t chunk) {
-  auto& j = *static_cast<Int4Job*>(ctx);
-  const int64_t r0 = chunk * j.rows_per_chunk, r1 = std::min(j.w.rows, r0 + j.rows_per_chunk);
-  if (r0 < r1) int4::linear(j.w, j.q, j.sa, j.N, j.y, r0, r1);
-}
-
 // (x, nibbles, scales, in_features, out_features, group, out) and the return slot: x (..., in) -> out (..., out).
 void int4_linear_out(et::KernelRuntimeContext& ctx, et::Span<et::EValue*> stack) {
   if (!tensors(stack, {0, 1, 2, 6}) || !ints(stack, {3, 4, 5})) return ctx.fail(et::Error::InvalidArgument);
@@ -98,16 +84,13 @@ void int4_linear_out(et::KernelRuntimeContext& ctx, et::Span<et::EValue*> stack)
   q.resize(static_cast<size_t>(N * padded));
   sa.resize(static_cast<size_t>(N));
   int4::quantize(x.const_data_ptr<float>(), N, in, padded, q.data(), sa.data());
-  Int4Job job{{nibbles.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(), rows, padded, group},
-              q.data(), sa.data(), N, 0, out.mutable_data_ptr<float>()};
-  // the rows evenly over the pool's threads, in whole panels (the kernels' unit); a small matrix on one: waking
-  // the pool costs more than its share (a 448 x 448 projection: 80 -> 190 us per layer with 2 threads, measured)
+  // a small matrix on one thread: waking the pool costs more than its share (a 448 x 448 projection: 80 -> 190 us
+  // per layer with 2 threads, measured)
   auto* pool = executorch::extension::threadpool::get_threadpool();
   const bool big = stored * padded / 2 * N >= kParallelBytes;
   const int64_t threads = pool && big ? std::max<int64_t>(1, static_cast<int64_t>(pool->get_thread_count())) : 1;
-  const int64_t per = (rows + threads - 1) / threads;
-  job.rows_per_chunk = std::max<int64_t>(int4::kPanel, (per + int4::kPanel - 1) / int4::kPanel * int4::kPanel);
-  pool_parallel(&job, int4_chunk, (rows + job.rows_per_chunk - 1) / job.rows_per_chunk);
+  int4::linear_parallel({nibbles.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(), rows, padded, group},
+                        q.data(), sa.data(), N, out.mutable_data_ptr<float>(), pool_parallel, threads);
   if (stack.size() > 7) *stack[7] = *stack[6];
 }
 

@@ -73,41 +73,15 @@ void SegmentMap::give_back(int64_t offset, int64_t bytes) const {
 
 namespace {
 
-// One linear over fp32 input rows: quantise them (per token, int8), then the int4 matrix's rows in chunks over the
-// pool; out is N x rows.
-struct LinearJob {
-  int4::Matrix w;
-  const int8_t* q;
-  const float* sa;
-  int64_t N;
-  float* out;
-  int64_t rows_per_chunk;
-};
-
-void linear_chunk(void* ctx, int64_t chunk) {
-  auto* job = static_cast<LinearJob*>(ctx);
-  const int64_t r0 = chunk * job->rows_per_chunk, r1 = std::min(job->w.rows, r0 + job->rows_per_chunk);
-  if (r0 < r1) int4::linear(job->w, job->q, job->sa, job->N, job->out, r0, r1);
-}
-
-// Rows per chunk: the matrix split evenly over the pool's threads, in whole panels (the kernels' unit).
-constexpr int64_t kRowBlock = int4::kPanel;
-
+// One linear over fp32 input rows: quantise them (per token, int8), then the int4 matrix's rows over the pool.
 void apply(const MatrixLayout& l, const uint8_t* segment, const float* x, int64_t N, float* out, ExpertScratch& s,
            ParallelFor parallel, int64_t threads) {
   s.q.resize(static_cast<size_t>(N * l.padded));
   s.sa.resize(static_cast<size_t>(N));
   int4::quantize(x, N, l.in, l.padded, s.q.data(), s.sa.data());
-  LinearJob job{{segment + l.nibbles_at, reinterpret_cast<const float*>(segment + l.scales_at), l.rows, l.padded,
-                 l.group},
-                s.q.data(), s.sa.data(), N, out, 0};
-  const int64_t per_thread = (l.rows + threads - 1) / threads;
-  job.rows_per_chunk = std::max<int64_t>(kRowBlock, (per_thread + kRowBlock - 1) / kRowBlock * kRowBlock);
-  const int64_t chunks = (l.rows + job.rows_per_chunk - 1) / job.rows_per_chunk;
-  if (chunks <= 1 || !parallel)
-    linear_chunk(&job, 0);
-  else
-    parallel(&job, linear_chunk, chunks);
+  int4::linear_parallel({segment + l.nibbles_at, reinterpret_cast<const float*>(segment + l.scales_at), l.rows,
+                         l.padded, l.group},
+                        s.q.data(), s.sa.data(), N, out, parallel, threads);
 }
 
 }  // namespace

@@ -12,8 +12,7 @@
 
 namespace cosmoes {
 
-// Runs `fn(ctx, chunk)` for chunk in [0, n), spread over the runtime's thread pool (runtime.cpp).
-using ParallelFor = void (*)(void* ctx, void (*fn)(void* ctx, int64_t chunk), int64_t n);
+using int4::ParallelFor;
 
 // experts.bin mapped read-only (private): the whole file is address space, only brought-in segments are resident.
 class SegmentMap {
