@@ -15,7 +15,9 @@ namespace cosmoes {
 namespace {
 
 constexpr int kLanes = 8;
-constexpr int64_t kParallelWork = 1 << 19;  // multiply-adds (per K and V) below which attention runs on one thread  // partial sums of a dot product: lane j adds elements j, j + 8, ... (a fixed order)
+// multiply-adds (per K and V) below which attention runs on one thread: ExecuTorch's pool wakes its workers per
+// job, the runtime's spinning pool is a few hundred nanoseconds away (measured on a wearable layer)
+constexpr int64_t kParallelWork = 1 << 19, kSpinParallelWork = 1 << 13;
 
 // fp16 -> fp32 for n values; exact, so any instruction set gives the same floats.
 #if defined(__aarch64__)
@@ -124,7 +126,7 @@ void cached_attention(const float* q, const void* k, const void* v, bool half, i
   Job job{q, static_cast<const uint8_t*>(k), static_cast<const uint8_t*>(v), half, H, H / H_kv, T, d, S, L, out};
   // A decode step's rows are a few microseconds each: on one thread unless there is enough to share (waking the
   // pool costs more than it saves below that, measured on a wearable layer)
-  if (H * T * L * d < kParallelWork) {
+  if (H * T < 2 || H * T * L * d < (pool_spins() ? kSpinParallelWork : kParallelWork)) {
     for (int64_t i = 0; i < H * T; ++i) attend_row(&job, i);
     return;
   }

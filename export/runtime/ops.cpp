@@ -24,7 +24,9 @@ using executorch::aten::Tensor;
 
 constexpr const char* kCachedAttention = "cosmoes::cached_attention.out";
 constexpr const char* kInt4Linear = "cosmoes::int4_linear.out";
-constexpr int64_t kParallelBytes = 1 << 20;  // weight bytes x tokens below which a linear stays on one thread
+// weight bytes x tokens below which a linear stays on one thread, with ExecuTorch's pool (which wakes its workers
+// per job) and with the runtime's spinning pool
+constexpr int64_t kParallelBytes = 1 << 20, kSpinParallelBytes = 1 << 16;
 
 bool tensors(et::Span<et::EValue*> stack, std::initializer_list<size_t> at) {
   return std::all_of(at.begin(), at.end(), [&](size_t i) { return i < stack.size() && stack[i]->isTensor(); });
@@ -84,11 +86,10 @@ void int4_linear_out(et::KernelRuntimeContext& ctx, et::Span<et::EValue*> stack)
   q.resize(static_cast<size_t>(N * padded));
   sa.resize(static_cast<size_t>(N));
   int4::quantize(x.const_data_ptr<float>(), N, in, padded, q.data(), sa.data());
-  // a small matrix on one thread: waking the pool costs more than its share (a 448 x 448 projection: 80 -> 190 us
-  // per layer with 2 threads, measured)
-  auto* pool = executorch::extension::threadpool::get_threadpool();
-  const bool big = stored * padded / 2 * N >= kParallelBytes;
-  const int64_t threads = pool && big ? std::max<int64_t>(1, static_cast<int64_t>(pool->get_thread_count())) : 1;
+  // a small matrix on one thread: waking ExecuTorch's pool costs more than its share (a 448 x 448 projection: 80 ->
+  // 190 us per layer with 2 threads, measured)
+  const bool big = stored * padded / 2 * N >= (pool_spins() ? kSpinParallelBytes : kParallelBytes);
+  const int64_t threads = big ? pool_threads() : 1;
   int4::linear_parallel({nibbles.const_data_ptr<uint8_t>(), scales.const_data_ptr<float>(), rows, padded, group},
                         q.data(), sa.data(), N, out.mutable_data_ptr<float>(), pool_parallel, threads);
   if (stack.size() > 7) *stack[7] = *stack[6];

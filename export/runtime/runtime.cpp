@@ -375,9 +375,14 @@ Runtime::Runtime(const std::string& bundle_dir, const RuntimeOptions& options) {
   // 0 (from the option or the recipe) means one thread per core, as in the Python runtime
   threads_ = options.threads > 0 ? options.threads : static_cast<int>(m_.threads);
   if (threads_ <= 0) threads_ = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
+  // With int4 experts and an 8da4w backbone every heavy operator is the project's (attention, projections, head,
+  // experts): they share the spinning pool, and XNNPACK's few small ops stay on the calling thread rather than
+  // wake a second set of workers. Other bundles run their linears in XNNPACK, on ExecuTorch's pool.
+  const bool own_pool = threads_ > 1 && m_.packed_experts() && m_.quant == "8da4w";
+  use_spin_pool(own_pool ? threads_ : 0);
+  const size_t et_threads = own_pool ? 1 : static_cast<size_t>(threads_);
   auto* pool = executorch::extension::threadpool::get_threadpool();
-  if (pool && pool->get_thread_count() != static_cast<size_t>(threads_))
-    pool->_unsafe_reset_threadpool(static_cast<uint32_t>(threads_));
+  if (pool && pool->get_thread_count() != et_threads) pool->_unsafe_reset_threadpool(static_cast<uint32_t>(et_threads));
   t0 = Clock::now();
   open_programs();
   load_ms_ = ms_since(t0);
