@@ -144,9 +144,15 @@ class Runtime {
   std::vector<MatrixLayout> expert_layout_;
   ExpertScratch scratch_;
   std::vector<float> expert_out_;
-  // one per expert run side by side (decode's top_k experts on their own threads)
-  std::vector<ExpertScratch> side_scratch_;
-  std::vector<std::vector<float>> side_out_;
+  // one per expert run side by side (a step's experts each on its own thread): its tokens, their top-k slots,
+  // their gathered inputs and its outputs
+  struct Side {
+    std::vector<int64_t> token, slot;
+    std::vector<float> x, out;
+    const uint8_t* segment = nullptr;
+    ExpertScratch scratch;
+  };
+  std::vector<Side> side_;
   std::unique_ptr<ExpertCache> experts_;  // null for a dense model
   ExpertStats dense_stats_;
   LoadAccount loaded_;  // anonymous memory each kind of backbone method added when it loaded
@@ -162,8 +168,9 @@ class Runtime {
   void run_chunk(const int64_t* ids, int64_t T, std::vector<float>* last_logits);
   void moe(int64_t layer, const std::vector<float>& x_TD, const std::vector<float>& scores_TE, int64_t T,
            std::vector<float>& out_TD);
+  bool side_by_side(size_t selected) const;
   void moe_side_by_side(int64_t layer, const std::vector<float>& x_TD, const std::vector<int64_t>& selected,
-                        const std::vector<float>& weights_TK, const std::vector<int64_t>& ids_TK,
+                        const std::vector<float>& weights_TK, const std::vector<int64_t>& ids_TK, int64_t T,
                         std::vector<float>& out_TD);
 };
 

@@ -49,10 +49,11 @@ def test_same_tokens_loads_and_exrep_as_python_runtime(runner, bundle, policy, p
     assert native.stats["exrep_per_layer"] == pytest.approx(py.stats.exrep(), abs=1e-6)
 
 
-@pytest.mark.parametrize("policy", ["all", "swap", "lru:2"])
-def test_two_threads_run_a_tokens_experts_side_by_side_with_the_same_tokens_and_loads(runner, micro_bundle_8da4w,
-                                                                                       policy, prompt_ids):
-    # decode runs the top_k int4 experts on their own threads: the same sums in the same order, the same cache
+@pytest.mark.parametrize("policy", ["all", "swap", "lru:2", "lru:4"])
+def test_two_threads_run_a_steps_experts_side_by_side_with_the_same_tokens_and_loads(runner, micro_bundle_8da4w,
+                                                                                      policy, prompt_ids):
+    # each int4 expert of a step on its own thread (decode under every policy; prefill under all and lru:4, which
+    # hold all 4 experts at once): the same sums in the same order, the same cache
     py = BundleRuntime(micro_bundle_8da4w, policy=policy, threads=1)
     expected = py.generate(prompt_ids, 24)
     native = generate_native(micro_bundle_8da4w, prompt_ids, 24, policy=policy, threads=2)
