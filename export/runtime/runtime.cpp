@@ -528,23 +528,22 @@ void Runtime::check_ids(const std::vector<int64_t>& ids) const {
                          " tokens exceeds the bundle's max_seq_len " + std::to_string(m_.max_seq_len));
 }
 
-std::vector<float> Runtime::prefill(const std::vector<int64_t>& ids) {
+const std::vector<float>& Runtime::prefill(const std::vector<int64_t>& ids) {
   reset();
   return feed(ids);
 }
 
-std::vector<float> Runtime::decode(int64_t token) { return feed(std::vector<int64_t>{token}); }
+const std::vector<float>& Runtime::decode(int64_t token) { return feed(std::vector<int64_t>{token}); }
 
-std::vector<float> Runtime::feed(const std::vector<int64_t>& ids) {
+const std::vector<float>& Runtime::feed(const std::vector<int64_t>& ids) {
   check_ids(ids);
-  std::vector<float> logits;
   int64_t chunk = std::max<int64_t>(1, std::min(m_.max_chunk, m_.max_seq_len));
   for (size_t at = 0; at < ids.size(); at += chunk) {
     int64_t T = std::min<int64_t>(chunk, ids.size() - at);
     bool last = at + T >= ids.size();
-    run_chunk(ids.data() + at, T, last ? &logits : nullptr);
+    run_chunk(ids.data() + at, T, last ? &logits_ : nullptr);
   }
-  return logits;
+  return logits_;
 }
 
 void Runtime::run_chunk(const int64_t* ids, int64_t T, std::vector<float>* last_logits) {
@@ -586,7 +585,9 @@ void Runtime::run_chunk(const int64_t* ids, int64_t T, std::vector<float>* last_
   if (!last_logits) return;  // a prompt's earlier chunks only fill the KV caches
   std::vector<float> last_D(h_TD.end() - D, h_TD.end());
   auto last_t = from_blob(last_D.data(), {1, 1, static_cast<int>(D)});
-  *last_logits = copy_floats(run(*backbone_, "head", {EValue(last_t)}, 1, stage_ms_.head)[0], m_.vocab_size, "head");
+  const float* logits = checked_floats(run(*backbone_, "head", {EValue(last_t)}, 1, stage_ms_.head)[0], m_.vocab_size,
+                                      "head");
+  last_logits->assign(logits, logits + m_.vocab_size);
 }
 
 void Runtime::moe(int64_t layer, const std::vector<float>& x_TD, const std::vector<float>& scores_TE, int64_t T,

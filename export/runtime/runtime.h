@@ -124,10 +124,11 @@ class Runtime {
     return experts_ ? experts_->resident_per_layer() : std::vector<int64_t>{};
   }
 
-  // Starts a new sequence with `ids`; logits (vocab) of its last position.
-  std::vector<float> prefill(const std::vector<int64_t>& ids);
-  // Feeds one more token; its logits.
-  std::vector<float> decode(int64_t token);
+  // Starts a new sequence with `ids`; logits (vocab) of its last position, valid until the next call (one buffer
+  // reused: a fresh 0.5 MB vector per token was page faults and a heap trim on every step).
+  const std::vector<float>& prefill(const std::vector<int64_t>& ids);
+  // Feeds one more token; its logits, valid until the next call.
+  const std::vector<float>& decode(int64_t token);
   void reset();
 
  private:
@@ -144,6 +145,7 @@ class Runtime {
   std::vector<MatrixLayout> expert_layout_;
   ExpertScratch scratch_;
   std::vector<float> expert_out_;
+  std::vector<float> logits_;  // the last position's, of the last prefill or decode
   // one per expert run side by side (a step's experts each on its own thread): its tokens, their top-k slots,
   // their gathered inputs and its outputs
   struct Side {
@@ -164,7 +166,7 @@ class Runtime {
                                                                       std::unique_ptr<LazyArena>& arena);
   std::vector<int64_t> planned_sizes(executorch::extension::module::Module& mod, const ProgramFile& p) const;
   void check_ids(const std::vector<int64_t>& ids) const;
-  std::vector<float> feed(const std::vector<int64_t>& ids);
+  const std::vector<float>& feed(const std::vector<int64_t>& ids);
   void run_chunk(const int64_t* ids, int64_t T, std::vector<float>* last_logits);
   void moe(int64_t layer, const std::vector<float>& x_TD, const std::vector<float>& scores_TE, int64_t T,
            std::vector<float>& out_TD);

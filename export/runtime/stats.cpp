@@ -40,15 +40,14 @@ bool accept(int64_t token, int64_t stop, const TokenSink& sink, RunStats& r) {
 
 // Decodes until `r` holds `gen` tokens or the run ends; fills the per-token decode figures from the runtime's
 // counters.
-void time_decode(Runtime& rt, Sampler& sampler, int64_t gen, int64_t stop, const TokenSink& sink,
-                 std::vector<float>& logits, RunStats& r) {
+void time_decode(Runtime& rt, Sampler& sampler, int64_t gen, int64_t stop, const TokenSink& sink, RunStats& r) {
   const int64_t loads0 = rt.expert_stats().loads;
   const StageTimes st0 = rt.stage_ms();
   const double load_ms0 = rt.expert_stats().load_ms;
   auto t1 = Clock::now();
   int64_t steps_run = 0;
   while (static_cast<int64_t>(r.tokens.size()) < gen) {
-    logits = rt.decode(r.tokens.back());
+    const std::vector<float>& logits = rt.decode(r.tokens.back());
     ++steps_run;
     if (!accept(sampler.pick(logits), stop, sink, r)) break;
   }
@@ -147,12 +146,12 @@ RunStats time_run(Runtime& rt, const std::vector<int64_t>& prompt, int64_t gen, 
   RunStats r;
   Sampler sampler(sampling.temperature, sampling.top_p, sampling.seed);
   auto t0 = Clock::now();
-  std::vector<float> logits = rt.prefill(prompt);
+  const std::vector<float>& logits = rt.prefill(prompt);
   double prefill_ms = ms(t0);
   bool going = accept(sampler.pick(logits), stop, sink, r);
   r.ttft_ms = ms(t0);
   r.prefill_tok_s = prompt.size() / (prefill_ms / 1e3);
-  if (going) time_decode(rt, sampler, gen, stop, sink, logits, r);
+  if (going) time_decode(rt, sampler, gen, stop, sink, r);
   return r;
 }
 
