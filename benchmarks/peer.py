@@ -95,6 +95,7 @@ def cosmoes_run(exe: Path, bundle: Path, prompt: Path, policy: str, threads: int
     return {"decode_tok_s": s["decode_tok_s"], "prefill_tok_s": s["prefill_tok_s"], "peak_rss_mb": s["peak_rss_mb"],
             "bandwidth_gb_s": s.get("mem_read_gb_s"), "roofline": d.get("roofline_fraction"),
             "roofline_with_kv": d.get("roofline_fraction_with_kv"), "kernels": s.get("expert_kernels", "?"),
+            "layers_bandwidth": d.get("layers_bandwidth_fraction"), "head_vs_read": d.get("head_vs_read"),
             "breakdown_ms": s.get("decode_breakdown_ms", {})}
 
 
@@ -184,7 +185,8 @@ def summarize(runs: dict[tuple[str, str, int], list[dict]]) -> list[dict]:
     for (system, isa, threads), results in runs.items():
         ok = [r for r in results if "error" not in r]
         row = {"system": system, "isa": isa, "threads": threads, "runs": len(results), "failed": len(results) - len(ok)}
-        for f in ("decode_tok_s", "prefill_tok_s", "peak_rss_mb", "roofline", "roofline_with_kv"):
+        for f in ("decode_tok_s", "prefill_tok_s", "peak_rss_mb", "roofline", "roofline_with_kv", "layers_bandwidth",
+                  "head_vs_read"):
             vals = [r[f] for r in ok if r.get(f) is not None]
             row[f] = statistics.median(vals) if vals else None
         if ok and ok[0].get("breakdown_ms"):
@@ -212,6 +214,13 @@ def ratios(rows: list[dict]) -> list[tuple[str, float | None, str]]:
             c, p = get((system, isa, threads), f), get((LLAMA, isa, threads), f)
             out.append((f"{system} / llama.cpp {name}, {isa}, {threads} thread{'s' * (threads > 1)}",
                         c / p if c and p else None, target))
+    for (system, isa, threads) in by:
+        if system == "cosmoes all":  # the stages against the run's own bandwidth probe
+            t = f"{threads} thread{'s' * (threads > 1)}"
+            out.append((f"{system} attention layers / bandwidth, {isa}, {t}",
+                        get((system, isa, threads), "layers_bandwidth"), ">= 0.6"))
+            out.append((f"{system} head time / time to read it, {isa}, {t}",
+                        get((system, isa, threads), "head_vs_read"), "<= 1.2"))
     threads = sorted({r["threads"] for r in rows})
     if len(threads) > 1:
         lo, hi = threads[0], threads[-1]

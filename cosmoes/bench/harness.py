@@ -127,6 +127,24 @@ def derived(stats: dict, manifest: Manifest) -> dict:
         out["roofline_tok_s"] = bw * 1e9 / weights
         out["roofline_fraction"] = stats["decode_tok_s"] / out["roofline_tok_s"]
         out["roofline_fraction_with_kv"] = stats["decode_tok_s"] * (weights + kv) / (bw * 1e9)
+        out.update(_stage_bandwidth(stats, manifest, kv, bw * 1e9))
+    return out
+
+
+def _stage_bandwidth(stats: dict, manifest: Manifest, kv: float, bytes_per_s: float) -> dict:
+    """Each decode stage's bytes read against its time at the probed bandwidth: the layers (attention weights
+    and the KV cache) and the experts as fractions of it, the head as its time over the time to read its bytes."""
+    stages = stats.get("decode_breakdown_ms") or {}
+    read_ms = lambda n: n / bytes_per_s * 1e3  # noqa: E731
+    out = {}
+    attention = manifest.non_expert_bytes.get("attention", 0) + kv
+    if stages.get("layers", 0) > 0 and attention:
+        out["layers_bandwidth_fraction"] = read_ms(attention) / stages["layers"]
+    if stages.get("experts", 0) > 0 and stats.get("active_expert_mb"):
+        out["experts_bandwidth_fraction"] = read_ms(stats["active_expert_mb"] * 1e6) / stages["experts"]
+    head = manifest.non_expert_bytes.get("head", 0)
+    if stages.get("head", 0) > 0 and head:
+        out["head_vs_read"] = stages["head"] / read_ms(head)
     return out
 
 

@@ -3,12 +3,24 @@
 
 #include <cstdint>
 #include <cstdio>
+#include <cstdlib>
+#include <string>
 #include <algorithm>
 #include <cstring>
 #include <future>
 #include <vector>
 
 #include "errors.h"
+
+#if defined(__x86_64__)
+#include <cpuid.h>
+#include <immintrin.h>
+#elif defined(__aarch64__)
+#include <arm_neon.h>
+#if defined(__linux__)
+#include <sys/auxv.h>
+#endif
+#endif
 
 namespace cosmoes {
 namespace {
@@ -25,6 +37,122 @@ constexpr uint32_t kRound[64] = {
 
 inline uint32_t rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
 
+void compress_portable(uint32_t h_[8], const uint8_t* p, size_t blocks) {
+  for (; blocks; --blocks, p += 64) {
+    uint32_t w[64];
+    for (int t = 0; t < 16; ++t)
+      w[t] = (uint32_t(p[4 * t]) << 24) | (uint32_t(p[4 * t + 1]) << 16) | (uint32_t(p[4 * t + 2]) << 8) | p[4 * t + 3];
+    for (int t = 16; t < 64; ++t) {
+      uint32_t s0 = rotr(w[t - 15], 7) ^ rotr(w[t - 15], 18) ^ (w[t - 15] >> 3);
+      uint32_t s1 = rotr(w[t - 2], 17) ^ rotr(w[t - 2], 19) ^ (w[t - 2] >> 10);
+      w[t] = w[t - 16] + s0 + w[t - 7] + s1;
+    }
+    uint32_t a = h_[0], b = h_[1], c = h_[2], d = h_[3], e = h_[4], f = h_[5], g = h_[6], h = h_[7];
+    for (int t = 0; t < 64; ++t) {
+      uint32_t t1 = h + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + kRound[t] + w[t];
+      uint32_t t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
+      h = g, g = f, f = e, e = d + t1, d = c, c = b, b = a, a = t1 + t2;
+    }
+    h_[0] += a, h_[1] += b, h_[2] += c, h_[3] += d, h_[4] += e, h_[5] += f, h_[6] += g, h_[7] += h;
+  }
+}
+
+// The CPU's own SHA-256 instructions where it has them (x86 SHA extensions, Armv8 SHA2): several times the
+// portable code's speed, which is most of the time a bundle takes to open (every byte is hashed before use).
+#if defined(__x86_64__)
+__attribute__((target("sha,sse4.1,ssse3"))) void compress_x86(uint32_t h[8], const uint8_t* p, size_t blocks) {
+  const __m128i bswap = _mm_set_epi64x(0x0c0d0e0f08090a0bULL, 0x0405060700010203ULL);
+  // the instructions keep the state as (A, B, E, F) and (C, D, G, H)
+  __m128i tmp = _mm_shuffle_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h)), 0xB1);
+  __m128i s1 = _mm_shuffle_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(h + 4)), 0x1B);
+  __m128i s0 = _mm_alignr_epi8(tmp, s1, 8);
+  s1 = _mm_blend_epi16(s1, tmp, 0xF0);
+  for (; blocks; --blocks, p += 64) {
+    const __m128i save0 = s0, save1 = s1;
+    __m128i w[4];
+    for (int i = 0; i < 16; ++i) {  // four rounds per step; w[i % 4] holds schedule words 4i..4i+3
+      __m128i& m = w[i % 4];
+      if (i < 4) {
+        m = _mm_shuffle_epi8(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16 * i)), bswap);
+      } else {
+        m = _mm_sha256msg1_epu32(m, w[(i + 1) % 4]);
+        m = _mm_add_epi32(m, _mm_alignr_epi8(w[(i + 3) % 4], w[(i + 2) % 4], 4));
+        m = _mm_sha256msg2_epu32(m, w[(i + 3) % 4]);
+      }
+      __m128i wk = _mm_add_epi32(m, _mm_loadu_si128(reinterpret_cast<const __m128i*>(kRound + 4 * i)));
+      s1 = _mm_sha256rnds2_epu32(s1, s0, wk);
+      s0 = _mm_sha256rnds2_epu32(s0, s1, _mm_shuffle_epi32(wk, 0x0E));
+    }
+    s0 = _mm_add_epi32(s0, save0);
+    s1 = _mm_add_epi32(s1, save1);
+  }
+  tmp = _mm_shuffle_epi32(s0, 0x1B);
+  s1 = _mm_shuffle_epi32(s1, 0xB1);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(h), _mm_blend_epi16(tmp, s1, 0xF0));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(h + 4), _mm_alignr_epi8(s1, tmp, 8));
+}
+
+bool have_sha_instructions() {
+  unsigned a, b, c, d;
+  if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_SSE4_1) || !(c & bit_SSSE3)) return false;
+  return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (b & (1u << 29));
+}
+#elif defined(__aarch64__)
+#if defined(__ARM_FEATURE_SHA2)
+#define COSMOES_SHA2_TARGET
+#else
+#define COSMOES_SHA2_TARGET __attribute__((target("+sha2")))
+#endif
+COSMOES_SHA2_TARGET void compress_arm(uint32_t h[8], const uint8_t* p, size_t blocks) {
+  uint32x4_t s0 = vld1q_u32(h), s1 = vld1q_u32(h + 4);
+  for (; blocks; --blocks, p += 64) {
+    const uint32x4_t save0 = s0, save1 = s1;
+    uint32x4_t w[4];
+    for (int i = 0; i < 4; ++i) w[i] = vreinterpretq_u32_u8(vrev32q_u8(vld1q_u8(p + 16 * i)));
+    for (int i = 0; i < 16; ++i) {  // four rounds per step; w[i % 4] holds schedule words 4i..4i+3
+      const uint32x4_t wk = vaddq_u32(w[i % 4], vld1q_u32(kRound + 4 * i));
+      if (i < 12)  // the words four steps on
+        w[i % 4] = vsha256su1q_u32(vsha256su0q_u32(w[i % 4], w[(i + 1) % 4]), w[(i + 2) % 4], w[(i + 3) % 4]);
+      const uint32x4_t before = s0;
+      s0 = vsha256hq_u32(s0, s1, wk);
+      s1 = vsha256h2q_u32(s1, before, wk);
+    }
+    s0 = vaddq_u32(s0, save0);
+    s1 = vaddq_u32(s1, save1);
+  }
+  vst1q_u32(h, s0);
+  vst1q_u32(h + 4, s1);
+}
+
+bool have_sha_instructions() {
+#if defined(__APPLE__)
+  return true;  // every arm64 Apple CPU has the Armv8 SHA2 instructions
+#elif defined(__linux__)
+  return (getauxval(AT_HWCAP) & (1ul << 6)) != 0;  // HWCAP_SHA2
+#else
+  return false;
+#endif
+}
+#else
+bool have_sha_instructions() { return false; }
+#endif
+
+using Compress = void (*)(uint32_t*, const uint8_t*, size_t);
+
+// COSMOES_SHA=portable keeps the portable code (the tests check both against Python's hashlib).
+Compress pick_compress() {
+  const char* forced = std::getenv("COSMOES_SHA");
+  if (forced && std::string(forced) == "portable") return compress_portable;
+#if defined(__x86_64__)
+  if (have_sha_instructions()) return compress_x86;
+#elif defined(__aarch64__)
+  if (have_sha_instructions()) return compress_arm;
+#endif
+  return compress_portable;
+}
+
+const Compress compress_blocks = pick_compress();
+
 class Sha256 {
  public:
   void update(const uint8_t* p, size_t n) {
@@ -34,10 +162,11 @@ class Sha256 {
       std::memcpy(block_ + fill_, p, take);
       fill_ += take, p += take, n -= take;
       if (fill_ < sizeof block_) return;
-      compress(block_);
+      compress_blocks(h_, block_, 1);
       fill_ = 0;
     }
-    for (; n >= 64; p += 64, n -= 64) compress(p);
+    compress_blocks(h_, p, n / 64);
+    p += n / 64 * 64, n %= 64;
     std::memcpy(block_, p, n);
     fill_ = n;
   }
@@ -62,23 +191,6 @@ class Sha256 {
   size_t fill_ = 0;
   uint64_t total_ = 0;
 
-  void compress(const uint8_t* p) {
-    uint32_t w[64];
-    for (int t = 0; t < 16; ++t)
-      w[t] = (uint32_t(p[4 * t]) << 24) | (uint32_t(p[4 * t + 1]) << 16) | (uint32_t(p[4 * t + 2]) << 8) | p[4 * t + 3];
-    for (int t = 16; t < 64; ++t) {
-      uint32_t s0 = rotr(w[t - 15], 7) ^ rotr(w[t - 15], 18) ^ (w[t - 15] >> 3);
-      uint32_t s1 = rotr(w[t - 2], 17) ^ rotr(w[t - 2], 19) ^ (w[t - 2] >> 10);
-      w[t] = w[t - 16] + s0 + w[t - 7] + s1;
-    }
-    uint32_t a = h_[0], b = h_[1], c = h_[2], d = h_[3], e = h_[4], f = h_[5], g = h_[6], h = h_[7];
-    for (int t = 0; t < 64; ++t) {
-      uint32_t t1 = h + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + kRound[t] + w[t];
-      uint32_t t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
-      h = g, g = f, f = e, e = d + t1, d = c, c = b, b = a, a = t1 + t2;
-    }
-    h_[0] += a, h_[1] += b, h_[2] += c, h_[3] += d, h_[4] += e, h_[5] += f, h_[6] += g, h_[7] += h;
-  }
 };
 
 }  // namespace

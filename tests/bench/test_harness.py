@@ -51,6 +51,21 @@ def test_derived_roofline_by_hand():
     assert d["kv_mb_per_token"] == pytest.approx(2 * 2 * 1 * 4 * 20 * 4 / 1e6)
     assert d["roofline_tok_s"] == pytest.approx(1.2e9 / 6e6)
     assert d["roofline_fraction"] == pytest.approx(100 / 200)
+    assert "head_vs_read" not in d  # no breakdown, no stage figures
+
+
+def test_stage_bandwidth_by_hand():
+    manifest = Manifest(target="host", quant="8da4w", group_size=32, quant_embedding="int8", max_seq_len=100,
+                        max_chunk=16, config={"dim": 8, "n_heads": 2, "n_kv_heads": 1, "n_layers": 2},
+                        non_expert_bytes={"embedding": 5_000_000, "attention": 2_000_000, "head": 3_000_000},
+                        memory={"kv_bytes_per_position": 10_000})
+    stats = {"active_expert_mb": 1.0, "decode_tok_s": 100.0, "mem_read_gb_s": 1.0, "prompt_tokens": 50,
+             "generated_tokens": 100, "decode_breakdown_ms": {"layers": 5.0, "experts": 2.0, "head": 3.6}}
+    d = derived(stats, manifest)
+    # at 1 GB/s: attention weights 2 MB + KV 10 kB x (50 + 100 / 2) = 1 MB read in 3 ms, the layers took 5
+    assert d["layers_bandwidth_fraction"] == pytest.approx(3.0 / 5.0)
+    assert d["experts_bandwidth_fraction"] == pytest.approx(1.0 / 2.0)  # 1 MB in 1 ms against 2
+    assert d["head_vs_read"] == pytest.approx(3.6 / 3.0)  # 3 MB: 3 ms to read
 
 
 def test_bench_local_keeps_finished_runs_when_one_fails(micro_bundle_8da4w, tmp_path):
