@@ -97,11 +97,14 @@ bool have_sha_instructions() {
   if (!__get_cpuid(1, &a, &b, &c, &d) || !(c & bit_SSE4_1) || !(c & bit_SSSE3)) return false;
   return __get_cpuid_count(7, 0, &a, &b, &c, &d) && (b & (1u << 29));
 }
-#elif defined(__aarch64__)
+#elif defined(__aarch64__) && (defined(__ARM_FEATURE_SHA2) || !defined(__clang__))
+// GCC declares the intrinsics for a function with +crypto; clang (before 15 at least) only when the whole file is
+// built for a CPU with SHA2, as for every Apple arm64 target: an NDK build for plain armv8-a keeps the portable code.
+#define COSMOES_ARM_SHA 1
 #if defined(__ARM_FEATURE_SHA2)
 #define COSMOES_SHA2_TARGET
 #else
-#define COSMOES_SHA2_TARGET __attribute__((target("+sha2")))
+#define COSMOES_SHA2_TARGET __attribute__((target("+crypto")))
 #endif
 COSMOES_SHA2_TARGET void compress_arm(uint32_t h[8], const uint8_t* p, size_t blocks) {
   uint32x4_t s0 = vld1q_u32(h), s1 = vld1q_u32(h + 4);
@@ -134,7 +137,7 @@ bool have_sha_instructions() {
 #endif
 }
 #else
-bool have_sha_instructions() { return false; }
+[[maybe_unused]] bool have_sha_instructions() { return false; }
 #endif
 
 using Compress = void (*)(uint32_t*, const uint8_t*, size_t);
@@ -145,7 +148,7 @@ Compress pick_compress() {
   if (forced && std::string(forced) == "portable") return compress_portable;
 #if defined(__x86_64__)
   if (have_sha_instructions()) return compress_x86;
-#elif defined(__aarch64__)
+#elif defined(COSMOES_ARM_SHA)
   if (have_sha_instructions()) return compress_arm;
 #endif
   return compress_portable;
