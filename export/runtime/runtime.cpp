@@ -87,9 +87,11 @@ const float* checked_floats(const EValue& v, int64_t numel, const std::string& w
   return v.toTensor().const_data_ptr<float>();
 }
 
-std::vector<float> copy_floats(const EValue& v, int64_t numel, const std::string& what) {
+// Into a buffer the runtime keeps: a prefill chunk's T x D activations are 115 kB for wearable-moe at T = 64, which
+// glibc mapped and unmapped on every copy (munmap: a TLB shootdown to the pool's threads), several per layer.
+void copy_floats(const EValue& v, int64_t numel, const std::string& what, std::vector<float>& out) {
   const float* p = checked_floats(v, numel, what);
-  return std::vector<float>(p, p + numel);
+  out.assign(p, p + numel);
 }
 
 // Softmax(τ·scores) over one token's experts in fp32, then the top-k ids and (optionally renormalised) weights,
@@ -555,36 +557,38 @@ void Runtime::run_chunk(const int64_t* ids, int64_t T, std::vector<float>* last_
   auto pos_T = from_blob(positions_L.data() + pos_, {static_cast<int>(T)}, executorch::aten::ScalarType::Long);
   auto pos_L = from_blob(positions_L.data(), {L}, executorch::aten::ScalarType::Long);
   // Outputs alias the shared activation arena, so each is copied before the next method runs.
-  std::vector<float> h_TD = copy_floats(run(*backbone_, "embed", {EValue(ids_t)}, 1, stage_ms_.embed)[0], T * D,
-                                        "embed");
+  ChunkBuffers& b = chunk_;
+  copy_floats(run(*backbone_, "embed", {EValue(ids_t)}, 1, stage_ms_.embed)[0], T * D, "embed", b.h);
   // RoPE tables + causal bias, once per call for all layers (timed with embed: both are per-call work)
   auto ctx = run(*backbone_, "context", {EValue(pos_T), EValue(pos_L)}, 3, stage_ms_.embed);
   const int d = static_cast<int>(m_.head_dim);
-  std::vector<float> cos_Td = copy_floats(ctx[0], T * d, "context"), sin_Td = copy_floats(ctx[1], T * d, "context"),
-                     bias_TL = copy_floats(ctx[2], T * L, "context");
-  auto cos_t = from_blob(cos_Td.data(), {static_cast<int>(T), d});
-  auto sin_t = from_blob(sin_Td.data(), {static_cast<int>(T), d});
-  auto bias_t = from_blob(bias_TL.data(), {static_cast<int>(T), L});
-  std::vector<float> ff_TD(T * D);
+  copy_floats(ctx[0], T * d, "context", b.cos);
+  copy_floats(ctx[1], T * d, "context", b.sin);
+  copy_floats(ctx[2], T * L, "context", b.bias);
+  auto cos_t = from_blob(b.cos.data(), {static_cast<int>(T), d});
+  auto sin_t = from_blob(b.sin.data(), {static_cast<int>(T), d});
+  auto bias_t = from_blob(b.bias.data(), {static_cast<int>(T), L});
+  b.ff.resize(static_cast<size_t>(T * D));
   for (int64_t i = 0; i < m_.n_layers; ++i) {
-    auto h_t = from_blob(h_TD.data(), {1, static_cast<int>(T), static_cast<int>(D)});
+    auto h_t = from_blob(b.h.data(), {1, static_cast<int>(T), static_cast<int>(D)});
     const std::string layer = "layer_" + std::to_string(i);
     auto outs = run(*backbone_, layer, {EValue(h_t), EValue(cos_t), EValue(sin_t), EValue(bias_t)},
                     m_.is_moe ? 3 : 2, stage_ms_.layers);
-    std::vector<float> attn_TD = copy_floats(outs[0], T * D, layer), x_TD = copy_floats(outs[1], T * D, layer);
+    copy_floats(outs[0], T * D, layer, b.attn);
+    copy_floats(outs[1], T * D, layer, b.x);
     if (m_.is_moe) {
-      moe(i, x_TD, copy_floats(outs[2], T * m_.num_experts, layer), T, ff_TD);
+      copy_floats(outs[2], T * m_.num_experts, layer, b.scores);
+      moe(i, b.x, b.scores, T, b.ff);
     } else {
-      auto x_t = from_blob(x_TD.data(), {static_cast<int>(T), static_cast<int>(D)});
-      ff_TD = copy_floats(run(*backbone_, layer + "_ffn", {EValue(x_t)}, 1, stage_ms_.experts)[0], T * D,
-                          layer + "_ffn");
+      auto x_t = from_blob(b.x.data(), {static_cast<int>(T), static_cast<int>(D)});
+      copy_floats(run(*backbone_, layer + "_ffn", {EValue(x_t)}, 1, stage_ms_.experts)[0], T * D, layer + "_ffn",
+                  b.ff);
     }
-    for (int64_t j = 0; j < T * D; ++j) h_TD[j] = attn_TD[j] + ff_TD[j];
+    for (int64_t j = 0; j < T * D; ++j) b.h[j] = b.attn[j] + b.ff[j];
   }
   pos_ += T;
   if (!last_logits) return;  // a prompt's earlier chunks only fill the KV caches
-  std::vector<float> last_D(h_TD.end() - D, h_TD.end());
-  auto last_t = from_blob(last_D.data(), {1, 1, static_cast<int>(D)});
+  auto last_t = from_blob(b.h.data() + (T - 1) * D, {1, 1, static_cast<int>(D)});
   const float* logits = checked_floats(run(*backbone_, "head", {EValue(last_t)}, 1, stage_ms_.head)[0], m_.vocab_size,
                                       "head");
   last_logits->assign(logits, logits + m_.vocab_size);
@@ -608,8 +612,9 @@ void Runtime::moe(int64_t layer, const std::vector<float>& x_TD, const std::vect
   std::fill(out_TD.begin(), out_TD.end(), 0.f);
   const std::vector<int64_t> last(ids_TK.end() - K, ids_TK.end());
   if (side_by_side(selected.size())) return moe_side_by_side(layer, x_TD, selected, weights_TK, ids_TK, T, out_TD);
-  std::vector<float> x_ND;
-  std::vector<int64_t> token, slot;
+  std::vector<float>& x_ND = serial_.x;
+  std::vector<int64_t>& token = serial_.token;
+  std::vector<int64_t>& slot = serial_.slot;
   for (int64_t e : selected) {  // ascending, as the eager model, so fp32 sums are added in the same order
     token.clear(), slot.clear(), x_ND.clear();
     for (int64_t t = 0; t < T; ++t)

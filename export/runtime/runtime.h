@@ -146,6 +146,11 @@ class Runtime {
   ExpertScratch scratch_;
   std::vector<float> expert_out_;
   std::vector<float> logits_;  // the last position's, of the last prefill or decode
+  // a chunk's activations between methods (kept: fresh vectors cost page faults and unmaps on every copy)
+  struct ChunkBuffers {
+    std::vector<float> h, cos, sin, bias, ff, attn, x, scores;
+  };
+  ChunkBuffers chunk_;
   // one per expert run side by side (a step's experts each on its own thread): its tokens, their top-k slots,
   // their gathered inputs and its outputs
   struct Side {
@@ -155,6 +160,7 @@ class Runtime {
     ExpertScratch scratch;
   };
   std::vector<Side> side_;
+  Side serial_;  // one expert after another (moe()): its tokens, slots and gathered inputs
   std::unique_ptr<ExpertCache> experts_;  // null for a dense model
   ExpertStats dense_stats_;
   LoadAccount loaded_;  // anonymous memory each kind of backbone method added when it loaded

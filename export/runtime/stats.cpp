@@ -129,13 +129,19 @@ void write_probes(std::ostream& os, Runtime& rt, const SessionStats& s) {
      << ", \"expert_read_ms\": " << (s.io_mbps > 0 ? expert_mb / s.io_mbps * 1e3 : 0.0);
 }
 
-// The breakdown of one run (the last), in ms per decoded token; "other" is what no counter covers.
+// The breakdown of one run (the last), in ms per decoded token and in ms for the whole prompt; "other" is what no
+// counter covers.
 void write_breakdown(std::ostream& os, const RunStats& last) {
   const StageTimes& st = last.decode_stages;
   os << ", \"decode_ms_per_token\": " << last.decode_ms << ", \"decode_breakdown_ms\": {\"embed\": " << st.embed
      << ", \"layers\": " << st.layers << ", \"experts\": " << st.experts
      << ", \"expert_loads\": " << last.decode_load_ms << ", \"head\": " << st.head
      << ", \"other\": " << last.decode_ms - st.embed - st.layers - st.experts - st.head - last.decode_load_ms
+     << "}, \"prefill_breakdown_ms\": {\"embed\": " << last.prefill_stages.embed
+     << ", \"layers\": " << last.prefill_stages.layers << ", \"experts\": " << last.prefill_stages.experts
+     << ", \"expert_loads\": " << last.prefill_load_ms << ", \"head\": " << last.prefill_stages.head
+     << ", \"other\": " << last.prefill_ms - last.prefill_stages.embed - last.prefill_stages.layers -
+                              last.prefill_stages.experts - last.prefill_stages.head - last.prefill_load_ms
      << "}, \"tokens\": " << list(last.tokens) << "}";
 }
 
@@ -145,9 +151,15 @@ RunStats time_run(Runtime& rt, const std::vector<int64_t>& prompt, int64_t gen, 
                   int64_t stop, const TokenSink& sink) {
   RunStats r;
   Sampler sampler(sampling.temperature, sampling.top_p, sampling.seed);
+  const StageTimes st0 = rt.stage_ms();
+  const double load_ms0 = rt.expert_stats().load_ms;
   auto t0 = Clock::now();
   const std::vector<float>& logits = rt.prefill(prompt);
-  double prefill_ms = ms(t0);
+  const double prefill_ms = ms(t0);
+  const StageTimes& st1 = rt.stage_ms();
+  r.prefill_ms = prefill_ms;
+  r.prefill_stages = {st1.embed - st0.embed, st1.layers - st0.layers, st1.experts - st0.experts, st1.head - st0.head};
+  r.prefill_load_ms = rt.expert_stats().load_ms - load_ms0;
   bool going = accept(sampler.pick(logits), stop, sink, r);
   r.ttft_ms = ms(t0);
   r.prefill_tok_s = prompt.size() / (prefill_ms / 1e3);
