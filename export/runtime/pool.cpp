@@ -2,7 +2,6 @@
 #include "pool.h"
 
 #include <algorithm>
-#include <memory>
 
 namespace cosmoes {
 namespace {
@@ -17,9 +16,7 @@ inline void relax() {
 
 using Clock = std::chrono::steady_clock;
 
-std::mutex g_choice;
-std::unique_ptr<SpinPool> g_spin;
-std::atomic<SpinPool*> g_active{nullptr};
+thread_local SpinPool* t_pool = nullptr;
 
 }  // namespace
 
@@ -93,30 +90,20 @@ void SpinPool::work() {
   }
 }
 
-void use_spin_pool(int threads) {
-  std::lock_guard<std::mutex> lock(g_choice);
-  if (threads <= 1) {
-    g_active.store(nullptr);
-    g_spin.reset();
-    return;
-  }
-  if (!g_spin || g_spin->threads() != threads) {
-    g_active.store(nullptr);
-    g_spin = std::make_unique<SpinPool>(threads);
-  }
-  g_active.store(g_spin.get());
-}
+PoolScope::PoolScope(SpinPool* pool) : previous_(t_pool) { t_pool = pool; }
 
-bool pool_spins() { return g_active.load(std::memory_order_acquire) != nullptr; }
+PoolScope::~PoolScope() { t_pool = previous_; }
+
+bool pool_spins() { return t_pool != nullptr; }
 
 int pool_threads() {
-  if (SpinPool* spin = g_active.load(std::memory_order_acquire)) return spin->threads();
+  if (t_pool) return t_pool->threads();
   auto* pool = executorch::extension::threadpool::get_threadpool();
   return pool ? std::max(1, static_cast<int>(pool->get_thread_count())) : 1;
 }
 
 void pool_parallel(void* ctx, void (*fn)(void*, int64_t), int64_t n) {
-  if (SpinPool* spin = g_active.load(std::memory_order_acquire)) return spin->run(ctx, fn, n);
+  if (t_pool) return t_pool->run(ctx, fn, n);
   auto* pool = executorch::extension::threadpool::get_threadpool();
   if (!pool || n <= 1) {
     for (int64_t i = 0; i < n; ++i) fn(ctx, i);

@@ -65,9 +65,20 @@ class SpinPool {
   std::condition_variable wake_;
 };
 
-// The project's kernels run on a spinning pool of `threads` threads from now on (threads <= 1: on ExecuTorch's
-// pool again). Not while a kernel runs, like ExecuTorch's own `_unsafe_reset_threadpool`.
-void use_spin_pool(int threads);
+// While a PoolScope lives, the project's kernels called on this thread run on `pool` (null: on ExecuTorch's). A
+// runtime holds its own pool and opens a scope around each prefill and decode, so two runtimes on two threads (two
+// C API sessions) never share, resize or free each other's pool.
+class PoolScope {
+ public:
+  explicit PoolScope(SpinPool* pool);
+  ~PoolScope();
+  PoolScope(const PoolScope&) = delete;
+  PoolScope& operator=(const PoolScope&) = delete;
+
+ private:
+  SpinPool* previous_;
+};
+
 // Threads the project's kernels share now, and whether handing them work is cheap (the spinning pool): the
 // kernels split smaller work when it is.
 int pool_threads();

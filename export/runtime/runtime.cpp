@@ -381,7 +381,7 @@ Runtime::Runtime(const std::string& bundle_dir, const RuntimeOptions& options) {
   // experts): they share the spinning pool, and XNNPACK's few small ops stay on the calling thread rather than
   // wake a second set of workers. Other bundles run their linears in XNNPACK, on ExecuTorch's pool.
   const bool own_pool = threads_ > 1 && m_.packed_experts() && m_.quant == "8da4w";
-  use_spin_pool(own_pool ? threads_ : 0);
+  if (own_pool) spin_ = std::make_unique<SpinPool>(threads_);
   const size_t et_threads = own_pool ? 1 : static_cast<size_t>(threads_);
   auto* pool = executorch::extension::threadpool::get_threadpool();
   if (pool && pool->get_thread_count() != et_threads) pool->_unsafe_reset_threadpool(static_cast<uint32_t>(et_threads));
@@ -539,6 +539,7 @@ const std::vector<float>& Runtime::decode(int64_t token) { return feed(std::vect
 
 const std::vector<float>& Runtime::feed(const std::vector<int64_t>& ids) {
   check_ids(ids);
+  PoolScope scope(spin_.get());
   int64_t chunk = std::max<int64_t>(1, std::min(m_.max_chunk, m_.max_seq_len));
   for (size_t at = 0; at < ids.size(); at += chunk) {
     int64_t T = std::min<int64_t>(chunk, ids.size() - at);

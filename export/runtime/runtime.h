@@ -16,6 +16,7 @@
 #include "arena.h"
 #include "bundle.h"
 #include "footprint.h"
+#include "pool.h"
 #include "segments.h"
 
 namespace executorch::extension::module {
@@ -162,6 +163,7 @@ class Runtime {
   std::vector<Side> side_;
   Side serial_;  // one expert after another (moe()): its tokens, slots and gathered inputs
   std::unique_ptr<ExpertCache> experts_;  // null for a dense model
+  std::unique_ptr<SpinPool> spin_;  // this runtime's threads for the project's kernels (null: ExecuTorch's pool)
   ExpertStats dense_stats_;
   LoadAccount loaded_;  // anonymous memory each kind of backbone method added when it loaded
   bool check_sha_ = true, cold_experts_ = false;

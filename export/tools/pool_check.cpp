@@ -55,12 +55,15 @@ int stress(int threads, int count) {
     cosmoes::SpinPool pool(threads);
     if (i % 2 && !jobs(pool, 3, static_cast<unsigned>(i))) return 1;
   }
-  cosmoes::use_spin_pool(threads);
-  Counts c(7);
-  cosmoes::pool_parallel(&c, hit, 7);
-  cosmoes::use_spin_pool(0);
-  for (auto& h : c.hits)
-    if (h.load() != 1) return std::printf("pool_parallel: an item ran %d times\n", h.load()), 1;
+  {
+    cosmoes::SpinPool pool(threads);
+    cosmoes::PoolScope scope(&pool);
+    Counts c(7);
+    cosmoes::pool_parallel(&c, hit, 7);
+    for (auto& h : c.hits)
+      if (h.load() != 1) return std::printf("pool_parallel: an item ran %d times\n", h.load()), 1;
+  }
+  if (cosmoes::pool_spins()) return std::printf("a scope outlived its end\n"), 1;
   std::printf("ok\n");
   return 0;
 }
@@ -76,9 +79,9 @@ int latency(int threads, int count) {
   auto* et = executorch::extension::threadpool::get_threadpool();
   if (et) et->_unsafe_reset_threadpool(static_cast<uint32_t>(threads));
   const double et_us = per_job_us(threads, count);
-  cosmoes::use_spin_pool(threads);
+  cosmoes::SpinPool pool(threads);
+  cosmoes::PoolScope scope(&pool);
   const double spin_us = per_job_us(threads, count);
-  cosmoes::use_spin_pool(0);
   std::printf("threads %d  executorch pool %.2f us/job  spinning pool %.2f us/job\n", threads, et_us, spin_us);
   return 0;
 }
