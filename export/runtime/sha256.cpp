@@ -142,10 +142,14 @@ bool have_sha_instructions() {
 
 using Compress = void (*)(uint32_t*, const uint8_t*, size_t);
 
-// COSMOES_SHA=portable keeps the portable code (the tests check both against Python's hashlib).
+// COSMOES_SHA=portable keeps the portable code, cpu (or unset) takes the CPU's instructions where it has them (the
+// tests check both against Python's hashlib); anything else is an error, not a silent default.
 Compress pick_compress() {
   const char* forced = std::getenv("COSMOES_SHA");
-  if (forced && std::string(forced) == "portable") return compress_portable;
+  const std::string choice = forced ? forced : "";
+  if (choice == "portable") return compress_portable;
+  if (!choice.empty() && choice != "cpu")
+    throw Error("COSMOES_SHA=" + choice.substr(0, 40) + " is not a choice: portable, or cpu (the default)");
 #if defined(__x86_64__)
   if (have_sha_instructions()) return compress_x86;
 #elif defined(COSMOES_ARM_SHA)
@@ -154,7 +158,13 @@ Compress pick_compress() {
   return compress_portable;
 }
 
-const Compress compress_blocks = pick_compress();
+// Chosen on first use, so that a bad COSMOES_SHA is an error where a bundle is opened, not at program start.
+Compress chosen_compress() {
+  static const Compress chosen = pick_compress();
+  return chosen;
+}
+
+void compress_blocks(uint32_t* h, const uint8_t* p, size_t blocks) { chosen_compress()(h, p, blocks); }
 
 class Sha256 {
  public:
@@ -202,6 +212,7 @@ std::string sha256_file(const std::string& path) { return sha256_file_and_ranges
 
 std::string sha256_file_and_ranges(const std::string& path, const std::vector<Range>& ranges,
                                    std::vector<std::string>* range_digests) {
+  chosen_compress();  // a bad COSMOES_SHA throws here, before a file is open
   FILE* f = std::fopen(path.c_str(), "rb");
   if (!f) throw Error("cannot read " + path);
   // one read of the file feeds the whole-file hash and the hash of whichever range the bytes fall in

@@ -39,3 +39,10 @@ def test_digests_match_hashlib(sha_check, files, impl):
 def test_unreadable_file_is_one_line(sha_check, tmp_path):
     out = subprocess.run([sha_check, tmp_path / "missing.bin"], capture_output=True, text=True)
     assert out.returncode == 1 and out.stderr.strip() == f"error: cannot read {tmp_path / 'missing.bin'}"
+
+
+def test_unknown_choice_is_one_line(sha_check, files):
+    out = subprocess.run([sha_check, files[0]], capture_output=True, text=True,
+                         env={**os.environ, "COSMOES_SHA": "fastest"})
+    assert out.returncode == 1
+    assert out.stderr.strip() == "error: COSMOES_SHA=fastest is not a choice: portable, or cpu (the default)"
