@@ -11,7 +11,7 @@ cosmoes, the GGUF's for llama.cpp, experts counted top_k of num_experts), the ra
 other rows stay.
 
     cosmoes export wearable-moe --target android --out bundles/wm
-    python benchmarks/peer.py bundles/wm --threads 1 --threads 2 --rounds 3 --out benchmarks/results/peer_wearable-moe_xeon
+    python benchmarks/peer.py bundles/wm --rounds 3 --out benchmarks/results/peer_wearable-moe_xeon
 
 `--isa avx2` (repeatable; default: the host's own, plus avx2 where the host has more) caps cosmoes' kernels through
 COSMOES_ISA and builds llama.cpp without the wider sets, so an AVX-512 host measures the AVX2 figures too.

@@ -56,7 +56,7 @@ void SpinPool::run(void* ctx, Fn fn, int64_t n) {
   // Every item of the last job is done, so no worker reads ctx_ / fn_ now: a late one fails its claim first.
   ctx_ = ctx, fn_ = fn;
   done_.store(0, std::memory_order_relaxed);
-  const uint64_t generation = (gen(state_.load(std::memory_order_relaxed)) + 1) & ((uint64_t{1} << (64 - 2 * kBits)) - 1);
+  const uint64_t generation = (gen(state_.load(std::memory_order_relaxed)) + 1) & kGenMask;
   state_.store((generation << (2 * kBits)) | (static_cast<uint64_t>(n) << kBits), std::memory_order_seq_cst);
   if (sleeping_.load(std::memory_order_seq_cst) > 0) {
     { std::lock_guard<std::mutex> lock(sleep_mutex_); }

@@ -49,6 +49,7 @@ class SpinPool {
   // also checks it belongs to the job the worker woke for, so a late worker never runs a stale or new job's item.
   static constexpr int kBits = 20;
   static constexpr uint64_t kMask = (uint64_t{1} << kBits) - 1;
+  static constexpr uint64_t kGenMask = (uint64_t{1} << (64 - 2 * kBits)) - 1;
   static uint64_t gen(uint64_t s) { return s >> (2 * kBits); }
   bool claim_and_run(uint64_t generation);
   void work();

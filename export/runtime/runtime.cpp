@@ -365,7 +365,8 @@ static std::string sizes_text(const std::vector<int64_t>& sizes) {
 // -- Runtime ----------------------------------------------------------------------------------------------------
 Runtime::Runtime(const std::string& bundle_dir, const RuntimeOptions& options) {
   return_freed_weights_to_os();
-  if (!register_ops()) throw cosmoes::Error("ExecuTorch refused the runtime's operators (cosmoes::cached_attention, cosmoes::int4_linear)");
+  if (!register_ops())
+    throw cosmoes::Error("ExecuTorch refused the runtime's operators (cosmoes::cached_attention, cosmoes::int4_linear)");
   auto t0 = Clock::now();
   m_ = load_bundle_manifest(bundle_dir, options.check_sha);
   check_sha_ = options.check_sha;
