@@ -366,7 +366,8 @@ static std::string sizes_text(const std::vector<int64_t>& sizes) {
 Runtime::Runtime(const std::string& bundle_dir, const RuntimeOptions& options) {
   return_freed_weights_to_os();
   if (!register_ops())
-    throw cosmoes::Error("ExecuTorch refused the runtime's operators (cosmoes::cached_attention, cosmoes::int4_linear)");
+    throw cosmoes::Error(
+        "ExecuTorch refused the runtime's operators (cosmoes::cached_attention, cosmoes::int4_linear)");
   auto t0 = Clock::now();
   m_ = load_bundle_manifest(bundle_dir, options.check_sha);
   check_sha_ = options.check_sha;
@@ -596,6 +597,29 @@ void Runtime::run_chunk(const int64_t* ids, int64_t T, std::vector<float>* last_
   last_logits->assign(logits, logits + m_.vocab_size);
 }
 
+void Runtime::ExpertWork::route(const std::vector<int64_t>& ids_TK, int64_t K, int64_t expert) {
+  token.clear(), slot.clear();
+  for (int64_t at = 0; at < static_cast<int64_t>(ids_TK.size()); ++at)
+    if (ids_TK[at] == expert) token.push_back(at / K), slot.push_back(at % K);
+}
+
+void Runtime::ExpertWork::gather(const float* x_TD, int64_t D) {
+  x.resize(token.size() * static_cast<size_t>(D));
+  for (size_t n = 0; n < token.size(); ++n) std::copy_n(x_TD + token[n] * D, D, x.begin() + n * D);
+}
+
+void Runtime::ExpertWork::add_weighted(const float* y_ND, const std::vector<float>& weights_TK, int64_t K, int64_t D,
+                                       std::vector<float>& out_TD) const {
+  for (size_t n = 0; n < token.size(); ++n) {
+    const float w = weights_TK[token[n] * K + slot[n]];
+    float* out = &out_TD[token[n] * D];
+    for (int64_t d = 0; d < D; ++d) {
+      const float product = y_ND[n * D + d] * w;  // rounded before the add, as torch's mul + index_add_
+      out[d] += product;
+    }
+  }
+}
+
 void Runtime::moe(int64_t layer, const std::vector<float>& x_TD, const std::vector<float>& scores_TE, int64_t T,
                   std::vector<float>& out_TD) {
   const int64_t D = m_.dim, E = m_.num_experts, K = m_.top_k;
@@ -613,42 +637,29 @@ void Runtime::moe(int64_t layer, const std::vector<float>& x_TD, const std::vect
   experts_->begin_step(layer, selected);
   std::fill(out_TD.begin(), out_TD.end(), 0.f);
   const std::vector<int64_t> last(ids_TK.end() - K, ids_TK.end());
-  if (side_by_side(selected.size())) return moe_side_by_side(layer, x_TD, selected, weights_TK, ids_TK, T, out_TD);
-  std::vector<float>& x_ND = serial_.x;
-  std::vector<int64_t>& token = serial_.token;
-  std::vector<int64_t>& slot = serial_.slot;
+  if (side_by_side(selected.size()))
+    return moe_side_by_side(layer, x_TD, selected, weights_TK, ids_TK, last, out_TD);
+  ExpertWork& work = serial_;
   for (int64_t e : selected) {  // ascending, as the eager model, so fp32 sums are added in the same order
-    token.clear(), slot.clear(), x_ND.clear();
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t k = 0; k < K; ++k)
-        if (ids_TK[t * K + k] == e) {
-          token.push_back(t), slot.push_back(k);
-          x_ND.insert(x_ND.end(), x_TD.begin() + t * D, x_TD.begin() + (t + 1) * D);
-        }
+    work.route(ids_TK, K, e);
+    work.gather(x_TD.data(), D);
     const std::string& method = experts_->acquire(layer, e);
-    const int64_t N = static_cast<int64_t>(token.size());
+    const int64_t N = static_cast<int64_t>(work.token.size());
     const float* y_ND = nullptr;
     std::vector<EValue> outs;
     if (segments_) {
       auto t0 = Clock::now();
-      expert_out_.resize(static_cast<size_t>(N * D));
-      run_expert(expert_layout_, m_.wd_rank > 0, segments_->at(m_.experts[layer][e].offset), x_ND.data(), N,
-                 expert_out_.data(), scratch_, pool_parallel, threads_);
+      work.out.resize(static_cast<size_t>(N * D));
+      run_expert(expert_layout_, m_.wd_rank > 0, segments_->at(m_.experts[layer][e].offset), work.x.data(), N,
+                 work.out.data(), work.scratch, pool_parallel, threads_);
       stage_ms_.experts += ms_since(t0);
-      y_ND = expert_out_.data();
+      y_ND = work.out.data();
     } else {
-      auto x_t = from_blob(x_ND.data(), {static_cast<int>(N), static_cast<int>(D)});
+      auto x_t = from_blob(work.x.data(), {static_cast<int>(N), static_cast<int>(D)});
       outs = run(*expert_program_, method, {EValue(x_t)}, 1, stage_ms_.experts);
       y_ND = checked_floats(outs[0], N * D, method);
     }
-    for (size_t n = 0; n < token.size(); ++n) {
-      const float w = weights_TK[token[n] * K + slot[n]];
-      float* out = &out_TD[token[n] * D];
-      for (int64_t d = 0; d < D; ++d) {
-        const float product = y_ND[n * D + d] * w;  // rounded before the add, as torch's mul + index_add_
-        out[d] += product;
-      }
-    }
+    work.add_weighted(y_ND, weights_TK, K, D, out_TD);
     experts_->release(layer, e, last);
   }
 }
@@ -666,19 +677,15 @@ bool Runtime::side_by_side(size_t selected) const {
 }
 
 void Runtime::moe_side_by_side(int64_t layer, const std::vector<float>& x_TD, const std::vector<int64_t>& selected,
-                               const std::vector<float>& weights_TK, const std::vector<int64_t>& ids_TK, int64_t T,
-                               std::vector<float>& out_TD) {
+                               const std::vector<float>& weights_TK, const std::vector<int64_t>& ids_TK,
+                               const std::vector<int64_t>& last, std::vector<float>& out_TD) {
   const int64_t D = m_.dim, K = m_.top_k, n = static_cast<int64_t>(selected.size());
   // grown, never shrunk: a decode step after a prefill would free (munmap) the scratch the next prefill needs
   if (side_.size() < selected.size()) side_.resize(selected.size());
   for (int64_t i = 0; i < n; ++i) {
-    Side& e = side_[i];
-    e.token.clear(), e.slot.clear();
-    for (int64_t t = 0; t < T; ++t)
-      for (int64_t k = 0; k < K; ++k)
-        if (ids_TK[t * K + k] == selected[i]) e.token.push_back(t), e.slot.push_back(k);
+    side_[i].route(ids_TK, K, selected[i]);
     experts_->acquire(layer, selected[i]);
-    e.segment = segments_->at(m_.experts[layer][selected[i]].offset);
+    side_[i].segment = segments_->at(m_.experts[layer][selected[i]].offset);
   }
   // the busiest experts are taken first, so the last item a thread takes is a small one
   std::vector<int64_t> order(selected.size());
@@ -694,26 +701,15 @@ void Runtime::moe_side_by_side(int64_t layer, const std::vector<float>& x_TD, co
   pool_parallel(&job, [](void* ctx, int64_t item) {
     auto* j = static_cast<Job*>(ctx);
     Runtime& r = *j->self;
-    Side& e = r.side_[(*j->order)[item]];
-    const int64_t D = r.m_.dim, N = static_cast<int64_t>(e.token.size());
-    e.x.resize(static_cast<size_t>(N * D));
-    for (int64_t i = 0; i < N; ++i) std::copy_n(j->x_TD + e.token[i] * D, D, e.x.begin() + i * D);
-    e.out.resize(static_cast<size_t>(N * D));
+    ExpertWork& e = r.side_[(*j->order)[item]];
+    const int64_t N = static_cast<int64_t>(e.token.size());
+    e.gather(j->x_TD, r.m_.dim);
+    e.out.resize(static_cast<size_t>(N * r.m_.dim));
     run_expert(r.expert_layout_, r.m_.wd_rank > 0, e.segment, e.x.data(), N, e.out.data(), e.scratch, nullptr, 1);
   }, n);
   stage_ms_.experts += ms_since(t0);
-  const std::vector<int64_t> last(ids_TK.end() - K, ids_TK.end());
   for (int64_t i = 0; i < n; ++i) {
-    const Side& e = side_[i];
-    for (size_t j = 0; j < e.token.size(); ++j) {
-      const float w = weights_TK[e.token[j] * K + e.slot[j]];
-      float* out = &out_TD[e.token[j] * D];
-      const float* y = &e.out[j * D];
-      for (int64_t d = 0; d < D; ++d) {
-        const float product = y[d] * w;  // rounded before the add, as torch's mul + index_add_
-        out[d] += product;
-      }
-    }
+    side_[i].add_weighted(side_[i].out.data(), weights_TK, K, D, out_TD);
     experts_->release(layer, selected[i], last);
   }
 }

@@ -144,24 +144,27 @@ class Runtime {
   std::unique_ptr<executorch::extension::module::Module> backbone_, expert_program_;
   std::unique_ptr<SegmentMap> segments_;  // layout int4: the mapped expert file
   std::vector<MatrixLayout> expert_layout_;
-  ExpertScratch scratch_;
-  std::vector<float> expert_out_;
   std::vector<float> logits_;  // the last position's, of the last prefill or decode
   // a chunk's activations between methods (kept: fresh vectors cost page faults and unmaps on every copy)
   struct ChunkBuffers {
     std::vector<float> h, cos, sin, bias, ff, attn, x, scores;
   };
   ChunkBuffers chunk_;
-  // one per expert run side by side (a step's experts each on its own thread): its tokens, their top-k slots,
-  // their gathered inputs and its outputs
-  struct Side {
+  // One expert's share of a step: the tokens routed to it and their top-k slots, their rows gathered, its outputs
+  // and scratch. One per expert run side by side (each on its own thread), and one for the serial path.
+  struct ExpertWork {
     std::vector<int64_t> token, slot;
     std::vector<float> x, out;
     const uint8_t* segment = nullptr;
     ExpertScratch scratch;
+    void route(const std::vector<int64_t>& ids_TK, int64_t K, int64_t expert);
+    void gather(const float* x_TD, int64_t D);
+    // out_TD[token] += y_ND[n] * weight, token by token (y_ND: N x D in the order of `token`)
+    void add_weighted(const float* y_ND, const std::vector<float>& weights_TK, int64_t K, int64_t D,
+                      std::vector<float>& out_TD) const;
   };
-  std::vector<Side> side_;
-  Side serial_;  // one expert after another (moe()): its tokens, slots and gathered inputs
+  std::vector<ExpertWork> side_;
+  ExpertWork serial_;
   std::unique_ptr<ExpertCache> experts_;  // null for a dense model
   std::unique_ptr<SpinPool> spin_;  // this runtime's threads for the project's kernels (null: ExecuTorch's pool)
   ExpertStats dense_stats_;
@@ -180,8 +183,8 @@ class Runtime {
            std::vector<float>& out_TD);
   bool side_by_side(size_t selected) const;
   void moe_side_by_side(int64_t layer, const std::vector<float>& x_TD, const std::vector<int64_t>& selected,
-                        const std::vector<float>& weights_TK, const std::vector<int64_t>& ids_TK, int64_t T,
-                        std::vector<float>& out_TD);
+                        const std::vector<float>& weights_TK, const std::vector<int64_t>& ids_TK,
+                        const std::vector<int64_t>& last, std::vector<float>& out_TD);
 };
 
 // Next-token choice: argmax at temperature 0, else temperature + top-p (nucleus) sampling from a seeded stream.

@@ -37,7 +37,7 @@ constexpr uint32_t kRound[64] = {
 
 inline uint32_t rotr(uint32_t x, int n) { return (x >> n) | (x << (32 - n)); }
 
-void compress_portable(uint32_t h_[8], const uint8_t* p, size_t blocks) {
+void compress_portable(uint32_t st[8], const uint8_t* p, size_t blocks) {
   for (; blocks; --blocks, p += 64) {
     uint32_t w[64];
     for (int t = 0; t < 16; ++t)
@@ -47,13 +47,13 @@ void compress_portable(uint32_t h_[8], const uint8_t* p, size_t blocks) {
       uint32_t s1 = rotr(w[t - 2], 17) ^ rotr(w[t - 2], 19) ^ (w[t - 2] >> 10);
       w[t] = w[t - 16] + s0 + w[t - 7] + s1;
     }
-    uint32_t a = h_[0], b = h_[1], c = h_[2], d = h_[3], e = h_[4], f = h_[5], g = h_[6], h = h_[7];
+    uint32_t a = st[0], b = st[1], c = st[2], d = st[3], e = st[4], f = st[5], g = st[6], h = st[7];
     for (int t = 0; t < 64; ++t) {
       uint32_t t1 = h + (rotr(e, 6) ^ rotr(e, 11) ^ rotr(e, 25)) + ((e & f) ^ (~e & g)) + kRound[t] + w[t];
       uint32_t t2 = (rotr(a, 2) ^ rotr(a, 13) ^ rotr(a, 22)) + ((a & b) ^ (a & c) ^ (b & c));
       h = g, g = f, f = e, e = d + t1, d = c, c = b, b = a, a = t1 + t2;
     }
-    h_[0] += a, h_[1] += b, h_[2] += c, h_[3] += d, h_[4] += e, h_[5] += f, h_[6] += g, h_[7] += h;
+    st[0] += a, st[1] += b, st[2] += c, st[3] += d, st[4] += e, st[5] += f, st[6] += g, st[7] += h;
   }
 }
 
@@ -203,7 +203,6 @@ class Sha256 {
   uint8_t block_[64];
   size_t fill_ = 0;
   uint64_t total_ = 0;
-
 };
 
 }  // namespace

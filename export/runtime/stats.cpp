@@ -38,6 +38,12 @@ bool accept(int64_t token, int64_t stop, const TokenSink& sink, RunStats& r) {
   return !sink || sink(token);
 }
 
+// What each kind of method took between two readings of the runtime's counters, divided by `per`.
+StageTimes stages_since(const StageTimes& st0, const StageTimes& st1, double per) {
+  return {(st1.embed - st0.embed) / per, (st1.layers - st0.layers) / per, (st1.experts - st0.experts) / per,
+          (st1.head - st0.head) / per};
+}
+
 // Decodes until `r` holds `gen` tokens or the run ends; fills the per-token decode figures from the runtime's
 // counters.
 void time_decode(Runtime& rt, Sampler& sampler, int64_t gen, int64_t stop, const TokenSink& sink, RunStats& r) {
@@ -55,10 +61,8 @@ void time_decode(Runtime& rt, Sampler& sampler, int64_t gen, int64_t stop, const
   r.loads_decode = rt.expert_stats().loads - loads0;
   r.decode_tok_s = steps_run > 0 ? steps_run / (decode_ms / 1e3) : 0;
   const double steps = static_cast<double>(std::max<int64_t>(1, steps_run));
-  const StageTimes& st1 = rt.stage_ms();
   r.decode_ms = decode_ms / steps;
-  r.decode_stages = {(st1.embed - st0.embed) / steps, (st1.layers - st0.layers) / steps,
-                     (st1.experts - st0.experts) / steps, (st1.head - st0.head) / steps};
+  r.decode_stages = stages_since(st0, rt.stage_ms(), steps);
   r.decode_load_ms = (rt.expert_stats().load_ms - load_ms0) / steps;
 }
 
@@ -129,20 +133,20 @@ void write_probes(std::ostream& os, Runtime& rt, const SessionStats& s) {
      << ", \"expert_read_ms\": " << (s.io_mbps > 0 ? expert_mb / s.io_mbps * 1e3 : 0.0);
 }
 
-// The breakdown of one run (the last), in ms per decoded token and in ms for the whole prompt; "other" is what no
-// counter covers.
+// One breakdown object; "other" is what no counter covers.
+void write_stages(std::ostream& os, const StageTimes& st, double load_ms, double total_ms) {
+  os << "{\"embed\": " << st.embed << ", \"layers\": " << st.layers << ", \"experts\": " << st.experts
+     << ", \"expert_loads\": " << load_ms << ", \"head\": " << st.head
+     << ", \"other\": " << total_ms - st.embed - st.layers - st.experts - st.head - load_ms << "}";
+}
+
+// The breakdown of one run (the last), in ms per decoded token and in ms for the whole prompt.
 void write_breakdown(std::ostream& os, const RunStats& last) {
-  const StageTimes& st = last.decode_stages;
-  os << ", \"decode_ms_per_token\": " << last.decode_ms << ", \"decode_breakdown_ms\": {\"embed\": " << st.embed
-     << ", \"layers\": " << st.layers << ", \"experts\": " << st.experts
-     << ", \"expert_loads\": " << last.decode_load_ms << ", \"head\": " << st.head
-     << ", \"other\": " << last.decode_ms - st.embed - st.layers - st.experts - st.head - last.decode_load_ms
-     << "}, \"prefill_breakdown_ms\": {\"embed\": " << last.prefill_stages.embed
-     << ", \"layers\": " << last.prefill_stages.layers << ", \"experts\": " << last.prefill_stages.experts
-     << ", \"expert_loads\": " << last.prefill_load_ms << ", \"head\": " << last.prefill_stages.head
-     << ", \"other\": " << last.prefill_ms - last.prefill_stages.embed - last.prefill_stages.layers -
-                              last.prefill_stages.experts - last.prefill_stages.head - last.prefill_load_ms
-     << "}, \"tokens\": " << list(last.tokens) << "}";
+  os << ", \"decode_ms_per_token\": " << last.decode_ms << ", \"decode_breakdown_ms\": ";
+  write_stages(os, last.decode_stages, last.decode_load_ms, last.decode_ms);
+  os << ", \"prefill_breakdown_ms\": ";
+  write_stages(os, last.prefill_stages, last.prefill_load_ms, last.prefill_ms);
+  os << ", \"tokens\": " << list(last.tokens) << "}";
 }
 
 }  // namespace
@@ -156,9 +160,8 @@ RunStats time_run(Runtime& rt, const std::vector<int64_t>& prompt, int64_t gen, 
   auto t0 = Clock::now();
   const std::vector<float>& logits = rt.prefill(prompt);
   const double prefill_ms = ms(t0);
-  const StageTimes& st1 = rt.stage_ms();
   r.prefill_ms = prefill_ms;
-  r.prefill_stages = {st1.embed - st0.embed, st1.layers - st0.layers, st1.experts - st0.experts, st1.head - st0.head};
+  r.prefill_stages = stages_since(st0, rt.stage_ms(), 1.0);
   r.prefill_load_ms = rt.expert_stats().load_ms - load_ms0;
   bool going = accept(sampler.pick(logits), stop, sink, r);
   r.ttft_ms = ms(t0);

@@ -34,10 +34,10 @@ struct RunStats {
   double ttft_ms = 0, prefill_tok_s = 0, decode_tok_s = 0;
   double decode_ms = 0;        // per decoded token
   StageTimes decode_stages;    // per decoded token: ms executing each kind of method
+  double decode_load_ms = 0;   // per decoded token: ms loading experts
   double prefill_ms = 0;       // the whole prompt
   StageTimes prefill_stages;   // the whole prompt: ms executing each kind of method
   double prefill_load_ms = 0;  // the whole prompt: ms loading experts
-  double decode_load_ms = 0;   // per decoded token: ms loading experts
   int64_t loads_decode = 0;
   std::vector<int64_t> tokens;
 };
