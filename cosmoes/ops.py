@@ -9,6 +9,12 @@ whose bits the native kernels give.
 k_cache / v_cache (H_kv, S, d) fp32 or fp16 hold positions 0..L-1 (this call's already written); query head h reads
 kv head h // (H / H_kv). Out: softmax(q kᵀ / √d, causal) v as (1, T, H·d) fp32. Reading the caches in place is the
 point: the graph it replaces copied the L used slots of both caches (slice_copy) and ran as several partitions.
+
+`cosmoes::rms_norm(x, weight, eps)`: the model's RMSNorm over the last dim, fp32. `cosmoes::heads(x, start, heads,
+head_dim, cos, sin)`: columns start .. start + heads·head_dim of x (1, T, F) as (1, heads, T, head_dim), RoPE applied
+(rotate-half, the model's apply_rope) when cos / sin (T, head_dim) are given; it splits one fused QKV projection into
+queries, keys and values. Each replaces a run of small element-wise ops that lowered to several XNNPACK partitions
+and portable kernels per layer (a third of a wearable layer's decode time was their per-call cost, issue #21).
 """
 
 from __future__ import annotations
@@ -110,4 +116,97 @@ def _cached_attention_out_fake(q, k_cache, v_cache, L, *, out):
     return out
 
 
-__all__ = ["Int4Linear", "cached_attention_reference"]
+_LIB.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
+_LIB.define("rms_norm.out(Tensor x, Tensor weight, float eps, *, Tensor(a!) out) -> Tensor(a!)")
+
+
+def rms_norm_reference(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """cosmoes.model.RMSNorm's maths for an fp32 input."""
+    x32 = x.float()
+    return weight * (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + eps))
+
+
+@torch.library.impl(_LIB, "rms_norm", "CompositeExplicitAutograd")
+def _rms_norm(x, weight, eps):
+    torch._check(weight.dim() == 1 and x.shape[-1] == weight.shape[0])
+    return rms_norm_reference(x, weight, eps)
+
+
+@torch.library.impl(_LIB, "rms_norm.out", "CompositeExplicitAutograd")
+def _rms_norm_out(x, weight, eps, *, out):
+    out.copy_(_rms_norm(x, weight, eps))
+    return out
+
+
+@torch.library.register_fake("cosmoes::rms_norm")
+def _rms_norm_fake(x, weight, eps):
+    torch._check(weight.dim() == 1 and x.shape[-1] == weight.shape[0])
+    return x.new_empty(x.shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("cosmoes::rms_norm.out")
+def _rms_norm_out_fake(x, weight, eps, *, out):
+    return out
+
+
+_LIB.define("heads(Tensor x, int start, int heads, int head_dim, Tensor? cos=None, Tensor? sin=None) -> Tensor")
+_LIB.define("heads.out(Tensor x, int start, int heads, int head_dim, Tensor? cos=None, Tensor? sin=None, *, "
+            "Tensor(a!) out) -> Tensor(a!)")
+
+
+def heads_reference(x_1TF: torch.Tensor, start: int, heads: int, head_dim: int, cos_Td: torch.Tensor | None = None,
+                    sin_Td: torch.Tensor | None = None) -> torch.Tensor:
+    """Columns start .. start + heads * head_dim of x as (1, heads, T, head_dim), rotated when cos / sin are given."""
+    from cosmoes.model import apply_rope
+
+    B, T, _ = x_1TF.shape
+    x_1HTd = x_1TF[..., start:start + heads * head_dim].reshape(B, T, heads, head_dim).transpose(1, 2)
+    if cos_Td is None:
+        return x_1HTd.contiguous()
+    return apply_rope(x_1HTd, cos_Td[None], sin_Td[None])
+
+
+def _check_heads(x, start, heads, head_dim, cos, sin) -> None:
+    torch._check(x.dim() == 3 and x.shape[0] == 1 and heads >= 1 and head_dim >= 1 and start >= 0)
+    torch._check(start + heads * head_dim <= x.shape[2])
+    torch._check((cos is None) == (sin is None))
+    if cos is not None:
+        torch._check(head_dim % 2 == 0 and cos.shape == sin.shape and cos.dim() == 2)
+        torch._check(cos.shape[0] == x.shape[1] and cos.shape[1] == head_dim)
+
+
+@torch.library.impl(_LIB, "heads", "CompositeExplicitAutograd")
+def _heads(x, start, heads, head_dim, cos=None, sin=None):
+    _check_heads(x, start, heads, head_dim, cos, sin)
+    return heads_reference(x, start, heads, head_dim, cos, sin)
+
+
+@torch.library.impl(_LIB, "heads.out", "CompositeExplicitAutograd")
+def _heads_out(x, start, heads, head_dim, cos=None, sin=None, *, out):
+    out.copy_(_heads(x, start, heads, head_dim, cos, sin))
+    return out
+
+
+@torch.library.register_fake("cosmoes::heads")
+def _heads_fake(x, start, heads, head_dim, cos=None, sin=None):
+    _check_heads(x, start, heads, head_dim, cos, sin)
+    return x.new_empty(1, heads, x.shape[1], head_dim, dtype=torch.float32)
+
+
+@torch.library.register_fake("cosmoes::heads.out")
+def _heads_out_fake(x, start, heads, head_dim, cos=None, sin=None, *, out):
+    return out
+
+
+class NativeRMSNorm(torch.nn.Module):
+    """An RMSNorm as cosmoes::rms_norm, sharing the norm's weight."""
+
+    def __init__(self, norm: torch.nn.Module):
+        super().__init__()
+        self.weight, self.eps = norm.weight, norm.eps
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.cosmoes.rms_norm(x, self.weight, self.eps)
+
+
+__all__ = ["Int4Linear", "NativeRMSNorm", "cached_attention_reference", "heads_reference", "rms_norm_reference"]

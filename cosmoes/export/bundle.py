@@ -210,10 +210,11 @@ def _fitting_tokenizer(tokenizer, vocab_size: int, progress):
 
 def _write_programs(model, tmp: Path, cfg: ExportConfig, recipe: Recipe, progress) -> Manifest:
     from cosmoes.export.lower import lower_program
-    from cosmoes.export.transforms import quantize_model, split_model
+    from cosmoes.export.transforms import fuse_qkv, quantize_model, split_model
 
     mc = model.config
     packed = mc.is_moe and cfg.experts == "int4"
+    fuse_qkv(model)
     report = quantize_model(model, cfg.quant, cfg.group_size, cfg.quant_embedding, skip_experts=packed,
                             int4_backbone=cfg.experts == "int4")
     stages = split_model(model, cfg.max_chunk, experts=not packed, kv_dtype=cfg.kv_cache)

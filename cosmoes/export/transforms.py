@@ -20,10 +20,10 @@ import torch
 import torch.nn as nn
 from torch.export import Dim
 
-import cosmoes.ops  # noqa: F401 - defines torch.ops.cosmoes.cached_attention, which LayerStage calls
 from cosmoes.errors import CosmoesError
 from cosmoes.formats import MIN_GROUP
 from cosmoes.model import Transformer, rope_cos_sin
+from cosmoes.ops import Int4Linear, NativeRMSNorm  # also defines the torch.ops.cosmoes operators the stages call
 
 
 class StaticKVCache(nn.Module):
@@ -88,19 +88,37 @@ class ContextStage(nn.Module):
 
 
 class LayerStage(nn.Module):
-    """Pre-norm attention (with its KV cache) and the router of one block; the FFN runs elsewhere."""
+    """Pre-norm attention (with its KV cache) and the router of one block; the FFN runs elsewhere.
+
+    The norms, the split into heads and RoPE are the project's operators (cosmoes.ops), one call each, and a block
+    that went through `fuse_qkv` projects queries, keys and values in one matrix.
+    """
 
     def __init__(self, model: Transformer, layer_idx: int, kv_dtype: str = "fp32"):
         super().__init__()
         cfg = model.config
         block = model.layers[layer_idx]
-        self.attention_norm, self.attention, self.ffn_norm = block.attention_norm, block.attention, block.ffn_norm
+        self.attention_norm, self.ffn_norm = NativeRMSNorm(block.attention_norm), NativeRMSNorm(block.ffn_norm)
+        self.attention = block.attention
+        self.heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.router = block.feed_forward.router if cfg.is_moe else None
         dtype = {"fp32": torch.float32, "fp16": torch.float16}[kv_dtype]
         self.cache = StaticKVCache(layer_idx, cfg.kv_heads, cfg.max_seq_len, cfg.head_dim, dtype)
 
+    def project(self, x_1TD: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor):
+        """Queries (1, H, T, d) and keys (1, H_kv, T, d) rotated, values (1, H_kv, T, d)."""
+        H, H_kv, d = self.heads, self.kv_heads, self.head_dim
+        attn = self.attention
+        if hasattr(attn, "wqkv"):
+            qkv = attn.wqkv(x_1TD)
+            q_in, k_in, v_in = (qkv, 0), (qkv, H * d), (qkv, (H + H_kv) * d)
+        else:
+            q_in, k_in, v_in = (attn.wq(x_1TD), 0), (attn.wk(x_1TD), 0), (attn.wv(x_1TD), 0)
+        heads = torch.ops.cosmoes.heads
+        return (heads(*q_in, H, d, cos_Td, sin_Td), heads(*k_in, H_kv, d, cos_Td, sin_Td), heads(*v_in, H_kv, d))
+
     def forward(self, h_1TD: torch.Tensor, cos_Td: torch.Tensor, sin_Td: torch.Tensor, bias_TL: torch.Tensor):
-        q, k, v = self.attention.project(self.attention_norm(h_1TD), cos_Td[None], sin_Td[None])
+        q, k, v = self.project(self.attention_norm(h_1TD), cos_Td, sin_Td)
         L = bias_TL.shape[1]
         k_HSd, v_HSd = self.cache.update(k, v, L)
         # one call over the cache in place (the graph it replaces copied the used slots and ran in 8 partitions)
@@ -125,7 +143,7 @@ class ExpertStage(nn.Module):
 class HeadStage(nn.Module):
     def __init__(self, model: Transformer):
         super().__init__()
-        self.norm, self.output = model.norm, model.output
+        self.norm, self.output = NativeRMSNorm(model.norm), model.output
 
     def forward(self, h_BTD: torch.Tensor) -> torch.Tensor:
         return self.output(self.norm(h_BTD))
@@ -220,6 +238,20 @@ class PaddedLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.linear(nn.functional.pad(x, (0, self.pad)))
+
+
+def fuse_qkv(model: Transformer) -> None:
+    """Replace (in place) each block's wq, wk, wv by one `wqkv` with their rows stacked: one projection per layer.
+
+    Rows are quantised on their own (per group of columns), so the fused matrix holds the same numbers as the three.
+    """
+    for block in model.layers:
+        attn = block.attention
+        weight = torch.cat([attn.wq.weight, attn.wk.weight, attn.wv.weight])
+        attn.wqkv = nn.Linear(weight.shape[1], weight.shape[0], bias=False)
+        with torch.no_grad():
+            attn.wqkv.weight.copy_(weight)
+        del attn.wq, attn.wk, attn.wv
 
 
 def quantised_linears(model: nn.Module) -> dict[str, nn.Linear]:
@@ -317,12 +349,11 @@ def quantize_model(model: Transformer, mode: str, group_size: int | None = 32,
 
 
 def _pack_backbone_int4(model: Transformer, group: int) -> None:
-    from cosmoes.ops import Int4Linear
-
     model.output = Int4Linear(model.output.weight, group)
     for block in model.layers:
-        for name in ("wq", "wk", "wv", "wo"):
-            setattr(block.attention, name, Int4Linear(getattr(block.attention, name).weight, group))
+        for name in ("wqkv", "wq", "wk", "wv", "wo"):
+            if hasattr(block.attention, name):
+                setattr(block.attention, name, Int4Linear(getattr(block.attention, name).weight, group))
 
 
 def _is_quantised_linear(module: nn.Module, fqn: str) -> bool:
@@ -333,6 +364,6 @@ def _is_expert(fqn: str) -> bool:
     return ".experts." in fqn
 
 
-__all__ = ["StaticKVCache", "causal_bias", "ContextStage", "EmbedStage", "LayerStage", "ExpertStage", "HeadStage", "Stage", "expert_method",
-           "split_model", "QuantReport", "PaddedLinear", "quantised_linears", "choose_group_size", "pad_linears",
-           "quantize_model"]
+__all__ = ["StaticKVCache", "causal_bias", "ContextStage", "EmbedStage", "LayerStage", "ExpertStage", "HeadStage",
+           "Stage", "expert_method", "split_model", "QuantReport", "PaddedLinear", "fuse_qkv", "quantised_linears",
+           "choose_group_size", "pad_linears", "quantize_model"]

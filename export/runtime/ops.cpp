@@ -3,6 +3,7 @@
 #include "ops.h"
 
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <mutex>
 #include <vector>
@@ -12,6 +13,7 @@
 
 #include "attention.h"
 #include "int4.h"
+#include "layer_ops.h"
 #include "pool.h"
 
 namespace cosmoes {
@@ -24,6 +26,8 @@ using executorch::aten::Tensor;
 
 constexpr const char* kCachedAttention = "cosmoes::cached_attention.out";
 constexpr const char* kInt4Linear = "cosmoes::int4_linear.out";
+constexpr const char* kRmsNorm = "cosmoes::rms_norm.out";
+constexpr const char* kHeads = "cosmoes::heads.out";
 // weight bytes x tokens below which a linear stays on one thread, with ExecuTorch's pool (which wakes its workers
 // per job) and with the runtime's spinning pool
 constexpr int64_t kParallelBytes = 1 << 20, kSpinParallelBytes = 1 << 16;
@@ -95,6 +99,52 @@ void int4_linear_out(et::KernelRuntimeContext& ctx, et::Span<et::EValue*> stack)
   if (stack.size() > 7) *stack[7] = *stack[6];
 }
 
+// (x, weight, eps, out) and the return slot: x (..., D) -> out (..., D).
+void rms_norm_out(et::KernelRuntimeContext& ctx, et::Span<et::EValue*> stack) {
+  if (!tensors(stack, {0, 1, 3}) || !stack[2]->isDouble()) return ctx.fail(et::Error::InvalidArgument);
+  const Tensor& x = stack[0]->toTensor();
+  const Tensor& w = stack[1]->toTensor();
+  const double eps = stack[2]->toDouble();
+  Tensor& out = stack[3]->toTensor();
+  if (x.scalar_type() != ScalarType::Float || w.scalar_type() != ScalarType::Float ||
+      out.scalar_type() != ScalarType::Float || x.dim() < 1 || w.dim() != 1 || x.size(x.dim() - 1) != w.size(0) ||
+      w.size(0) < 1 || !(eps >= 0) || !std::isfinite(eps))
+    return ctx.fail(et::Error::InvalidArgument);
+  if (et::resize_tensor(out, x.sizes()) != et::Error::Ok) return ctx.fail(et::Error::InvalidArgument);
+  const int64_t D = w.size(0);
+  rms_norm(x.const_data_ptr<float>(), w.const_data_ptr<float>(), eps, x.numel() / D, D, out.mutable_data_ptr<float>());
+  if (stack.size() > 4) *stack[4] = *stack[3];
+}
+
+// (x, start, heads, head_dim, cos or None, sin or None, out) and the return slot: x (1, T, F) -> out (1, H, T, d).
+void heads_out(et::KernelRuntimeContext& ctx, et::Span<et::EValue*> stack) {
+  if (!tensors(stack, {0, 6}) || !ints(stack, {1, 2, 3}) || stack[4]->isNone() != stack[5]->isNone() ||
+      (!stack[4]->isNone() && !tensors(stack, {4, 5})))
+    return ctx.fail(et::Error::InvalidArgument);
+  const Tensor& x = stack[0]->toTensor();
+  const int64_t start = stack[1]->toInt(), H = stack[2]->toInt(), d = stack[3]->toInt();
+  const bool rope = !stack[4]->isNone();
+  Tensor& out = stack[6]->toTensor();
+  if (x.scalar_type() != ScalarType::Float || out.scalar_type() != ScalarType::Float || x.dim() != 3 ||
+      x.size(0) != 1 || start < 0 || H < 1 || d < 1 || H > x.size(2) || d > x.size(2) ||
+      start + H * d > x.size(2))
+    return ctx.fail(et::Error::InvalidArgument);
+  const int64_t T = x.size(1);
+  const float *cos = nullptr, *sin = nullptr;
+  if (rope) {
+    const Tensor& c = stack[4]->toTensor();
+    const Tensor& s = stack[5]->toTensor();
+    if (c.scalar_type() != ScalarType::Float || s.scalar_type() != ScalarType::Float || c.dim() != 2 ||
+        s.dim() != 2 || c.size(0) != T || s.size(0) != T || c.size(1) != d || s.size(1) != d || d % 2)
+      return ctx.fail(et::Error::InvalidArgument);
+    cos = c.const_data_ptr<float>(), sin = s.const_data_ptr<float>();
+  }
+  const SizesType sizes[4] = {1, static_cast<SizesType>(H), static_cast<SizesType>(T), static_cast<SizesType>(d)};
+  if (et::resize_tensor(out, {sizes, 4}) != et::Error::Ok) return ctx.fail(et::Error::InvalidArgument);
+  heads(x.const_data_ptr<float>(), T, x.size(2), start, H, d, cos, sin, out.mutable_data_ptr<float>());
+  if (stack.size() > 7) *stack[7] = *stack[6];
+}
+
 // Looked up in the registry's list: registry_has_op_function logs an error line for every name it does not find,
 // which would break the runtime's one-line stderr.
 bool registered(const char* name) {
@@ -112,7 +162,8 @@ bool register_ops() {
     // Another copy of this code in the process may have registered them already (libcosmoes loaded beside the
     // Python runtime's libcosmoes_ops): ExecuTorch aborts on a second registration of a name; the kernels are the same.
     static const et::Kernel kernels[] = {et::Kernel(kCachedAttention, cached_attention_out),
-                                         et::Kernel(kInt4Linear, int4_linear_out)};
+                                         et::Kernel(kInt4Linear, int4_linear_out), et::Kernel(kRmsNorm, rms_norm_out),
+                                         et::Kernel(kHeads, heads_out)};
     ok = true;
     for (const et::Kernel& kernel : kernels)
       if (!registered(kernel.name_)) ok = ok && et::register_kernels({&kernel, 1}) == et::Error::Ok;

@@ -455,8 +455,9 @@ std::vector<KindBytes> Runtime::resident_by_kind() const {
   std::vector<std::string> files = {m_.path(m_.program("backbone"))};
   if (m_.is_moe) files.push_back(m_.experts_path());
   std::vector<double> file_mb = mapped_file_rss_mb(files);
-  // What stays mapped of backbone.pte is the weights read in place (the embedding table; XNNPACK's segments are
-  // unmapped once packed) and the program's own tables.
+  // What stays mapped of backbone.pte is the weights read in place (the embedding table and, with an int4
+  // backbone, the projections and head; XNNPACK's segments are unmapped once packed) and the program's own tables;
+  // all of it is reported as the embedding's file pages.
   if (!out.empty() && out[0].kind == "embedding") out[0].file_mb = std::max(0.0, file_mb[0]);
   if (m_.is_moe) {
     const ExpertStats& st = experts_->stats();

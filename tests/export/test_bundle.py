@@ -399,11 +399,12 @@ def _operators(pte) -> dict[str, set[str]]:
 def test_8da4w_layers_and_head_run_the_projects_operators(micro_bundle_8da4w, micro_bundle_fp32):
     ops = _operators(micro_bundle_8da4w / "backbone.pte")
     layers = [name for name in ops if name.startswith("layer_")]
-    assert layers and all(ops[n] == {"cosmoes::cached_attention", "cosmoes::int4_linear"} for n in layers)
-    assert ops["head"] == {"cosmoes::int4_linear"}
-    # without quantisation only the attention is the project's (the linears stay XNNPACK's fp32 ones)
+    layer_ops = {"cosmoes::rms_norm", "cosmoes::heads", "cosmoes::cached_attention"}
+    assert layers and all(ops[n] == layer_ops | {"cosmoes::int4_linear"} for n in layers)
+    assert ops["head"] == {"cosmoes::rms_norm", "cosmoes::int4_linear"}
+    # without quantisation the linears stay XNNPACK's fp32 ones; norms, heads and attention are the project's
     fp32 = _operators(micro_bundle_fp32 / "backbone.pte")
-    assert all(fp32[n] == {"cosmoes::cached_attention"} for n in layers) and fp32["head"] == set()
+    assert all(fp32[n] == layer_ops for n in layers) and fp32["head"] == {"cosmoes::rms_norm"}
 
 
 def test_a_kv_cache_type_outside_the_list_is_one_line(micro_checkpoint, tmp_path):

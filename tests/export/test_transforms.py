@@ -51,3 +51,18 @@ def test_gqa_layer_stage_exports_with_dynamic_tokens():
         got = layer(h_1TD[:, start:stop], *ctx)
         want = fresh(h_1TD[:, start:stop], *ContextStage(model)(torch.arange(start, stop), torch.arange(stop)))
         assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want))
+
+
+@torch.no_grad()
+def test_fused_qkv_layer_gives_the_three_projections_results():
+    from cosmoes.export.transforms import fuse_qkv
+
+    model = _model(kv_heads=2)
+    h_1TD = torch.randn(1, 5, model.config.dim, generator=torch.Generator().manual_seed(4))
+    ctx = ContextStage(model)(torch.arange(0, 5), torch.arange(5))
+    want = LayerStage(model, 0)(h_1TD, *ctx)
+    fuse_qkv(model)
+    attention = model.layers[0].attention
+    assert not hasattr(attention, "wq") and attention.wqkv.weight.shape == (4 * 16 + 2 * 2 * 16, 64)
+    got = LayerStage(model, 0)(h_1TD, *ctx)
+    assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want))
