@@ -2,7 +2,7 @@
 
     .venv/bin/python fuzz/make_seed_bundle.py WORK
 
-writes (the exports are reused while WORK/exports/*/manifest.json exist):
+writes (the exports are reused while WORK/exports/*/manifest.json exist in this cosmoes' bundle format):
     WORK/exports/moe, WORK/exports/dense   a tiny MoE and a tiny dense model, exported for the host in fp32
     WORK/exports/moe-int4                  the tiny MoE in 8da4w, its experts int4 segments of experts.bin
     WORK/bundle/    backbone.pte + experts.pte (the MoE), dense.pte (the dense backbone), backbone4.pte +
@@ -46,8 +46,12 @@ def export(config: ModelConfig, out: Path, quant: str = "none") -> Path:
 
 
 def exported(work: Path, name: str, config: ModelConfig, quant: str = "none") -> Path:
-    out = work / "exports" / name
-    return out if (out / "manifest.json").is_file() else export(config, out, quant)
+    from cosmoes.formats import FORMAT_VERSION
+
+    out, manifest = work / "exports" / name, work / "exports" / name / "manifest.json"
+    # an export from before a format change would only exercise the runtimes' version check
+    current = manifest.is_file() and json.loads(manifest.read_text()).get("format_version") == FORMAT_VERSION
+    return out if current else export(config, out, quant)
 
 
 def seed_manifest(bundle: Path, renames: dict[str, str]) -> dict:
