@@ -143,7 +143,8 @@ def test_resident_memory_by_kind_keeps_the_embedding_read_in_place(runner, micro
     # the int8 table stays in the mapped backbone.pte: no copy in anonymous memory, only the pages of rows looked up
     embedding = m.non_expert_bytes["embedding"] / 1e6
     assert r["embedding"]["anon"] < embedding / 4
-    assert 0 < r["embedding"]["file"] <= m.programs["backbone"]["bytes"] / 1e6
+    # (all of a small backbone.pte may be resident: whole pages, so up to one page past its size)
+    assert 0 < r["embedding"]["file"] <= (m.programs["backbone"]["bytes"] + 4096) / 1e6
     # XNNPACK's packed weights are anonymous (the layers' fp32 routers); the head packs nothing (format 7: its norm
     # and projection are the project's operators over backbone.pte's pages, which the embedding's file figure
     # counts: what loading it adds is the method's own state); the int4 experts are their file pages, at most 3 per
