@@ -26,10 +26,23 @@ import torch
 from cosmoes import int4
 
 _LIB = torch.library.Library("cosmoes", "FRAGMENT")
-_LIB.define("int4_linear(Tensor x, Tensor nibbles, Tensor scales, int in_features, int out_features, int group) "
-            "-> Tensor")
-_LIB.define("int4_linear.out(Tensor x, Tensor nibbles, Tensor scales, int in_features, int out_features, int group, *, "
-            "Tensor(a!) out) -> Tensor(a!)")
+
+
+def _out_variant(name: str, args: str, functional) -> None:
+    """cosmoes::<name>.out(<args>, *, out): the form ExecuTorch's lowering calls and the runtimes' kernels implement;
+    in torch it writes the functional op's result into out."""
+    _LIB.define(f"{name}.out({args}, *, Tensor(a!) out) -> Tensor(a!)")
+
+    def out_impl(*a, out, **kw):
+        out.copy_(functional(*a, **kw))
+        return out
+
+    torch.library.impl(_LIB, f"{name}.out", "CompositeExplicitAutograd")(out_impl)
+    torch.library.register_fake(f"cosmoes::{name}.out")(lambda *a, out, **kw: out)
+
+
+_INT4_LINEAR = "Tensor x, Tensor nibbles, Tensor scales, int in_features, int out_features, int group"
+_LIB.define(f"int4_linear({_INT4_LINEAR}) -> Tensor")
 
 
 @torch.library.impl(_LIB, "int4_linear", "CompositeExplicitAutograd")
@@ -38,20 +51,12 @@ def _int4_linear(x, nibbles, scales, in_features, out_features, group):
     return int4.linear(x.reshape(-1, in_features), p).reshape(*x.shape[:-1], out_features)
 
 
-@torch.library.impl(_LIB, "int4_linear.out", "CompositeExplicitAutograd")
-def _int4_linear_out(x, nibbles, scales, in_features, out_features, group, *, out):
-    out.copy_(_int4_linear(x, nibbles, scales, in_features, out_features, group))
-    return out
-
-
 @torch.library.register_fake("cosmoes::int4_linear")
 def _int4_linear_fake(x, nibbles, scales, in_features, out_features, group):
     return x.new_empty(*x.shape[:-1], out_features, dtype=torch.float32)
 
 
-@torch.library.register_fake("cosmoes::int4_linear.out")
-def _int4_linear_out_fake(x, nibbles, scales, in_features, out_features, group, *, out):
-    return out
+_out_variant("int4_linear", _INT4_LINEAR, _int4_linear)
 
 
 class Int4Linear(torch.nn.Module):
@@ -69,9 +74,8 @@ class Int4Linear(torch.nn.Module):
                                              self.group)
 
 
-_LIB.define("cached_attention(Tensor q, Tensor k_cache, Tensor v_cache, SymInt L) -> Tensor")
-_LIB.define("cached_attention.out(Tensor q, Tensor k_cache, Tensor v_cache, SymInt L, *, Tensor(a!) out) "
-            "-> Tensor(a!)")
+_CACHED_ATTENTION = "Tensor q, Tensor k_cache, Tensor v_cache, SymInt L"
+_LIB.define(f"cached_attention({_CACHED_ATTENTION}) -> Tensor")
 
 
 def cached_attention_reference(q_1HTd: torch.Tensor, k_HSd: torch.Tensor, v_HSd: torch.Tensor,
@@ -99,25 +103,17 @@ def _cached_attention(q, k_cache, v_cache, L):
     return cached_attention_reference(q, k_cache, v_cache, L)
 
 
-@torch.library.impl(_LIB, "cached_attention.out", "CompositeExplicitAutograd")
-def _cached_attention_out(q, k_cache, v_cache, L, *, out):
-    out.copy_(_cached_attention(q, k_cache, v_cache, L))
-    return out
-
-
 @torch.library.register_fake("cosmoes::cached_attention")
 def _cached_attention_fake(q, k_cache, v_cache, L):
     _check(q, k_cache, v_cache)
     return q.new_empty(1, q.shape[2], q.shape[1] * q.shape[3], dtype=torch.float32)
 
 
-@torch.library.register_fake("cosmoes::cached_attention.out")
-def _cached_attention_out_fake(q, k_cache, v_cache, L, *, out):
-    return out
+_out_variant("cached_attention", _CACHED_ATTENTION, _cached_attention)
 
 
-_LIB.define("rms_norm(Tensor x, Tensor weight, float eps) -> Tensor")
-_LIB.define("rms_norm.out(Tensor x, Tensor weight, float eps, *, Tensor(a!) out) -> Tensor(a!)")
+_RMS_NORM = "Tensor x, Tensor weight, float eps"
+_LIB.define(f"rms_norm({_RMS_NORM}) -> Tensor")
 
 
 @torch.library.impl(_LIB, "rms_norm", "CompositeExplicitAutograd")
@@ -128,26 +124,17 @@ def _rms_norm(x, weight, eps):
     return rms_norm(x.float(), weight, eps)
 
 
-@torch.library.impl(_LIB, "rms_norm.out", "CompositeExplicitAutograd")
-def _rms_norm_out(x, weight, eps, *, out):
-    out.copy_(_rms_norm(x, weight, eps))
-    return out
-
-
 @torch.library.register_fake("cosmoes::rms_norm")
 def _rms_norm_fake(x, weight, eps):
     torch._check(weight.dim() == 1 and x.shape[-1] == weight.shape[0])
     return x.new_empty(x.shape, dtype=torch.float32)
 
 
-@torch.library.register_fake("cosmoes::rms_norm.out")
-def _rms_norm_out_fake(x, weight, eps, *, out):
-    return out
+_out_variant("rms_norm", _RMS_NORM, _rms_norm)
 
 
-_LIB.define("heads(Tensor x, int start, int heads, int head_dim, Tensor? cos=None, Tensor? sin=None) -> Tensor")
-_LIB.define("heads.out(Tensor x, int start, int heads, int head_dim, Tensor? cos=None, Tensor? sin=None, *, "
-            "Tensor(a!) out) -> Tensor(a!)")
+_HEADS = "Tensor x, int start, int heads, int head_dim, Tensor? cos=None, Tensor? sin=None"
+_LIB.define(f"heads({_HEADS}) -> Tensor")
 
 
 def heads_reference(x_1TF: torch.Tensor, start: int, heads: int, head_dim: int, cos_Td: torch.Tensor | None = None,
@@ -177,21 +164,13 @@ def _heads(x, start, heads, head_dim, cos=None, sin=None):
     return heads_reference(x, start, heads, head_dim, cos, sin)
 
 
-@torch.library.impl(_LIB, "heads.out", "CompositeExplicitAutograd")
-def _heads_out(x, start, heads, head_dim, cos=None, sin=None, *, out):
-    out.copy_(_heads(x, start, heads, head_dim, cos, sin))
-    return out
-
-
 @torch.library.register_fake("cosmoes::heads")
 def _heads_fake(x, start, heads, head_dim, cos=None, sin=None):
     _check_heads(x, start, heads, head_dim, cos, sin)
     return x.new_empty(1, heads, x.shape[1], head_dim, dtype=torch.float32)
 
 
-@torch.library.register_fake("cosmoes::heads.out")
-def _heads_out_fake(x, start, heads, head_dim, cos=None, sin=None, *, out):
-    return out
+_out_variant("heads", _HEADS, _heads)
 
 
 class NativeRMSNorm(torch.nn.Module):
