@@ -361,6 +361,9 @@ def bench(bundle: Path = typer.Argument(..., help="exported bundle directory"),
           cold_experts: bool = typer.Option(_default(BenchConfig, "cold_experts"), "--cold-experts",
                                             help="int4 experts: eviction also drops an expert from the page cache, "
                                                  "so every load reads storage (the cold figure)"),
+          prefetch: bool = typer.Option(_default(BenchConfig, "prefetch"), "--prefetch",
+                                        help="int4 experts: start reading each layer's experts while the layer "
+                                             "before runs, as its router foretells them (beyond the paper)"),
           runner: Optional[Path] = typer.Option(_default(BenchConfig, "runner"), "--runner",
                                                 help="runner binary (adb: an Android build)"),
           app: bool = typer.Option(_default(BenchConfig, "app"), "--app",
@@ -380,7 +383,7 @@ def bench(bundle: Path = typer.Argument(..., help="exported bundle directory"),
                       budgets_mb=list(budget_mb), prompt_len=prompt_len, prompt_doc=prompt_doc, gen=gen,
                       temperature=temperature, top_p=top_p, seed=seed, warmup=warmup, repeats=repeats,
                       threads=threads, compare=compare, runner=str(runner) if runner else None, app=app,
-                      cold_experts=cold_experts)
+                      cold_experts=cold_experts, prefetch=prefetch)
     out = out or Path("bench") / bundle.resolve().name
     check_out_dir("out", out)
     report = run_bench(bundle, cfg, out, log=lambda line: typer.echo(line, err=True))

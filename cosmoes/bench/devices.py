@@ -243,6 +243,7 @@ APP_ROOT = f"/sdcard/Android/data/{APP_PACKAGE}/files"  # the app's external fil
 # The runner flags `cosmoes bench` builds and the BenchActivity extras that carry them (android_demo/README.md)
 APP_EXTRAS = {"--prompt-file": "prompt", "--gen": "gen", "--warmup": "warmup", "--repeats": "repeats",
               "--policy": "policy", "--budget-mb": "budget_mb", "--threads": "threads"}
+APP_SWITCHES = {"--prefetch": "prefetch"}  # runner flags without a value: an extra "true"
 
 
 class AppDevice(AdbDevice):
@@ -291,9 +292,12 @@ class AppDevice(AdbDevice):
             flag = rest.pop(0)
             if flag == "--probe":
                 continue
+            if flag in APP_SWITCHES:
+                words += ["--es", APP_SWITCHES[flag], "true"]
+                continue
             if flag not in APP_EXTRAS or not rest:
                 raise CosmoesError(f"--app cannot pass {flag} to the demo app (it takes "
-                                   f"{', '.join(APP_EXTRAS)})")
+                                   f"{', '.join([*APP_EXTRAS, *APP_SWITCHES])})")
             words += ["--es", APP_EXTRAS[flag], rest.pop(0)]
         return words
 

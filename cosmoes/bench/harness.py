@@ -47,6 +47,7 @@ class BenchConfig:
     compare: bool = False  # add transformers eager generate (fp32) on the same weights
     probe: bool = True  # measure memory bandwidth and file read speed for the roofline / I/O columns
     cold_experts: bool = False  # int4 experts: an evicted expert leaves the page cache too, so each load reads storage
+    prefetch: bool = False  # int4 experts: each layer's are asked for while the layer before runs (docs/export.md)
     runner: str | None = None  # runner binary for the device (adb: an Android build); local: built on first use
     app: bool = False  # adb: run the installed demo app's BenchActivity instead of a pushed runner
     timeout_s: float = 1800.0
@@ -104,6 +105,8 @@ def runner_args(cfg: BenchConfig, policy: str | None, budget_mb: float | None, p
         args.append("--probe")
     if cfg.cold_experts:
         args.append("--cold-experts")
+    if cfg.prefetch:
+        args.append("--prefetch")
     return args
 
 
@@ -270,9 +273,23 @@ def format_table(report: BenchReport) -> str:
     if kernels:  # which of the runtime's kernel families ran the experts (int4), or XNNPACK
         cold = any(r.get("cold_experts") for r in report.rows)
         text.append(f"expert kernels: {', '.join(kernels)}" + (" (cold: every load read storage)" if cold else ""))
+    text += prefetch_lines(report.rows)
     if report.device.get("emulated"):  # a qemu run: the figures time the emulator, not a phone
         text.append(f"timings emulated: {report.device.get('model', 'qemu')}")
     return "\n".join(text)
+
+
+def prefetch_lines(rows: list[dict]) -> list[str]:
+    """Per policy run with --prefetch: how many of its loads had been asked for a layer ahead, and how many asks
+    went unused."""
+    out = []
+    for r in rows:
+        if "error" in r or not r.get("prefetch") or "expert_prefetch_hits" not in r:
+            continue
+        loads, hits, asked = r["expert_loads"], r["expert_prefetch_hits"], r["expert_prefetched"]
+        out.append(f"prefetch {r['policy']}: {hits} of {loads} loads asked for ahead "
+                   f"({100 * r['expert_prefetch_hit_rate']:.0f} %), {asked - hits} of {asked} asks unused")
+    return out
 
 
 RESIDENT_KINDS = ("embedding", "attention", "head", "dense_ffn", "experts", "kv_cache", "activations", "runtime")

@@ -5,7 +5,8 @@ Every stage is an nn.Module that *shares* the model's submodules (no copies, no 
 - ContextStage: what every layer of one call shares, computed once per call: (positions_T (T,), positions_L (L,))
                 -> (RoPE cos (T, d), sin (T, d), causal bias (T, L)); L = tokens in context after this call
 - LayerStage:   attention over a static KV cache (mutable buffers, see StaticKVCache) + ffn_norm + router
-                (h (1, T, D), cos, sin, bias (T, L)) -> (h after attention, ffn input, router logits (1, T, E))
+                (h (1, T, D), cos, sin, bias (T, L)) -> (h after attention, ffn input, router logits (1, T, E)
+                [, the next layer's router logits on h after attention (1, T, E): its experts foretold, to prefetch])
 - ExpertStage:  one SwiGLU expert (or a dense layer's FFN), x (N, D) -> y (N, D); N = tokens routed to it
 - HeadStage:    final norm + output projection, h (1, T, D) -> logits (1, T, V)
 Routing (softmax(tau R) + top-k, Eq. 2) runs between calls in the runtime, so the exported graphs have no
@@ -91,7 +92,10 @@ class LayerStage(nn.Module):
     """Pre-norm attention (with its KV cache) and the router of one block; the FFN runs elsewhere.
 
     The norms, the split into heads and RoPE are the project's operators (cosmoes.ops), one call each, and a block
-    that went through `fuse_qkv` projects queries, keys and values in one matrix.
+    that went through `fuse_qkv` projects queries, keys and values in one matrix. An MoE block that has a next one
+    also applies that block's ffn_norm and router to its own residual stream after attention: the next layer's
+    experts foretold one MoE FFN and one attention ahead of their use, so a runtime can start reading them
+    (the residual stream changes little from one layer to the next; docs/export.md measures how often it is right).
     """
 
     def __init__(self, model: Transformer, layer_idx: int, kv_dtype: str = "fp32"):
@@ -102,6 +106,10 @@ class LayerStage(nn.Module):
         self.attention = block.attention
         self.heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
         self.router = block.feed_forward.router if cfg.is_moe else None
+        ahead = cfg.is_moe and layer_idx + 1 < cfg.n_layers
+        nxt = model.layers[layer_idx + 1] if ahead else None
+        self.ahead_norm = NativeRMSNorm(nxt.ffn_norm) if ahead else None
+        self.ahead_router = nxt.feed_forward.router if ahead else None
         dtype = {"fp32": torch.float32, "fp16": torch.float16}[kv_dtype]
         self.cache = StaticKVCache(layer_idx, cfg.kv_heads, cfg.max_seq_len, cfg.head_dim, dtype)
 
@@ -126,7 +134,9 @@ class LayerStage(nn.Module):
         x_1TD = self.ffn_norm(h_1TD)
         if self.router is None:
             return h_1TD, x_1TD
-        return h_1TD, x_1TD, self.router(x_1TD)
+        if self.ahead_router is None:
+            return h_1TD, x_1TD, self.router(x_1TD)
+        return h_1TD, x_1TD, self.router(x_1TD), self.ahead_router(self.ahead_norm(h_1TD))
 
 
 class ExpertStage(nn.Module):

@@ -117,6 +117,9 @@ class RuntimeStats:
     load_ms: float = 0.0
     resident_peak: int = 0  # most experts resident at once, all layers together
     resident_peak_per_layer: list[int] = field(default_factory=list)
+    # prefetch=True: experts asked for a layer ahead (not resident then), and loads that found theirs asked for
+    prefetched: int = 0
+    prefetch_hits: int = 0
     # per MoE layer, the (T, K) expert ids of each call in the current sequence, in token order
     selections: list[list[torch.Tensor]] = field(default_factory=list)
 
@@ -139,6 +142,7 @@ class RuntimeStats:
         """JSON-ready counters; the raw selections are summarised as ExRep."""
         exrep = self.exrep()
         return {"loads": self.loads, "evictions": self.evictions, "load_ms": round(self.load_ms, 3),
+                "prefetched": self.prefetched, "prefetch_hits": self.prefetch_hits,
                 "resident_peak": self.resident_peak, "resident_peak_per_layer": list(self.resident_peak_per_layer),
                 "tokens": len(self.selected(0)) if self.selections else 0,
                 "exrep_per_layer": exrep, "exrep_mean": sum(exrep) / len(exrep) if exrep else 0.0}
@@ -151,11 +155,18 @@ class ExpertCache:
                  on_evict: Callable[[int, int], None] | None = None):
         self.policy, self.loader, self.on_evict = policy, loader, on_evict
         self.layers: list[OrderedDict[int, object]] = [OrderedDict() for _ in range(n_layers)]
+        self.asked: list[list[int]] = [[] for _ in range(n_layers)]
         self.stats = RuntimeStats(num_experts=num_experts, resident_peak_per_layer=[0] * n_layers,
                                   selections=[[] for _ in range(n_layers)])
 
     def resident(self, layer: int) -> list[int]:
         return sorted(self.layers[layer])
+
+    def foretell(self, layer: int, experts: Sequence[int]) -> None:
+        """The experts a layer's router picks a layer early: those not resident are what the native runtime asks
+        the kernel to start reading (this runtime only counts them, to check that one)."""
+        self.asked[layer] = [e for e in experts if e not in self.layers[layer]]
+        self.stats.prefetched += len(self.asked[layer])
 
     def begin_step(self, layer: int, selected: Sequence[int]) -> None:
         """A layer's FFN is about to run experts S: under swap, evict S_prev minus S before anything loads."""
@@ -174,6 +185,7 @@ class ExpertCache:
         lay[expert] = self.loader(layer, expert)
         self.stats.load_ms += (time.perf_counter() - t0) * 1e3
         self.stats.loads += 1
+        self.stats.prefetch_hits += expert in self.asked[layer]
         self.stats.resident_peak_per_layer[layer] = max(self.stats.resident_peak_per_layer[layer], len(lay))
         self.stats.resident_peak = max(self.stats.resident_peak, sum(len(x) for x in self.layers))
         return lay[expert]
@@ -199,18 +211,21 @@ class BundleRuntime:
     """Runs a bundle with ExecuTorch: ``prefill``/``decode``/``logits``/``generate`` over token ids.
 
     ``policy``: all | swap | lru:N (see the module docstring). ``threads``: ExecuTorch thread pool size
-    (default: the bundle's recipe; 0 = every core). Expert counters accumulate over the runtime's life; the
+    (default: the bundle's recipe; 0 = every core). ``prefetch``: count what the native runtime's --prefetch would
+    ask for (``stats.prefetched``, ``stats.prefetch_hits``). Expert counters accumulate over the runtime's life; the
     recorded expert selections (``stats.selections``, for ExRep) cover the current sequence only: ``reset``,
     ``prefill``, ``logits`` and ``generate`` start a new one.
     """
 
-    def __init__(self, bundle_dir: str | Path, policy: str = "swap", threads: int | None = None):
+    def __init__(self, bundle_dir: str | Path, policy: str = "swap", threads: int | None = None,
+                 prefetch: bool = False):
         from cosmoes.export.manifest import load_manifest
 
         self.bundle_dir = Path(bundle_dir)
         self.manifest = load_manifest(self.bundle_dir)  # validates every file before any runtime work
         self.config = self.manifest.model_config()
         self.policy = parse_policy(policy, self.config.top_k)
+        self.prefetch = prefetch
         if threads is not None:  # a caller's count is bounded by this machine; the recipe's (a phone's) is not
             check_threads(threads, usable_cores())
         set_threads(threads if threads is not None else self.manifest.threads)
@@ -344,6 +359,10 @@ class BundleRuntime:
         for i in range(self.config.n_layers):
             outs = self._methods[f"layer_{i}"]([h_1TD, *context])
             if self.config.is_moe:
+                if self.prefetch and len(outs) > 3:  # format 8: the next layer's router, a layer early
+                    ahead_TK = route(outs[3][0], self.config.top_k, self.config.router_temperature,
+                                     self.config.norm_topk_prob)[1]
+                    self._experts.foretell(i + 1, sorted(set(ahead_TK.flatten().tolist())))
                 ff_TD = self._moe(i, outs[1][0], outs[2][0])
             else:
                 ff_TD = self._methods[f"layer_{i}_ffn"]([outs[1][0]])[0]

@@ -6,7 +6,7 @@
 //   cosmoes_runner BUNDLE [--policy all|swap|lru:N | --budget-mb MB] [--threads N]
 //                  [--prompt TEXT | --prompt-ids 1,2,3 | --prompt-file ids.txt | --prompt-len N] [--gen N]
 //                  [--temperature T --top-p P --seed S] [--warmup N] [--repeats N]
-//                  [--stats-json PATH] [--probe] [--no-sha] [--cold-experts]
+//                  [--stats-json PATH] [--probe] [--no-sha] [--cold-experts] [--prefetch]
 //
 // With --prompt, the text is encoded with the bundle's tokenizer and the continuation is streamed to stdout as it is
 // generated (the prompt first, as `cosmoes generate` prints it), stopping at the end-of-text token; otherwise the
@@ -97,6 +97,7 @@ Args parse_args(int argc, char** argv) {
     else if (flag == "--probe") b.probe = true;
     else if (flag == "--no-sha") a.runtime.check_sha = false;
     else if (flag == "--cold-experts") a.runtime.cold_experts = true;
+    else if (flag == "--prefetch") a.runtime.prefetch = true;
     else if (!flag.empty() && flag[0] == '-') throw Error("unknown option " + flag);
     else if (b.bundle.empty()) b.bundle = flag;
     else throw Error("unexpected argument " + flag);

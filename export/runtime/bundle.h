@@ -8,7 +8,7 @@
 
 namespace cosmoes {
 
-constexpr int kBundleFormatVersion = 7;  // cosmoes/export/manifest.py FORMAT_VERSION
+constexpr int kBundleFormatVersion = 8;  // cosmoes/export/manifest.py FORMAT_VERSION
 
 // What a manifest may ask of the runtime. A bundle can come from anywhere, so every number is checked against these
 // before anything is allocated or indexed by it; each is far above any model the paper describes (Table 1: 19

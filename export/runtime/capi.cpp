@@ -136,7 +136,7 @@ int64_t integer(const Value& obj, const std::string& key, const char* what, int6
 }
 
 cosmoes::RuntimeOptions read_options(const char* json) {
-  Value o = parse_object(json, "options", {"policy", "budget_mb", "threads", "check_sha"});
+  Value o = parse_object(json, "options", {"policy", "budget_mb", "threads", "check_sha", "prefetch"});
   cosmoes::RuntimeOptions r;
   if (o.has("policy")) {
     if (o.at("policy").type != Value::Type::String) throw ArgumentError("options.policy must be a string");
@@ -150,6 +150,10 @@ cosmoes::RuntimeOptions read_options(const char* json) {
   if (o.has("check_sha")) {
     if (o.at("check_sha").type != Value::Type::Bool) throw ArgumentError("options.check_sha must be true or false");
     r.check_sha = o.at("check_sha").boolean;
+  }
+  if (o.has("prefetch")) {
+    if (o.at("prefetch").type != Value::Type::Bool) throw ArgumentError("options.prefetch must be true or false");
+    r.prefetch = o.at("prefetch").boolean;
   }
   return r;
 }

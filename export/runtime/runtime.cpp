@@ -164,6 +164,9 @@ Signature ffn_signature(const BundleManifest& m) {
   return {{{ScalarType::Float, {ge(m.max_chunk), eq(m.dim)}}}, {{ScalarType::Float, {any(), eq(m.dim)}}}};
 }
 
+// i of "layer_i" (a name required_methods made, so its digits are there).
+int64_t layer_index(const std::string& method) { return std::stoll(method.substr(6)); }
+
 // What the runtime calls backbone method `method` (a name required_methods gives) with and reads from it, for this
 // manifest (see run_chunk): T tokens of a chunk, S cache slots, D = dim, hd = head_dim.
 Signature backbone_signature(const BundleManifest& m, const std::string& method) {
@@ -177,7 +180,9 @@ Signature backbone_signature(const BundleManifest& m, const std::string& method)
   if (method.size() > 4 && method.compare(method.size() - 4, 4, "_ffn") == 0) return ffn_signature(m);
   Signature s{{{F, {eq(1), ge(T), eq(D)}}, {F, {ge(T), eq(hd)}}, {F, {ge(T), eq(hd)}}, {F, {ge(T), ge(S)}}},
               {out_1TD, out_1TD}};  // layer_i: hidden state, RoPE cos/sin, causal bias -> attention out, FFN input
-  if (m.is_moe) s.outputs.push_back({F, {eq(1), any(), eq(m.num_experts)}});  // router scores
+  if (!m.is_moe) return s;
+  s.outputs.push_back({F, {eq(1), any(), eq(m.num_experts)}});  // router scores
+  if (layer_index(method) + 1 < m.n_layers) s.outputs.push_back(s.outputs.back());  // the next layer's, foretold
   return s;
 }
 
@@ -262,8 +267,8 @@ ExpertCache::ExpertCache(Module& program, executorch::runtime::HierarchicalAlloc
   stats_.selections.resize(m.n_layers);
 }
 
-ExpertCache::ExpertCache(const SegmentMap& segments, const BundleManifest& m, Policy policy)
-    : segments_(&segments), m_(m), policy_(policy), lru_(m.n_layers) {
+ExpertCache::ExpertCache(const SegmentMap& segments, const BundleManifest& m, Policy policy, bool cold)
+    : segments_(&segments), m_(m), policy_(policy), lru_(m.n_layers), asked_(m.n_layers), cold_(cold) {
   stats_.selections.resize(m.n_layers);
 }
 
@@ -273,7 +278,25 @@ int64_t ExpertCache::resident_count() const {
   return n;
 }
 
+void ExpertCache::prefetch(int64_t layer, const std::vector<int64_t>& foretold) {
+  auto t0 = Clock::now();
+  auto& asked = asked_[layer];
+  asked.clear();
+  for (int64_t e : foretold) {
+    if (std::find(lru_[layer].begin(), lru_[layer].end(), e) != lru_[layer].end()) continue;
+    const ExpertEntry& entry = m_.experts[layer][e];
+    segments_->prefetch(entry.offset, entry.bytes);
+    asked.push_back(e);
+  }
+  stats_.prefetched += static_cast<int64_t>(asked.size());
+  stats_.prefetch_ms += ms_since(t0);
+}
+
 void ExpertCache::begin_step(int64_t layer, const std::vector<int64_t>& selected) {
+  if (cold_ && !asked_.empty())  // a prefetch the router did not confirm: cold, its bytes leave the page cache
+    for (int64_t e : asked_[layer])
+      if (std::find(selected.begin(), selected.end(), e) == selected.end())
+        segments_->forget(m_.experts[layer][e].offset, m_.experts[layer][e].bytes);
   if (policy_.kind != Policy::Kind::Swap) return;
   std::vector<int64_t> leaving;
   for (int64_t e : lru_[layer])
@@ -300,6 +323,8 @@ const std::string& ExpertCache::acquire(int64_t layer, int64_t expert) {
     segments_->bring_in(entry.offset, entry.bytes);
     stats_.load_ms += ms_since(t0);
     stats_.loads += 1;
+    auto& asked = asked_[layer];
+    if (std::find(asked.begin(), asked.end(), expert) != asked.end()) stats_.prefetch_hits += 1;
     order.push_back(expert);
     stats_.resident_peak = std::max(stats_.resident_peak, resident_count());
     return method;
@@ -372,7 +397,11 @@ Runtime::Runtime(const std::string& bundle_dir, const RuntimeOptions& options) {
   m_ = load_bundle_manifest(bundle_dir, options.check_sha);
   check_sha_ = options.check_sha;
   cold_experts_ = options.cold_experts;
+  prefetch_ = options.prefetch;
   verify_ms_ = ms_since(t0);
+  if (prefetch_ && !m_.packed_experts())
+    throw cosmoes::Error(std::string("--prefetch needs int4 expert segments (expert_layout int4); this bundle's "
+                                     "expert_layout is ") + (m_.is_moe ? "xnnpack" : "none (a dense model)"));
   if (options.budget_mb > 1e9) throw cosmoes::Error("a memory budget must be at most 1e9 MB");  // int64 bytes
   policy_ = options.budget_mb > 0 ? Policy::from_budget(m_, static_cast<int64_t>(options.budget_mb * 1e6))
                                   : Policy::parse(options.policy, m_.top_k);
@@ -511,7 +540,7 @@ void Runtime::open_programs() {
     if (check_sha_ || cold_experts_) forget_cached_pages(file);
     segments_ = std::make_unique<SegmentMap>(file, m_.expert_file.bytes, cold_experts_);
     expert_layout_ = expert_matrices(m_.dim, m_.ffn_dim, m_.wd_rank, m_.group_size, nullptr);
-    experts_ = std::make_unique<ExpertCache>(*segments_, m_, policy_);
+    experts_ = std::make_unique<ExpertCache>(*segments_, m_, policy_, cold_experts_);
   } else if (m_.is_moe) {
     expert_program_ = open_program(m_.program("experts"), calls["experts"], expert_arena_);
     experts_ = std::make_unique<ExpertCache>(*expert_program_, expert_arena_->planned(), m_, policy_);
@@ -576,12 +605,17 @@ void Runtime::run_chunk(const int64_t* ids, int64_t T, std::vector<float>* last_
   for (int64_t i = 0; i < m_.n_layers; ++i) {
     auto h_t = from_blob(b.h.data(), {1, static_cast<int>(T), static_cast<int>(D)});
     const std::string layer = "layer_" + std::to_string(i);
+    const bool ahead = m_.is_moe && i + 1 < m_.n_layers;  // format 8: the next layer's router scores too
     auto outs = run(*backbone_, layer, {EValue(h_t), EValue(cos_t), EValue(sin_t), EValue(bias_t)},
-                    m_.is_moe ? 3 : 2, stage_ms_.layers);
+                    m_.is_moe ? 3 + ahead : 2, stage_ms_.layers);
     copy_floats(outs[0], T * D, layer, b.attn);
     copy_floats(outs[1], T * D, layer, b.x);
     if (m_.is_moe) {
       copy_floats(outs[2], T * m_.num_experts, layer, b.scores);
+      if (ahead && prefetch_) {
+        copy_floats(outs[3], T * m_.num_experts, layer, b.ahead);
+        prefetch_next(i + 1, b.ahead, T);  // before this layer's experts run: their time is the reading's
+      }
       moe(i, b.x, b.scores, T, b.ff);
     } else {
       auto x_t = from_blob(b.x.data(), {static_cast<int>(T), static_cast<int>(D)});
@@ -619,6 +653,21 @@ void Runtime::ExpertWork::add_weighted(const float* y_ND, const std::vector<floa
       out[d] += product;
     }
   }
+}
+
+void Runtime::prefetch_next(int64_t layer, const std::vector<float>& scores_TE, int64_t T) {
+  const int64_t E = m_.num_experts, K = m_.top_k;
+  std::vector<int64_t> ids(K);
+  std::vector<float> weights(K);
+  foretold_.clear();
+  for (int64_t t = 0; t < T; ++t) {
+    route_token(&scores_TE[t * E], E, K, static_cast<float>(m_.router_temperature), m_.norm_topk_prob, ids.data(),
+                weights.data());
+    for (int64_t e : ids)
+      if (std::find(foretold_.begin(), foretold_.end(), e) == foretold_.end()) foretold_.push_back(e);
+  }
+  std::sort(foretold_.begin(), foretold_.end());
+  experts_->prefetch(layer, foretold_);
 }
 
 void Runtime::moe(int64_t layer, const std::vector<float>& x_TD, const std::vector<float>& scores_TE, int64_t T,

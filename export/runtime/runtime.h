@@ -45,6 +45,10 @@ struct ExpertStats {
   // anonymous memory added by the first loads (an expert's packed weights), to size the resident experts by
   double packed_mb_sum = 0;
   int64_t packed_samples = 0;
+  // --prefetch: experts asked for ahead (not resident when their layer's router was applied a layer early), and
+  // the loads that found theirs asked for (hits; a hit's pages were being read while the layer before ran)
+  int64_t prefetched = 0, prefetch_hits = 0;
+  double prefetch_ms = 0;  // asking (the reading itself goes on in the kernel)
   // per layer, the top-k expert ids of every token of the current sequence (for ExRep, Eq. 4-5)
   std::vector<std::vector<std::vector<int64_t>>> selections;
   std::vector<double> exrep_per_layer(int64_t num_experts) const;
@@ -57,7 +61,8 @@ class ExpertCache {
   // Every expert method loads with `planned` (its program's LazyArena), so they share one set of buffers.
   ExpertCache(executorch::extension::module::Module& program, executorch::runtime::HierarchicalAllocator* planned,
               const BundleManifest& m, Policy policy);
-  ExpertCache(const SegmentMap& segments, const BundleManifest& m, Policy policy);
+  // cold: a prefetched expert that goes unused is dropped from the page cache again (see RuntimeOptions::cold_experts)
+  ExpertCache(const SegmentMap& segments, const BundleManifest& m, Policy policy, bool cold = false);
   // A layer's FFN is about to run `selected`: under swap, evict the others before anything loads.
   void begin_step(int64_t layer, const std::vector<int64_t>& selected);
   // Makes the expert's method resident (lru evicts first, so N is never exceeded); returns its method name.
@@ -65,6 +70,9 @@ class ExpertCache {
   // The expert has run over its tokens. Under swap, a multi-token step (prefill) keeps only the last token's
   // experts resident, so an expert outside `keep` goes now: at most top_k + 1 experts per layer at any time.
   void release(int64_t layer, int64_t expert, const std::vector<int64_t>& keep);
+  // The next layer's experts as its router foretold them a layer early (int4 segments): those not resident start
+  // being read now (SegmentMap::prefetch), so their acquire finds the pages in the page cache.
+  void prefetch(int64_t layer, const std::vector<int64_t>& foretold);
   ExpertStats& stats() { return stats_; }
   int64_t resident_count() const;
   // How many experts each layer holds now (the app shows it; the stats JSON's resident_per_layer).
@@ -81,6 +89,8 @@ class ExpertCache {
   const BundleManifest& m_;
   Policy policy_;
   std::vector<std::list<int64_t>> lru_;  // per layer, least recent first
+  std::vector<std::vector<int64_t>> asked_;  // per layer, the experts of its last prefetch
+  bool cold_ = false;
   ExpertStats stats_;
   void evict(int64_t layer, int64_t expert);
 };
@@ -97,6 +107,9 @@ struct RuntimeOptions {
   int threads = 0;         // 0 = the bundle's recipe
   bool check_sha = true;
   bool cold_experts = false;  // layout int4: an evicted expert's bytes leave the page cache too (the cold case)
+  // layout int4: each MoE layer's experts are asked for while the layer before runs, as that layer's output of the
+  // next router foretells them (bundle format 8); beyond the paper, off by default (docs/export.md)
+  bool prefetch = false;
 };
 
 class Runtime {
@@ -115,6 +128,7 @@ class Runtime {
   double arena_resident_mb() const;
   int threads() const { return threads_; }
   bool cold_experts() const { return cold_experts_; }
+  bool prefetch() const { return prefetch_; }
   const StageTimes& stage_ms() const { return stage_ms_; }
   // Resident memory now by kind: embedding, attention, head, dense_ffn, experts (packed weights anonymous, weights
   // read in place file-backed), kv_cache and activations (the arenas' touched pages), and runtime (the rest of the
@@ -147,7 +161,7 @@ class Runtime {
   std::vector<float> logits_;  // the last position's, of the last prefill or decode
   // a chunk's activations between methods (kept: fresh vectors cost page faults and unmaps on every copy)
   struct ChunkBuffers {
-    std::vector<float> h, cos, sin, bias, ff, attn, x, scores;
+    std::vector<float> h, cos, sin, bias, ff, attn, x, scores, ahead;
   };
   ChunkBuffers chunk_;
   // One expert's share of a step: the tokens routed to it and their top-k slots, their rows gathered, its outputs
@@ -169,7 +183,8 @@ class Runtime {
   std::unique_ptr<SpinPool> spin_;  // this runtime's threads for the project's kernels (null: ExecuTorch's pool)
   ExpertStats dense_stats_;
   LoadAccount loaded_;  // anonymous memory each kind of backbone method added when it loaded
-  bool check_sha_ = true, cold_experts_ = false;
+  bool check_sha_ = true, cold_experts_ = false, prefetch_ = false;
+  std::vector<int64_t> foretold_;  // the experts the next layer's router picks for a chunk's tokens, a layer early
 
   void open_programs();
   std::unique_ptr<executorch::extension::module::Module> open_program(const ProgramFile& p,
@@ -179,6 +194,8 @@ class Runtime {
   void check_ids(const std::vector<int64_t>& ids) const;
   const std::vector<float>& feed(const std::vector<int64_t>& ids);
   void run_chunk(const int64_t* ids, int64_t T, std::vector<float>* last_logits);
+  // Asks for the experts that layer `layer`'s router, applied a layer early, picks for the chunk's T tokens.
+  void prefetch_next(int64_t layer, const std::vector<float>& scores_TE, int64_t T);
   void moe(int64_t layer, const std::vector<float>& x_TD, const std::vector<float>& scores_TE, int64_t T,
            std::vector<float>& out_TD);
   bool side_by_side(size_t selected) const;

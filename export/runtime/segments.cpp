@@ -63,6 +63,15 @@ void SegmentMap::bring_in(int64_t offset, int64_t bytes) const {
   for (int64_t at = start; at < offset + bytes; at += page) sink = sink + base_[at];
 }
 
+void SegmentMap::prefetch(int64_t offset, int64_t bytes) const {
+  const int64_t page = page_size(), start = offset / page * page;
+  ::madvise(base_ + start, static_cast<size_t>(offset + bytes - start), MADV_WILLNEED);
+}
+
+void SegmentMap::forget(int64_t offset, int64_t bytes) const {
+  if (fd_ >= 0) ::posix_fadvise(fd_, offset, bytes, POSIX_FADV_DONTNEED);
+}
+
 void SegmentMap::give_back(int64_t offset, int64_t bytes) const {
   const int64_t page = page_size();
   const int64_t start = (offset + page - 1) / page * page, end = (offset + bytes) / page * page;

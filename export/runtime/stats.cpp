@@ -74,6 +74,7 @@ void write_setup(std::ostream& os, Runtime& rt, const std::vector<int64_t>& prom
      << ", \"prompt_tokens\": " << prompt.size() << ", \"generated_tokens\": " << o.gen
      << ", \"warmup\": " << o.warmup << ", \"repeats\": " << o.repeats << ", \"verify_ms\": " << rt.verify_ms()
      << ", \"model_load_ms\": " << rt.load_ms() << ", \"cold_experts\": " << (rt.cold_experts() ? "true" : "false")
+     << ", \"prefetch\": " << (rt.prefetch() ? "true" : "false")
      << ", \"expert_kernels\": "
      << json::quote(man.packed_experts() ? int4::isa_name(int4::active_isa()) : man.is_moe ? "xnnpack" : "none");
 }
@@ -119,6 +120,10 @@ void write_experts(std::ostream& os, Runtime& rt, const SessionStats& s) {
      << ", \"expert_load_ms_mean\": " << (s.loads ? s.load_ms / s.loads : 0.0)
      << ", \"expert_loads_decode\": " << median(loads_decode)
      << ", \"expert_resident_peak\": " << rt.expert_stats().resident_peak
+     // --prefetch: experts asked for a layer ahead, the loads that found theirs asked for, and the asking's time
+     << ", \"expert_prefetched\": " << s.prefetched << ", \"expert_prefetch_hits\": " << s.prefetch_hits
+     << ", \"expert_prefetch_hit_rate\": " << (s.loads ? static_cast<double>(s.prefetch_hits) / s.loads : 0.0)
+     << ", \"expert_prefetch_ms\": " << s.prefetch_ms
      << ", \"expert_mb\": " << man.max_expert_bytes() / 1e6 << ", \"non_expert_mb\": " << man.non_expert_total() / 1e6
      << ", \"active_expert_mb\": " << man.active_expert_bytes() / 1e6 << ", \"exrep_per_layer\": " << list(exrep)
      << ", \"exrep_mean\": " << exrep_mean
@@ -177,11 +182,12 @@ SessionStats measure(Runtime& rt, const std::vector<int64_t>& prompt, const Benc
   s.after_load = process_memory();
   for (int64_t w = 0; w < o.warmup; ++w) time_run(rt, prompt, o.gen, o.sampling, o.stop);
   auto& st = rt.expert_stats();
-  int64_t loads0 = st.loads, evictions0 = st.evictions;
-  double load_ms0 = st.load_ms;
+  const ExpertStats st0 = st;
   for (int64_t r = 0; r < o.repeats; ++r)
     s.runs.push_back(time_run(rt, prompt, o.gen, o.sampling, o.stop, r + 1 == o.repeats ? sink : nullptr));
-  s.loads = st.loads - loads0, s.evictions = st.evictions - evictions0, s.load_ms = st.load_ms - load_ms0;
+  s.loads = st.loads - st0.loads, s.evictions = st.evictions - st0.evictions, s.load_ms = st.load_ms - st0.load_ms;
+  s.prefetched = st.prefetched - st0.prefetched, s.prefetch_hits = st.prefetch_hits - st0.prefetch_hits;
+  s.prefetch_ms = st.prefetch_ms - st0.prefetch_ms;
   s.end = process_memory();
   if (o.probe) {  // after the peak is read: the probe's own buffer must not count as the model's memory
     s.mem_gbps = memory_read_gbps(rt.threads());

@@ -48,6 +48,8 @@ struct SessionStats {
   Memory baseline, after_load, end;
   int64_t loads = 0, evictions = 0;  // over the repeats, not the warm-up
   double load_ms = 0;
+  int64_t prefetched = 0, prefetch_hits = 0;  // --prefetch, over the repeats
+  double prefetch_ms = 0;
   double mem_gbps = 0, io_mbps = 0;  // the probes; 0 without BenchOptions::probe
 };
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from cosmoes.bench.devices import APP_ACTIVITY, APP_EXTRAS, APP_PACKAGE
+from cosmoes.bench.devices import APP_ACTIVITY, APP_EXTRAS, APP_PACKAGE, APP_SWITCHES
 from tests.android_demo.jvm import JAVA_HOME, tools
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -167,7 +167,7 @@ def test_bench_extras_are_bench_runs_keys():
     keys = set(bench_run_keys())
     assert {"bundle", "prompt", "stats"} <= keys
     # what `cosmoes bench --app` sends, what BenchActivity's header and the README show
-    sent = set(APP_EXTRAS.values()) | {"bundle", "stats"}
+    sent = set(APP_EXTRAS.values()) | set(APP_SWITCHES.values()) | {"bundle", "stats"}
     assert sent <= keys, f"cosmoes bench sends extras BenchRun refuses: {sorted(sent - keys)}"
     header = (APP_KOTLIN / "BenchActivity.kt").read_text()
     assert set(re.findall(r"--e[si] (\w+)", header)) <= keys

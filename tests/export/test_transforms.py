@@ -66,3 +66,18 @@ def test_fused_qkv_layer_gives_the_three_projections_results():
     assert not hasattr(attention, "wq") and attention.wqkv.weight.shape == (4 * 16 + 2 * 2 * 16, 64)
     got = LayerStage(model, 0)(h_1TD, *ctx)
     assert all(torch.allclose(g, w, atol=1e-6) for g, w in zip(got, want))
+
+
+@torch.no_grad()
+def test_a_moe_layer_stage_also_returns_the_next_layers_router_on_its_residual_stream():
+    cfg = ModelConfig(vocab_size=64, dim=64, n_layers=3, n_heads=4, n_kv_heads=2, ffn_dim=64, num_experts=4, top_k=2,
+                      max_seq_len=32, name="ahead-test")
+    model = init_weights(Transformer(cfg), seed=1).eval()
+    h_1TD = torch.randn(1, 5, cfg.dim, generator=torch.Generator().manual_seed(5))
+    ctx = ContextStage(model)(torch.arange(0, 5), torch.arange(5))
+    for i in (0, 1):
+        h, x, scores, ahead = LayerStage(model, i)(h_1TD, *ctx)
+        nxt = model.layers[i + 1]
+        assert torch.allclose(ahead, nxt.feed_forward.router(nxt.ffn_norm(h)), atol=1e-6)
+        assert torch.allclose(scores, model.layers[i].feed_forward.router(x), atol=1e-6)
+    assert len(LayerStage(model, 2)(h_1TD, *ctx)) == 3  # the last layer has no next one

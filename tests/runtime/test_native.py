@@ -132,6 +132,34 @@ def test_cold_experts_pick_the_same_tokens_and_say_so(runner, micro_bundle_8da4w
     assert warm["expert_kernels"] == cold["expert_kernels"] in {"scalar", "avx2", "avxvnni", "avx512vnni", "neondot"}
 
 
+@pytest.mark.parametrize("policy", ["swap", "lru:3", "all"])
+def test_prefetch_asks_for_the_experts_the_python_runtime_foretells_and_keeps_the_tokens(runner, micro_bundle_8da4w,
+                                                                                       policy, prompt_ids, tmp_path):
+    """--prefetch asks for layer 1's experts as layer 0's output of layer 1's router picks them (bundle format 8):
+    the same asks and hits as the Python runtime counts, never an expert already resident, and the same tokens and
+    loads as without it, warm and cold."""
+    py = BundleRuntime(micro_bundle_8da4w, policy=policy, threads=1, prefetch=True)
+    expected = py.generate(prompt_ids, 16)
+    args = ["--policy", policy, "--threads", "1", "--prompt-ids", ",".join(map(str, prompt_ids)), "--gen", "16"]
+    plain = run_local(micro_bundle_8da4w, args, tmp_path / "plain.json").stats
+    for extra in ([], ["--cold-experts"]):
+        s = run_local(micro_bundle_8da4w, [*args, "--prefetch", *extra], tmp_path / "prefetch.json").stats
+        assert s["tokens"] == plain["tokens"] == expected and s["prefetch"] is True
+        assert s["expert_loads"] == plain["expert_loads"] == py.stats.loads
+        assert (s["expert_prefetched"], s["expert_prefetch_hits"]) == (py.stats.prefetched, py.stats.prefetch_hits)
+        assert s["expert_prefetch_hit_rate"] == pytest.approx(py.stats.prefetch_hits / py.stats.loads, abs=1e-6)
+    assert plain["prefetch"] is False and plain["expert_prefetched"] == 0
+    # a hit is a load of an expert asked for: at most the loads of layer 1 (layer 0 has no layer before it)
+    assert 0 < py.stats.prefetch_hits <= py.stats.prefetched
+
+
+def test_prefetch_needs_int4_experts(runner, micro_bundle_8da4w_xnnpack, prompt_ids):
+    result = _run(runner, micro_bundle_8da4w_xnnpack, "--prefetch", "--prompt-len", "4", "--gen", "2")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == ("error: --prefetch needs int4 expert segments (expert_layout "
+                                                      "int4); this bundle's expert_layout is xnnpack")
+
+
 def test_resident_memory_by_kind_keeps_the_embedding_read_in_place(runner, micro_bundle_8da4w, prompt_ids, tmp_path):
     from cosmoes.export.manifest import load_manifest
 

@@ -77,6 +77,8 @@ COSMOES_API int cosmoes_last_status(void);
  *                                        fits; an error naming the minimum if not even top_k experts fit)
  *   "threads": 0..1024                   CPU threads; 0 = the bundle's recipe (one per core)
  *   "check_sha": true | false            verify each program's sha256 against the manifest (default true)
+ *   "prefetch": true | false             start reading each MoE layer's experts while the layer before runs, as
+ *                                        its router foretells them (int4 experts; default false)
  * Returns NULL on failure (see cosmoes_last_error). */
 COSMOES_API cosmoes_session *cosmoes_open(const char *bundle_dir, const char *options_json);
 

@@ -3,23 +3,28 @@
 import Foundation
 
 /// cosmoes_open's options: the expert-cache policy ("all", "swap", "lru:N") or a weight budget in MB that derives
-/// it, CPU threads (0: the bundle's recipe) and whether each program's sha256 is checked.
+/// it, CPU threads (0: the bundle's recipe), whether each program's sha256 is checked, and whether each layer's
+/// experts start being read while the layer before runs (prefetch).
 public struct SessionOptions: Sendable, Equatable {
     public var policy: String
     public var budgetMb: Double?
     public var threads: Int
     public var checkSha: Bool
+    public var prefetch: Bool
 
-    public init(policy: String = "swap", budgetMb: Double? = nil, threads: Int = 0, checkSha: Bool = true) {
+    public init(policy: String = "swap", budgetMb: Double? = nil, threads: Int = 0, checkSha: Bool = true,
+                prefetch: Bool = false) {
         self.policy = policy
         self.budgetMb = budgetMb
         self.threads = threads
         self.checkSha = checkSha
+        self.prefetch = prefetch
     }
 
     /// The options JSON; the library checks every value and names a bad one.
     func json() -> String {
-        var object: [String: Any] = ["policy": policy, "threads": threads, "check_sha": checkSha]
+        var object: [String: Any] = ["policy": policy, "threads": threads, "check_sha": checkSha,
+                                      "prefetch": prefetch]
         if let budgetMb { object["budget_mb"] = budgetMb }
         return encodeJSON(object)
     }

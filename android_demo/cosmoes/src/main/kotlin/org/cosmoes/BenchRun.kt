@@ -28,11 +28,13 @@ object BenchRun {
         val maxNewTokens: Int = 32,
         val warmup: Int = 1,
         val repeats: Int = 3,
+        val prefetch: Boolean = false,
         val device: Map<String, String> = emptyMap(),
     )
 
     const val CLIENT = "android-app"
-    private val KEYS = listOf("bundle", "prompt", "stats", "policy", "budget_mb", "threads", "gen", "warmup", "repeats")
+    private val KEYS = listOf("bundle", "prompt", "stats", "policy", "budget_mb", "threads", "gen", "warmup", "repeats",
+        "prefetch")
     private val IDS = Regex("""\s*\d+(?:[\s,]+\d+)*\s*""")
     private val SEPARATORS = Regex("""[\s,]+""")
 
@@ -47,8 +49,13 @@ object BenchRun {
         val budget = extras["budget_mb"]?.let { v ->
             v.toDoubleOrNull()?.takeIf { it.isFinite() && it > 0 } ?: bad("budget_mb", "must be a number > 0, got '$v'")
         }
+        val prefetch = when (val v = extras["prefetch"]) {
+            null, "false" -> false
+            "true" -> true
+            else -> bad("prefetch", "must be true or false, got '$v'")
+        }
         return Request(text("bundle"), text("prompt"), text("stats"), extras["policy"] ?: "swap", budget,
-            int("threads", 0, 0), int("gen", 32, 1), int("warmup", 1, 0), int("repeats", 3, 1))
+            int("threads", 0, 0), int("gen", 32, 1), int("warmup", 1, 0), int("repeats", 3, 1), prefetch)
     }
 
     /** Runs the benchmark; true when the statistics were written, false when the error was. */
@@ -72,7 +79,8 @@ object BenchRun {
         val prompt = file.readText(Charsets.UTF_8)
         val ids = if (IDS.matches(prompt)) prompt.trim().split(SEPARATORS).map { it.toInt() }.toIntArray() else null
         val params = GenerationParams(maxNewTokens = r.maxNewTokens)
-        CosmoesSession.open(r.bundleDir, SessionOptions(r.policy, r.budgetMb, r.threads)).use { session ->
+        CosmoesSession.open(r.bundleDir, SessionOptions(r.policy, r.budgetMb, r.threads,
+            prefetch = r.prefetch)).use { session ->
             suspend fun once(): Stats {
                 if (ids != null) session.generateIds(ids, params) else session.generate(prompt, params).collect()
                 return session.stats.value!!

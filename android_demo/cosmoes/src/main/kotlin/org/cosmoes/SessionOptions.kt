@@ -4,15 +4,18 @@ package org.cosmoes
 import org.json.JSONObject
 
 /** cosmoes_open's options: the expert policy ("all" | "swap" | "lru:N") or a weight budget, CPU threads (0: the
- *  bundle's recipe) and whether to verify every program's sha256. The library checks the values. */
+ *  bundle's recipe), whether to verify every program's sha256, and whether to start reading each layer's experts
+ *  while the layer before runs (prefetch). The library checks the values. */
 data class SessionOptions(
     val policy: String = "swap",
     val budgetMb: Double? = null,
     val threads: Int = 0,
     val checkSha: Boolean = true,
+    val prefetch: Boolean = false,
 ) {
     internal fun toJson(): String {
         val o = JSONObject().put("policy", policy).put("threads", threads).put("check_sha", checkSha)
+            .put("prefetch", prefetch)
         budgetMb?.let { o.put("budget_mb", it) }
         return o.toString()
     }
