@@ -80,9 +80,9 @@ class NativeSession:
     """A bundle opened with cosmoes_open: text or ids in, tokens out, the library's statistics JSON."""
 
     def __init__(self, bundle: str | Path, policy: str = "swap", budget_mb: float | None = None, threads: int = 0,
-                 check_sha: bool = True, lib: ctypes.CDLL | None = None):
+                 check_sha: bool = True, lib: ctypes.CDLL | None = None, prefetch: bool = False):
         self.lib = lib or library()
-        options = {"policy": policy, "threads": threads, "check_sha": check_sha}
+        options = {"policy": policy, "threads": threads, "check_sha": check_sha, "prefetch": prefetch}
         if budget_mb is not None:
             options["budget_mb"] = budget_mb
         self.handle = self.lib.cosmoes_open(str(bundle).encode(), json.dumps(options).encode())

@@ -201,14 +201,12 @@ struct cosmoes_session {
       throw TooLongError("prompt (" + std::to_string(ids.size()) + " tokens) + " +
                          std::to_string(p.max_new_tokens) + " new tokens exceed the bundle's max_seq_len " +
                          std::to_string(m.max_seq_len));
-    auto& es = rt->expert_stats();
-    int64_t loads0 = es.loads, evictions0 = es.evictions;
-    double load_ms0 = es.load_ms;
+    const cosmoes::ExpertCounters before = cosmoes::ExpertCounters::of(rt->expert_stats());
     ran = false;
     cosmoes::RunStats r = cosmoes::time_run(*rt, ids, p.max_new_tokens, p.sampling, stop, sink);
     stats = cosmoes::SessionStats{};
     stats.baseline = baseline, stats.after_load = after_load, stats.end = cosmoes::process_memory();
-    stats.loads = es.loads - loads0, stats.evictions = es.evictions - evictions0, stats.load_ms = es.load_ms - load_ms0;
+    stats.traffic = cosmoes::traffic_between(before, cosmoes::ExpertCounters::of(rt->expert_stats()));
     stats.runs.push_back(std::move(r));
     asked = cosmoes::BenchOptions{};
     asked.bundle = bundle, asked.budget_mb = budget_mb, asked.sampling = p.sampling;

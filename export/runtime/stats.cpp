@@ -115,15 +115,16 @@ void write_experts(std::ostream& os, Runtime& rt, const SessionStats& s) {
   for (const auto& r : s.runs) loads_decode.push_back(static_cast<double>(r.loads_decode));
   std::vector<double> exrep = rt.expert_stats().exrep_per_layer(man.num_experts);
   double exrep_mean = exrep.empty() ? 0 : std::accumulate(exrep.begin(), exrep.end(), 0.0) / exrep.size();
-  os << ", \"expert_loads\": " << s.loads << ", \"expert_evictions\": " << s.evictions
-     << ", \"expert_load_ms\": " << s.load_ms
-     << ", \"expert_load_ms_mean\": " << (s.loads ? s.load_ms / s.loads : 0.0)
+  const ExpertCounters& t = s.traffic;
+  os << ", \"expert_loads\": " << t.loads << ", \"expert_evictions\": " << t.evictions
+     << ", \"expert_load_ms\": " << t.load_ms
+     << ", \"expert_load_ms_mean\": " << (t.loads ? t.load_ms / t.loads : 0.0)
      << ", \"expert_loads_decode\": " << median(loads_decode)
      << ", \"expert_resident_peak\": " << rt.expert_stats().resident_peak
      // --prefetch: experts asked for a layer ahead, the loads that found theirs asked for, and the asking's time
-     << ", \"expert_prefetched\": " << s.prefetched << ", \"expert_prefetch_hits\": " << s.prefetch_hits
-     << ", \"expert_prefetch_hit_rate\": " << (s.loads ? static_cast<double>(s.prefetch_hits) / s.loads : 0.0)
-     << ", \"expert_prefetch_ms\": " << s.prefetch_ms
+     << ", \"expert_prefetched\": " << t.prefetched << ", \"expert_prefetch_hits\": " << t.prefetch_hits
+     << ", \"expert_prefetch_hit_rate\": " << (t.loads ? static_cast<double>(t.prefetch_hits) / t.loads : 0.0)
+     << ", \"expert_prefetch_ms\": " << t.prefetch_ms
      << ", \"expert_mb\": " << man.max_expert_bytes() / 1e6 << ", \"non_expert_mb\": " << man.non_expert_total() / 1e6
      << ", \"active_expert_mb\": " << man.active_expert_bytes() / 1e6 << ", \"exrep_per_layer\": " << list(exrep)
      << ", \"exrep_mean\": " << exrep_mean
@@ -175,6 +176,11 @@ RunStats time_run(Runtime& rt, const std::vector<int64_t>& prompt, int64_t gen, 
   return r;
 }
 
+ExpertCounters traffic_between(const ExpertCounters& a, const ExpertCounters& b) {
+  return {b.loads - a.loads, b.evictions - a.evictions, b.prefetched - a.prefetched,
+          b.prefetch_hits - a.prefetch_hits, b.load_ms - a.load_ms, b.prefetch_ms - a.prefetch_ms};
+}
+
 SessionStats measure(Runtime& rt, const std::vector<int64_t>& prompt, const BenchOptions& o, const Memory& baseline,
                      const TokenSink& sink) {
   SessionStats s;
@@ -182,12 +188,10 @@ SessionStats measure(Runtime& rt, const std::vector<int64_t>& prompt, const Benc
   s.after_load = process_memory();
   for (int64_t w = 0; w < o.warmup; ++w) time_run(rt, prompt, o.gen, o.sampling, o.stop);
   auto& st = rt.expert_stats();
-  const ExpertStats st0 = st;
+  const ExpertCounters before = ExpertCounters::of(st);
   for (int64_t r = 0; r < o.repeats; ++r)
     s.runs.push_back(time_run(rt, prompt, o.gen, o.sampling, o.stop, r + 1 == o.repeats ? sink : nullptr));
-  s.loads = st.loads - st0.loads, s.evictions = st.evictions - st0.evictions, s.load_ms = st.load_ms - st0.load_ms;
-  s.prefetched = st.prefetched - st0.prefetched, s.prefetch_hits = st.prefetch_hits - st0.prefetch_hits;
-  s.prefetch_ms = st.prefetch_ms - st0.prefetch_ms;
+  s.traffic = traffic_between(before, ExpertCounters::of(st));
   s.end = process_memory();
   if (o.probe) {  // after the peak is read: the probe's own buffer must not count as the model's memory
     s.mem_gbps = memory_read_gbps(rt.threads());

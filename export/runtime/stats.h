@@ -42,16 +42,25 @@ struct RunStats {
   std::vector<int64_t> tokens;
 };
 
+// The expert cache's counters at one moment; two readings give what a span of runs did.
+struct ExpertCounters {
+  int64_t loads = 0, evictions = 0, prefetched = 0, prefetch_hits = 0;
+  double load_ms = 0, prefetch_ms = 0;
+  static ExpertCounters of(const ExpertStats& s) {
+    return {s.loads, s.evictions, s.prefetched, s.prefetch_hits, s.load_ms, s.prefetch_ms};
+  }
+};
+
 // The timed runs of a session and what the process and the expert cache did around them.
 struct SessionStats {
   std::vector<RunStats> runs;
   Memory baseline, after_load, end;
-  int64_t loads = 0, evictions = 0;  // over the repeats, not the warm-up
-  double load_ms = 0;
-  int64_t prefetched = 0, prefetch_hits = 0;  // --prefetch, over the repeats
-  double prefetch_ms = 0;
+  ExpertCounters traffic;  // over the repeats, not the warm-up (--prefetch: asks and hits too)
   double mem_gbps = 0, io_mbps = 0;  // the probes; 0 without BenchOptions::probe
 };
+
+// What the expert cache did between two readings of its counters.
+ExpertCounters traffic_between(const ExpertCounters& before, const ExpertCounters& after);
 
 // Receives each new token as it is picked; returning false stops the generation.
 using TokenSink = std::function<bool(int64_t)>;

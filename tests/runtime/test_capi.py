@@ -145,12 +145,27 @@ def _open(lib, bundle, options):
     ('{"budget_mb": 0.01}', "memory budget 0.0 MB is below this bundle's minimum"),
     ('{"budget_mb": -3}', "options.budget_mb = -3 must be a number > 0"),
     ('{"check_sha": "yes"}', "options.check_sha must be true or false"),
-    ('{"polcy": "swap"}', 'options: unknown key "polcy" (valid: policy, budget_mb, threads, check_sha)'),
+    ('{"prefetch": 1}', "options.prefetch must be true or false"),
+    ('{"polcy": "swap"}', 'options: unknown key "polcy" (valid: policy, budget_mb, threads, check_sha, prefetch)'),
 ])
 def test_bad_options_are_refused_with_one_line(lib, micro_bundle_8da4w, options, message):
     handle, error = _open(lib, micro_bundle_8da4w, options)
     assert not handle and message in error and "\n" not in error
     assert lib.cosmoes_last_status() == 1  # COSMOES_INVALID_ARGUMENT: the caller's option, not the bundle
+
+
+def test_prefetch_option_asks_ahead_and_keeps_the_tokens(lib, micro_bundle_8da4w):
+    """"prefetch": true gives the runner's --prefetch: the same text, and asks and hits in the statistics."""
+    plain = NativeSession(micro_bundle_8da4w, threads=1, lib=lib)
+    ahead = NativeSession(micro_bundle_8da4w, threads=1, lib=lib, prefetch=True)
+    prompt = ("It is a truth universally acknowledged, that a single man in possession of a good fortune, must be in "
+              "want of a wife.")
+    with plain, ahead:
+        assert ahead.generate(prompt, 16) == plain.generate(prompt, 16)
+        s = ahead.stats()
+        assert s["prefetch"] is True and 0 < s["expert_prefetch_hits"] <= min(s["expert_prefetched"],
+                                                                               s["expert_loads"])
+        assert plain.stats()["expert_prefetched"] == 0
 
 
 def test_missing_and_corrupt_bundles_are_refused(lib, micro_bundle_8da4w, tmp_path):
