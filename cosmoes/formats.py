@@ -14,7 +14,8 @@ FORMAT_VERSION = 8
 # 6 = layers attend through the runtime's operator cosmoes::cached_attention, reading the KV caches in place, whose
 # element type memory.kv_dtype names; 7 = layers and the head call the runtime's operators cosmoes::rms_norm and
 # cosmoes::heads (one fused QKV projection split into heads, with RoPE); 8 = an MoE layer but the last also returns
-# the next layer's router logits on its residual stream after attention (what a runtime prefetches by)
+# the next layer's router logits on its residual stream after attention (what a runtime prefetches by), routers are
+# cosmoes::fp32_linear, and with int4 experts the backbone is lowered with no delegate
 KV_DTYPES = {"fp32": 4, "fp16": 2}  # KV-cache element types and their bytes
 EXPERT_LAYOUTS = ("none", "int4", "xnnpack")
 # experts.bin int4 matrices (cosmoes/int4.py, export/runtime/int4.h): rows stored in panels of INT4_PANEL, each

@@ -15,6 +15,10 @@ head_dim, cos, sin)`: columns start .. start + heads·head_dim of x (1, T, F) as
 (rotate-half, the model's apply_rope) when cos / sin (T, head_dim) are given; it splits one fused QKV projection into
 queries, keys and values. Each replaces a run of small element-wise ops that lowered to several XNNPACK partitions
 and portable kernels per layer (a third of a wearable layer's decode time was their per-call cost, issue #21).
+
+`cosmoes::fp32_linear(x, weight)`: x (..., in) @ weight (out, in)ᵀ in fp32, the products summed in double: the
+routers (and the next layer's router a layer computes for prefetch), so that an int4 bundle's layers need no XNNPACK
+at all and both runtimes, which run this one kernel, pick the same experts.
 """
 
 from __future__ import annotations
@@ -173,6 +177,40 @@ def _heads_fake(x, start, heads, head_dim, cos=None, sin=None):
 _out_variant("heads", _HEADS, _heads)
 
 
+_FP32_LINEAR = "Tensor x, Tensor weight"
+_LIB.define(f"fp32_linear({_FP32_LINEAR}) -> Tensor")
+
+
+def _check_fp32_linear(x, weight) -> None:
+    torch._check(weight.dim() == 2 and x.dim() >= 1 and x.shape[-1] == weight.shape[1])
+
+
+@torch.library.impl(_LIB, "fp32_linear", "CompositeExplicitAutograd")
+def _fp32_linear(x, weight):
+    _check_fp32_linear(x, weight)
+    return (x.double() @ weight.double().T).float()
+
+
+@torch.library.register_fake("cosmoes::fp32_linear")
+def _fp32_linear_fake(x, weight):
+    _check_fp32_linear(x, weight)
+    return x.new_empty(*x.shape[:-1], weight.shape[0], dtype=torch.float32)
+
+
+_out_variant("fp32_linear", _FP32_LINEAR, _fp32_linear)
+
+
+class NativeLinear(torch.nn.Module):
+    """A bias-free fp32 linear (a router) as cosmoes::fp32_linear, sharing the linear's weight."""
+
+    def __init__(self, linear: torch.nn.Linear):
+        super().__init__()
+        self.weight = linear.weight
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.cosmoes.fp32_linear(x, self.weight)
+
+
 class NativeRMSNorm(torch.nn.Module):
     """An RMSNorm as cosmoes::rms_norm, sharing the norm's weight."""
 
@@ -184,4 +222,4 @@ class NativeRMSNorm(torch.nn.Module):
         return torch.ops.cosmoes.rms_norm(x, self.weight, self.eps)
 
 
-__all__ = ["Int4Linear", "NativeRMSNorm", "cached_attention_reference", "heads_reference"]
+__all__ = ["Int4Linear", "NativeLinear", "NativeRMSNorm", "cached_attention_reference", "heads_reference"]

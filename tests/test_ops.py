@@ -1,7 +1,7 @@
 """The graph operators' native kernels (export/runtime/ops.cpp, run by ExecuTorch after cosmoes.runtime.native.load_ops
 registers them) against their torch references: cosmoes::cached_attention over the cache in place (fp32 and fp16
 caches, grouped heads, prefill chunks that start mid-cache), cosmoes::int4_linear and cosmoes::heads bit for bit,
-cosmoes::rms_norm against the model's RMSNorm; and that malformed arguments fail the call instead of reading memory."""
+cosmoes::rms_norm against the model's RMSNorm, cosmoes::fp32_linear against a double matmul; and that malformed arguments fail the call instead of reading memory."""
 
 import math
 
@@ -108,6 +108,27 @@ def test_native_rms_norm_matches_the_models_norm(shape):
         want = module.norm(x)
     assert got.shape == x.shape
     torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)  # the mean in double: within a rounding of torch's
+
+
+class _Router(torch.nn.Module):
+    def __init__(self, experts: int, dim: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.randn(experts, dim, generator=torch.Generator().manual_seed(8)))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.ops.cosmoes.fp32_linear(x, self.weight)
+
+
+@pytest.mark.parametrize("shape,experts", [((1, 1, 432), 8), ((1, 7, 37), 4), ((5, 64), 16)])
+def test_native_fp32_linear_is_the_double_sum_rounded_once(shape, experts):
+    module = _Router(experts, shape[-1])
+    x = torch.randn(*shape, generator=torch.Generator().manual_seed(9))
+    got = _execute(module, x)
+    want = (x.double() @ module.weight.detach().double().T).float()
+    assert got.shape == (*shape[:-1], experts)
+    # exact products summed in double: at most a rounding of the double result apart from it (the sum's order differs)
+    torch.testing.assert_close(got, want, atol=1e-6, rtol=1e-6)
+    assert (got - want).abs().max() <= want.abs().max() * 2 ** -23
 
 
 class _Heads(torch.nn.Module):

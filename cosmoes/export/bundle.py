@@ -209,7 +209,7 @@ def _fitting_tokenizer(tokenizer, vocab_size: int, progress):
 
 
 def _write_programs(model, tmp: Path, cfg: ExportConfig, recipe: Recipe, progress) -> Manifest:
-    from cosmoes.export.lower import lower_program
+    from cosmoes.export.lower import NO_DELEGATE, lower_program
     from cosmoes.export.transforms import fuse_qkv, quantize_model, split_model
 
     mc = model.config
@@ -232,7 +232,10 @@ def _write_programs(model, tmp: Path, cfg: ExportConfig, recipe: Recipe, progres
         if not members:
             continue
         tick = (lambda line, _name=name: progress(f"[{_name}] {line}")) if progress else None
-        lowered = lower_program(members, share_state=(name == "backbone"), delegate=recipe.delegate, progress=tick)
+        # with int4 experts every backbone linear is the project's operator (int4 projections and head, fp32
+        # routers): XNNPACK would have only element-wise adds left, and lowering for it was a third of the export
+        delegate = NO_DELEGATE if packed and name == "backbone" else recipe.delegate
+        lowered = lower_program(members, share_state=(name == "backbone"), delegate=delegate, progress=tick)
         (tmp / f"{name}.pte").write_bytes(lowered.buffer)
         manifest.programs[name] = {"file": f"{name}.pte", "methods": lowered.methods,
                                    "export_seconds": round(lowered.seconds, 1)}

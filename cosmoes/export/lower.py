@@ -51,10 +51,16 @@ def _quiet():
         yield
 
 
+# A program whose every heavy operator is the project's own needs no delegate: NO_DELEGATE lowers it without one.
+NO_DELEGATE = {"name": "none"}
+
+
 def _partitioner(delegate: dict):
+    kind = delegate.get("name", "xnnpack")
+    if kind == "none":
+        return None
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
 
-    kind = delegate.get("name", "xnnpack")
     if kind != "xnnpack":
         from cosmoes.errors import CosmoesError
 
@@ -79,7 +85,9 @@ def lower_program(stages: list[Stage], share_state: bool, delegate: dict | None 
 def _lower_one(stage: Stage, delegate: dict):
     from executorch.exir import EdgeCompileConfig, to_edge_transform_and_lower
 
-    edge = to_edge_transform_and_lower({stage.name: export_stage(stage)}, partitioner=[_partitioner(delegate)],
+    partitioner = _partitioner(delegate)
+    edge = to_edge_transform_and_lower({stage.name: export_stage(stage)},
+                                       partitioner=[partitioner] if partitioner else [],
                                        compile_config=EdgeCompileConfig(_check_ir_validity=False))
     return edge.exported_program(stage.name)
 

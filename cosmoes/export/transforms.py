@@ -24,7 +24,7 @@ from torch.export import Dim
 from cosmoes.errors import CosmoesError
 from cosmoes.formats import MIN_GROUP
 from cosmoes.model import Transformer, rope_cos_sin
-from cosmoes.ops import Int4Linear, NativeRMSNorm  # also defines the torch.ops.cosmoes operators the stages call
+from cosmoes.ops import Int4Linear, NativeLinear, NativeRMSNorm  # also defines the torch.ops.cosmoes operators the stages call
 
 
 class StaticKVCache(nn.Module):
@@ -105,11 +105,11 @@ class LayerStage(nn.Module):
         self.attention_norm, self.ffn_norm = NativeRMSNorm(block.attention_norm), NativeRMSNorm(block.ffn_norm)
         self.attention = block.attention
         self.heads, self.kv_heads, self.head_dim = cfg.n_heads, cfg.kv_heads, cfg.head_dim
-        self.router = block.feed_forward.router if cfg.is_moe else None
+        self.router = NativeLinear(block.feed_forward.router) if cfg.is_moe else None
         ahead = cfg.is_moe and layer_idx + 1 < cfg.n_layers
         nxt = model.layers[layer_idx + 1] if ahead else None
         self.ahead_norm = NativeRMSNorm(nxt.ffn_norm) if ahead else None
-        self.ahead_router = nxt.feed_forward.router if ahead else None
+        self.ahead_router = NativeLinear(nxt.feed_forward.router) if ahead else None
         dtype = {"fp32": torch.float32, "fp16": torch.float16}[kv_dtype]
         self.cache = StaticKVCache(layer_idx, cfg.kv_heads, cfg.max_seq_len, cfg.head_dim, dtype)
 

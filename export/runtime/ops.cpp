@@ -28,9 +28,11 @@ constexpr const char* kCachedAttention = "cosmoes::cached_attention.out";
 constexpr const char* kInt4Linear = "cosmoes::int4_linear.out";
 constexpr const char* kRmsNorm = "cosmoes::rms_norm.out";
 constexpr const char* kHeads = "cosmoes::heads.out";
+constexpr const char* kFp32Linear = "cosmoes::fp32_linear.out";
 // weight bytes x tokens below which a linear stays on one thread, with ExecuTorch's pool (which wakes its workers
 // per job) and with the runtime's spinning pool
 constexpr int64_t kParallelBytes = 1 << 20, kSpinParallelBytes = 1 << 16;
+constexpr int64_t kFp32ParallelProducts = 1 << 16;  // an fp32_linear's multiply-adds from which its rows are split
 
 bool tensors(et::Span<et::EValue*> stack, std::initializer_list<size_t> at) {
   return std::all_of(at.begin(), at.end(), [&](size_t i) { return i < stack.size() && stack[i]->isTensor(); });
@@ -116,6 +118,38 @@ void rms_norm_out(et::KernelRuntimeContext& ctx, et::Span<et::EValue*> stack) {
   if (stack.size() > 4) *stack[4] = *stack[3];
 }
 
+// (x, weight, out) and the return slot: x (..., in) -> out (..., out_features), weight (out_features, in).
+void fp32_linear_out(et::KernelRuntimeContext& ctx, et::Span<et::EValue*> stack) {
+  if (!tensors(stack, {0, 1, 2})) return ctx.fail(et::Error::InvalidArgument);
+  const Tensor& x = stack[0]->toTensor();
+  const Tensor& w = stack[1]->toTensor();
+  Tensor& out = stack[2]->toTensor();
+  if (x.scalar_type() != ScalarType::Float || w.scalar_type() != ScalarType::Float ||
+      out.scalar_type() != ScalarType::Float || x.dim() < 1 || x.dim() > 8 || w.dim() != 2 || w.size(1) < 1 ||
+      w.size(0) < 1 || x.size(x.dim() - 1) != w.size(1))
+    return ctx.fail(et::Error::InvalidArgument);
+  SizesType sizes[8];
+  for (int i = 0; i + 1 < x.dim(); ++i) sizes[i] = x.size(i);
+  sizes[x.dim() - 1] = w.size(0);
+  if (et::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) != et::Error::Ok)
+    return ctx.fail(et::Error::InvalidArgument);
+  struct Job {
+    const float *x, *w;
+    float* out;
+    int64_t rows, in, out_features, per;
+  } job{x.const_data_ptr<float>(), w.const_data_ptr<float>(), out.mutable_data_ptr<float>(), x.numel() / w.size(1),
+        w.size(1), w.size(0), 0};
+  // a prompt's rows over the pool (a router over 64 tokens is ~0.1 ms a layer on one thread); a token's on this one
+  const int64_t threads = job.rows * job.in * job.out_features >= kFp32ParallelProducts ? pool_threads() : 1;
+  job.per = (job.rows + threads - 1) / threads;
+  pool_parallel(&job, [](void* ctx, int64_t part) {
+    const Job& j = *static_cast<const Job*>(ctx);
+    const int64_t first = part * j.per, rows = std::min(j.per, j.rows - first);
+    if (rows > 0) fp32_linear(j.x + first * j.in, j.w, rows, j.in, j.out_features, j.out + first * j.out_features);
+  }, threads);
+  if (stack.size() > 3) *stack[3] = *stack[2];
+}
+
 // (x, start, heads, head_dim, cos or None, sin or None, out) and the return slot: x (1, T, F) -> out (1, H, T, d).
 void heads_out(et::KernelRuntimeContext& ctx, et::Span<et::EValue*> stack) {
   if (!tensors(stack, {0, 6}) || !ints(stack, {1, 2, 3}) || stack[4]->isNone() != stack[5]->isNone() ||
@@ -163,7 +197,7 @@ bool register_ops() {
     // Python runtime's libcosmoes_ops): ExecuTorch aborts on a second registration of a name; the kernels are the same.
     static const et::Kernel kernels[] = {et::Kernel(kCachedAttention, cached_attention_out),
                                          et::Kernel(kInt4Linear, int4_linear_out), et::Kernel(kRmsNorm, rms_norm_out),
-                                         et::Kernel(kHeads, heads_out)};
+                                         et::Kernel(kHeads, heads_out), et::Kernel(kFp32Linear, fp32_linear_out)};
     ok = true;
     for (const et::Kernel& kernel : kernels)
       if (!registered(kernel.name_)) ok = ok && et::register_kernels({&kernel, 1}) == et::Error::Ok;

@@ -408,9 +408,9 @@ Runtime::Runtime(const std::string& bundle_dir, const RuntimeOptions& options) {
   // 0 (from the option or the recipe) means one thread per core, as in the Python runtime
   threads_ = options.threads > 0 ? options.threads : static_cast<int>(m_.threads);
   if (threads_ <= 0) threads_ = static_cast<int>(std::max(1u, std::thread::hardware_concurrency()));
-  // With int4 experts and an 8da4w backbone every heavy operator is the project's (attention, projections, head,
-  // experts): they share the spinning pool, and XNNPACK's few small ops stay on the calling thread rather than
-  // wake a second set of workers. Other bundles run their linears in XNNPACK, on ExecuTorch's pool.
+  // With int4 experts and an 8da4w backbone every heavy operator is the project's (attention, projections, routers,
+  // head, experts; format 8 lowers that backbone with no delegate): they share the spinning pool, and ExecuTorch's
+  // pool keeps one thread. Other bundles run their linears in XNNPACK, on ExecuTorch's pool.
   const bool own_pool = threads_ > 1 && m_.packed_experts() && m_.quant == "8da4w";
   if (own_pool) spin_ = std::make_unique<SpinPool>(threads_);
   const size_t et_threads = own_pool ? 1 : static_cast<size_t>(threads_);
@@ -485,8 +485,8 @@ std::vector<KindBytes> Runtime::resident_by_kind() const {
   if (m_.is_moe) files.push_back(m_.experts_path());
   std::vector<double> file_mb = mapped_file_rss_mb(files);
   // What stays mapped of backbone.pte is the weights read in place (the embedding table and, with an int4
-  // backbone, the projections and head; XNNPACK's segments are unmapped once packed) and the program's own tables;
-  // all of it is reported as the embedding's file pages.
+  // backbone, the projections, routers and head; XNNPACK's segments are unmapped once packed) and the program's
+  // tables; all of it is reported as the embedding's file pages.
   if (!out.empty() && out[0].kind == "embedding") out[0].file_mb = std::max(0.0, file_mb[0]);
   if (m_.is_moe) {
     const ExpertStats& st = experts_->stats();

@@ -387,24 +387,30 @@ def test_a_stage_that_fails_in_a_worker_process_is_one_error_not_a_hang():
         lower_mod.lower_program(stages, share_state=True, jobs=2)
 
 
-def _operators(pte) -> dict[str, set[str]]:
+def _plans(pte):
     from executorch.exir._serialize._program import deserialize_pte_binary
 
     program = deserialize_pte_binary(pte.read_bytes())
-    program = getattr(program, "program", program)
-    return {plan.name: {op.name for op in plan.operators if op.name.startswith("cosmoes::")}
-            for plan in program.execution_plan}
+    return getattr(program, "program", program).execution_plan
+
+
+def _operators(pte) -> dict[str, set[str]]:
+    return {plan.name: {op.name for op in plan.operators if op.name.startswith("cosmoes::")} for plan in _plans(pte)}
 
 
 def test_8da4w_layers_and_head_run_the_projects_operators(micro_bundle_8da4w, micro_bundle_fp32):
     ops = _operators(micro_bundle_8da4w / "backbone.pte")
     layers = [name for name in ops if name.startswith("layer_")]
-    layer_ops = {"cosmoes::rms_norm", "cosmoes::heads", "cosmoes::cached_attention"}
+    layer_ops = {"cosmoes::rms_norm", "cosmoes::heads", "cosmoes::cached_attention", "cosmoes::fp32_linear"}
     assert layers and all(ops[n] == layer_ops | {"cosmoes::int4_linear"} for n in layers)
     assert ops["head"] == {"cosmoes::rms_norm", "cosmoes::int4_linear"}
-    # without quantisation the linears stay XNNPACK's fp32 ones; norms, heads and attention are the project's
+    # with int4 experts every linear of the backbone is the project's: it is lowered without a delegate
+    assert all(not plan.delegates for plan in _plans(micro_bundle_8da4w / "backbone.pte"))
+    # without quantisation the projections stay XNNPACK's fp32 ones; norms, heads, attention and routers are the
+    # project's
     fp32 = _operators(micro_bundle_fp32 / "backbone.pte")
     assert all(fp32[n] == layer_ops for n in layers) and fp32["head"] == {"cosmoes::rms_norm"}
+    assert any(plan.delegates for plan in _plans(micro_bundle_fp32 / "backbone.pte"))
 
 
 def test_a_kv_cache_type_outside_the_list_is_one_line(micro_checkpoint, tmp_path):
