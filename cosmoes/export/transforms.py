@@ -24,7 +24,8 @@ from torch.export import Dim
 from cosmoes.errors import CosmoesError
 from cosmoes.formats import MIN_GROUP
 from cosmoes.model import Transformer, rope_cos_sin
-from cosmoes.ops import Int4Linear, NativeLinear, NativeRMSNorm  # also defines the torch.ops.cosmoes operators the stages call
+# (importing cosmoes.ops also defines the torch.ops.cosmoes operators the stages call)
+from cosmoes.ops import Int4Linear, NativeLinear, NativeRMSNorm
 
 
 class StaticKVCache(nn.Module):
