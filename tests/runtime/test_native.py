@@ -177,9 +177,10 @@ def test_resident_memory_by_kind_keeps_the_embedding_read_in_place(runner, micro
     # backbone.pte's pages, which the embedding's file figure counts, with no XNNPACK: what loading a method adds is
     # its own state); the int4 experts are their file pages, at most 3 per layer (lru:3)
     assert r["experts"]["anon"] == 0
-    # (each method's own state, up to 16 kB: a micro layer's weights are only 12 kB)
+    # (plus each method's own state: ~4 kB, ~25 kB under ASan; a micro layer's weights are only 12 kB, so no copy of
+    # them is what tests/export/test_bundle.py asserts, by the backbone having no delegate)
     for kind, methods in (("attention", m.config["n_layers"] + 1), ("head", 1)):
-        assert r[kind]["anon"] < m.non_expert_bytes[kind] / 1e6 / 4 + methods * 0.016
+        assert r[kind]["anon"] < m.non_expert_bytes[kind] / 1e6 / 4 + methods * 0.032
     segments = m.config["n_layers"] * 3 * max(e["bytes"] for lay in m.experts.values() for e in lay.values())
     assert 0 < r["experts"]["file"] <= (segments + 2 * 4096 * 3 * m.config["n_layers"]) / 1e6
     # the KV caches hold the positions filled, no more than the whole cache
