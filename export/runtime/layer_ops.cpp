@@ -1,5 +1,6 @@
-// cosmoes::rms_norm, cosmoes::heads and cosmoes::fp32_linear: plain loops the compiler vectorises; -ffp-contract=off keeps every product and
-// sum rounded as the torch reference rounds it (heads gives its bits; rms_norm's mean is summed in double instead).
+// cosmoes::rms_norm, cosmoes::heads and cosmoes::fp32_linear: plain loops the compiler vectorises; -ffp-contract=off
+// keeps every product and sum rounded as the torch reference rounds it (heads gives its bits; rms_norm's mean and
+// fp32_linear's dot products are summed in double instead).
 #include "layer_ops.h"
 
 #include <cmath>

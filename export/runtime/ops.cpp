@@ -42,6 +42,14 @@ bool ints(et::Span<et::EValue*> stack, std::initializer_list<size_t> at) {
   return std::all_of(at.begin(), at.end(), [&](size_t i) { return i < stack.size() && stack[i]->isInt(); });
 }
 
+// Resizes out to x's sizes with the last dimension `last` (a linear's output); false if ExecuTorch refuses.
+bool resize_as_linear(Tensor& out, const Tensor& x, int64_t last) {
+  SizesType sizes[8];
+  for (int i = 0; i + 1 < x.dim(); ++i) sizes[i] = x.size(i);
+  sizes[x.dim() - 1] = static_cast<SizesType>(last);
+  return et::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) == et::Error::Ok;
+}
+
 // (q, k_cache, v_cache, L, out) and the return slot.
 void cached_attention_out(et::KernelRuntimeContext& ctx, et::Span<et::EValue*> stack) {
   if (!tensors(stack, {0, 1, 2, 4}) || !ints(stack, {3})) return ctx.fail(et::Error::InvalidArgument);
@@ -81,11 +89,7 @@ void int4_linear_out(et::KernelRuntimeContext& ctx, et::Span<et::EValue*> stack)
   const int64_t padded = (in + group - 1) / group * group, stored = int4::stored_rows(rows);
   if (nibbles.numel() != stored * padded / 2 || scales.numel() != (padded / group) * stored)
     return ctx.fail(et::Error::InvalidArgument);
-  SizesType sizes[8];
-  for (int i = 0; i + 1 < x.dim(); ++i) sizes[i] = x.size(i);
-  sizes[x.dim() - 1] = static_cast<SizesType>(rows);
-  if (et::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) != et::Error::Ok)
-    return ctx.fail(et::Error::InvalidArgument);
+  if (!resize_as_linear(out, x, rows)) return ctx.fail(et::Error::InvalidArgument);
   const int64_t N = x.numel() / in;
   thread_local std::vector<int8_t> q;
   thread_local std::vector<float> sa;
@@ -128,11 +132,7 @@ void fp32_linear_out(et::KernelRuntimeContext& ctx, et::Span<et::EValue*> stack)
       out.scalar_type() != ScalarType::Float || x.dim() < 1 || x.dim() > 8 || w.dim() != 2 || w.size(1) < 1 ||
       w.size(0) < 1 || x.size(x.dim() - 1) != w.size(1))
     return ctx.fail(et::Error::InvalidArgument);
-  SizesType sizes[8];
-  for (int i = 0; i + 1 < x.dim(); ++i) sizes[i] = x.size(i);
-  sizes[x.dim() - 1] = w.size(0);
-  if (et::resize_tensor(out, {sizes, static_cast<size_t>(x.dim())}) != et::Error::Ok)
-    return ctx.fail(et::Error::InvalidArgument);
+  if (!resize_as_linear(out, x, w.size(0))) return ctx.fail(et::Error::InvalidArgument);
   struct Job {
     const float *x, *w;
     float* out;

@@ -293,7 +293,7 @@ void ExpertCache::prefetch(int64_t layer, const std::vector<int64_t>& foretold) 
 }
 
 void ExpertCache::begin_step(int64_t layer, const std::vector<int64_t>& selected) {
-  if (cold_ && !asked_.empty())  // a prefetch the router did not confirm: cold, its bytes leave the page cache
+  if (cold_)  // a prefetch the router did not confirm: cold, its bytes leave the page cache (int4 segments only)
     for (int64_t e : asked_[layer])
       if (std::find(selected.begin(), selected.end(), e) == selected.end())
         segments_->forget(m_.experts[layer][e].offset, m_.experts[layer][e].bytes);

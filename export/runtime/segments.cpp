@@ -53,12 +53,11 @@ SegmentMap::~SegmentMap() {
 
 void SegmentMap::bring_in(int64_t offset, int64_t bytes) const {
   const int64_t page = page_size(), start = offset / page * page;
-  const size_t len = static_cast<size_t>(offset + bytes - start);
   // The mapping is MADV_RANDOM (no read-ahead into the next expert), so a cold segment would be read one 4 KB fault
   // at a time: 17-20 ms per 1 MB expert measured here, against 0.17 ms with the whole range asked for first
   // (docs/export.md). Warm, the request costs ~15 us.
-  ::madvise(base_ + start, len, MADV_WILLNEED);
-  if (::madvise(base_ + start, len, MADV_POPULATE_READ) == 0) return;
+  prefetch(offset, bytes);
+  if (::madvise(base_ + start, static_cast<size_t>(offset + bytes - start), MADV_POPULATE_READ) == 0) return;
   volatile uint8_t sink = 0;
   for (int64_t at = start; at < offset + bytes; at += page) sink = sink + base_[at];
 }

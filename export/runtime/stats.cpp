@@ -47,9 +47,8 @@ StageTimes stages_since(const StageTimes& st0, const StageTimes& st1, double per
 // Decodes until `r` holds `gen` tokens or the run ends; fills the per-token decode figures from the runtime's
 // counters.
 void time_decode(Runtime& rt, Sampler& sampler, int64_t gen, int64_t stop, const TokenSink& sink, RunStats& r) {
-  const int64_t loads0 = rt.expert_stats().loads;
+  const ExpertCounters before = ExpertCounters::of(rt.expert_stats());
   const StageTimes st0 = rt.stage_ms();
-  const double load_ms0 = rt.expert_stats().load_ms;
   auto t1 = Clock::now();
   int64_t steps_run = 0;
   while (static_cast<int64_t>(r.tokens.size()) < gen) {
@@ -58,12 +57,13 @@ void time_decode(Runtime& rt, Sampler& sampler, int64_t gen, int64_t stop, const
     if (!accept(sampler.pick(logits), stop, sink, r)) break;
   }
   double decode_ms = ms(t1);
-  r.loads_decode = rt.expert_stats().loads - loads0;
+  const ExpertCounters t = traffic_between(before, ExpertCounters::of(rt.expert_stats()));
+  r.loads_decode = t.loads;
   r.decode_tok_s = steps_run > 0 ? steps_run / (decode_ms / 1e3) : 0;
   const double steps = static_cast<double>(std::max<int64_t>(1, steps_run));
   r.decode_ms = decode_ms / steps;
   r.decode_stages = stages_since(st0, rt.stage_ms(), steps);
-  r.decode_load_ms = (rt.expert_stats().load_ms - load_ms0) / steps;
+  r.decode_load_ms = t.load_ms / steps;
 }
 
 void write_setup(std::ostream& os, Runtime& rt, const std::vector<int64_t>& prompt, const BenchOptions& o) {
@@ -162,13 +162,13 @@ RunStats time_run(Runtime& rt, const std::vector<int64_t>& prompt, int64_t gen, 
   RunStats r;
   Sampler sampler(sampling.temperature, sampling.top_p, sampling.seed);
   const StageTimes st0 = rt.stage_ms();
-  const double load_ms0 = rt.expert_stats().load_ms;
+  const ExpertCounters before = ExpertCounters::of(rt.expert_stats());
   auto t0 = Clock::now();
   const std::vector<float>& logits = rt.prefill(prompt);
   const double prefill_ms = ms(t0);
   r.prefill_ms = prefill_ms;
   r.prefill_stages = stages_since(st0, rt.stage_ms(), 1.0);
-  r.prefill_load_ms = rt.expert_stats().load_ms - load_ms0;
+  r.prefill_load_ms = traffic_between(before, ExpertCounters::of(rt.expert_stats())).load_ms;
   bool going = accept(sampler.pick(logits), stop, sink, r);
   r.ttft_ms = ms(t0);
   r.prefill_tok_s = prompt.size() / (prefill_ms / 1e3);
