@@ -81,16 +81,6 @@ class Cgroup:
             pass
 
 
-def drop_cache(paths: list[Path]) -> None:
-    """Drop the files' clean pages from the page cache, so a run reads (and is charged for) them itself."""
-    for p in paths:
-        fd = os.open(p, os.O_RDONLY)
-        try:
-            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
-        finally:
-            os.close(fd)
-
-
 def default_cap(bundle: Path, positions: int, overhead_mb: float) -> tuple[int, str]:
     """swap-resident weights + the KV cache of `positions` + the runtime's overhead, and how it adds up.
 
@@ -165,6 +155,7 @@ def measure(args, cap: int) -> dict[tuple[str, str], list[dict]]:
     from cosmoes.bench.harness import bench_prompt
     from cosmoes.export.manifest import load_manifest
     from cosmoes.runtime.native import build_runner
+    from cosmoes.system import drop_cache
 
     exe, bin_dir = build_runner(), build_llamacpp()
     files = [p for p in args.bundle.rglob("*") if p.is_file()] + [args.gguf]

@@ -54,4 +54,22 @@ def cpu_description() -> str:
     return f"{cpu_name()} ({cpu_isa()}), {usable_cores()} cores"
 
 
-__all__ = ["usable_cores", "resolve_threads", "cpu_name", "cpu_isa", "cpu_description"]
+def drop_cache(paths: list[Path]) -> None:
+    """Drop the files' clean pages from the page cache (posix_fadvise), so the next reader reads them from storage.
+
+    Files this process may not read, and systems without posix_fadvise, are left as they are.
+    """
+    if not hasattr(os, "posix_fadvise"):
+        return
+    for p in paths:
+        try:
+            fd = os.open(p, os.O_RDONLY)
+        except OSError:
+            continue
+        try:
+            os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+        finally:
+            os.close(fd)
+
+
+__all__ = ["usable_cores", "resolve_threads", "cpu_name", "cpu_isa", "cpu_description", "drop_cache"]

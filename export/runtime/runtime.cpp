@@ -285,7 +285,7 @@ void ExpertCache::prefetch(int64_t layer, const std::vector<int64_t>& foretold) 
   for (int64_t e : foretold) {
     if (std::find(lru_[layer].begin(), lru_[layer].end(), e) != lru_[layer].end()) continue;
     const ExpertEntry& entry = m_.experts[layer][e];
-    segments_->prefetch(entry.offset, entry.bytes);
+    segments_->prefetch(entry.offset);
     asked.push_back(e);
   }
   stats_.prefetched += static_cast<int64_t>(asked.size());
@@ -296,7 +296,7 @@ void ExpertCache::begin_step(int64_t layer, const std::vector<int64_t>& selected
   if (cold_)  // a prefetch the router did not confirm: cold, its bytes leave the page cache (int4 segments only)
     for (int64_t e : asked_[layer])
       if (std::find(selected.begin(), selected.end(), e) == selected.end())
-        segments_->forget(m_.experts[layer][e].offset, m_.experts[layer][e].bytes);
+        segments_->forget(m_.experts[layer][e].offset);
   if (policy_.kind != Policy::Kind::Swap) return;
   std::vector<int64_t> leaving;
   for (int64_t e : lru_[layer])
@@ -320,7 +320,7 @@ const std::string& ExpertCache::acquire(int64_t layer, int64_t expert) {
   if (segments_) {  // a segment used in place: loading is bringing its pages in
     const ExpertEntry& entry = m_.experts[layer][expert];
     auto t0 = Clock::now();
-    segments_->bring_in(entry.offset, entry.bytes);
+    segments_->bring_in(entry.offset);
     stats_.load_ms += ms_since(t0);
     stats_.loads += 1;
     auto& asked = asked_[layer];
@@ -357,7 +357,7 @@ void ExpertCache::release(int64_t layer, int64_t expert, const std::vector<int64
 void ExpertCache::evict(int64_t layer, int64_t expert) {
   const ExpertEntry& entry = m_.experts[layer][expert];
   if (segments_)
-    segments_->give_back(entry.offset, entry.bytes);
+    segments_->give_back(entry.offset);
   else
     program_->unload_method(entry.method);  // destroys the XNNPACK runtime + packed weights
   lru_[layer].remove(expert);
@@ -536,9 +536,14 @@ void Runtime::open_programs() {
   if (m_.packed_experts()) {
     const std::string file = m_.path(m_.expert_file);
     int4::active_isa();  // a COSMOES_ISA this CPU cannot run is refused here, before any token
-    // a first load then reads its own pages, not the hash's folios (and, cold, reads storage like every other)
-    if (check_sha_ || cold_experts_) forget_cached_pages(file);
-    segments_ = std::make_unique<SegmentMap>(file, m_.expert_file.bytes, cold_experts_);
+    // Cold, a first load reads storage like every other. Warm, the hash's pages stay cached for the loads: each
+    // segment its own mapping, a large folio the read left is mapped whole only within its own expert.
+    if (cold_experts_) forget_cached_pages(file);
+    std::vector<int64_t> offsets;
+    for (const auto& layer : m_.experts)
+      for (const auto& entry : layer) offsets.push_back(entry.offset);
+    segments_ = std::make_unique<SegmentMap>(file, m_.expert_file.bytes, offsets, m_.experts[0][0].bytes,
+                                             cold_experts_);
     expert_layout_ = expert_matrices(m_.dim, m_.ffn_dim, m_.wd_rank, m_.group_size, nullptr);
     experts_ = std::make_unique<ExpertCache>(*segments_, m_, policy_, cold_experts_);
   } else if (m_.is_moe) {

@@ -26,8 +26,9 @@ int64_t page_size() {
 
 }  // namespace
 
-SegmentMap::SegmentMap(const std::string& path, int64_t bytes, bool cold)
-    : path_(path), size_(static_cast<size_t>(bytes)) {
+SegmentMap::SegmentMap(const std::string& path, int64_t bytes, const std::vector<int64_t>& offsets,
+                       int64_t segment_bytes, bool cold)
+    : path_(path) {
   int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
   if (fd < 0) throw Error("cannot open the expert file " + path);
   struct stat st;
@@ -35,48 +36,89 @@ SegmentMap::SegmentMap(const std::string& path, int64_t bytes, bool cold)
     ::close(fd);
     throw Error("the expert file " + path + " changed size since its manifest was checked; re-export the bundle");
   }
-  void* p = ::mmap(nullptr, size_, PROT_READ, MAP_PRIVATE, fd, 0);
-  if (cold && p != MAP_FAILED)
+  try {
+    map_segments(fd, offsets, segment_bytes);
+  } catch (...) {
+    ::close(fd);
+    throw;
+  }
+  if (cold)
     fd_ = fd;
   else
     ::close(fd);
-  if (p == MAP_FAILED) throw Error("cannot map the expert file " + path);
-  base_ = static_cast<uint8_t*>(p);
-  // an expert's pages, not a read-ahead window into the next expert's
-  ::madvise(base_, size_, MADV_RANDOM);
+}
+
+// Each segment its own mapping, a page of reserved address space between two: the kernel cannot merge them, so a
+// fault (which maps a whole large folio of the page cache where it fits in the mapping) or fault-around never maps a
+// neighbouring expert's pages, whatever folio sizes the page cache holds.
+void SegmentMap::map_segments(int fd, const std::vector<int64_t>& offsets, int64_t segment_bytes) {
+  const int64_t page = page_size();
+  std::vector<int64_t> sorted(offsets);
+  std::sort(sorted.begin(), sorted.end());
+  size_t total = 0;
+  for (int64_t offset : sorted) {
+    const int64_t start = offset / page * page, end = (offset + segment_bytes + page - 1) / page * page;
+    slots_.push_back({offset, start, static_cast<size_t>(end - start), nullptr});
+    total += static_cast<size_t>(end - start + page);
+  }
+  void* r = ::mmap(nullptr, total, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (r == MAP_FAILED) throw Error("cannot reserve address space for the expert file " + path_);
+  reserved_ = static_cast<uint8_t*>(r);
+  reserved_size_ = total;
+  uint8_t* at = reserved_;
+  for (Slot& s : slots_) {
+    void* p = ::mmap(at, s.length, PROT_READ, MAP_PRIVATE | MAP_FIXED, fd, static_cast<off_t>(s.file_start));
+    if (p == MAP_FAILED) throw Error("cannot map the expert file " + path_);
+    s.base = static_cast<uint8_t*>(p);
+    // an expert's pages, not a read-ahead window beyond them
+    ::madvise(s.base, s.length, MADV_RANDOM);
+    at += s.length + page;
+  }
 }
 
 SegmentMap::~SegmentMap() {
-  if (base_) ::munmap(base_, size_);
+  if (reserved_) ::munmap(reserved_, reserved_size_);
   if (fd_ >= 0) ::close(fd_);
 }
 
-void SegmentMap::bring_in(int64_t offset, int64_t bytes) const {
-  const int64_t page = page_size(), start = offset / page * page;
-  // The mapping is MADV_RANDOM (no read-ahead into the next expert), so a cold segment would be read one 4 KB fault
-  // at a time: 17-20 ms per 1 MB expert measured here, against 0.17 ms with the whole range asked for first
-  // (docs/export.md). Warm, the request costs ~15 us.
-  prefetch(offset, bytes);
-  if (::madvise(base_ + start, static_cast<size_t>(offset + bytes - start), MADV_POPULATE_READ) == 0) return;
+const SegmentMap::Slot& SegmentMap::slot(int64_t offset) const {
+  auto it = std::lower_bound(slots_.begin(), slots_.end(), offset,
+                             [](const Slot& s, int64_t o) { return s.offset < o; });
+  if (it == slots_.end() || it->offset != offset)
+    throw Error("no expert segment at offset " + std::to_string(offset) + " of " + path_);
+  return *it;
+}
+
+const uint8_t* SegmentMap::at(int64_t offset) const {
+  const Slot& s = slot(offset);
+  return s.base + (offset - s.file_start);
+}
+
+void SegmentMap::bring_in(int64_t offset) const {
+  const Slot& s = slot(offset);
+  // The mapping is MADV_RANDOM (no read-ahead), so a cold segment would be read one 4 KB fault at a time: 17-20 ms
+  // per 1 MB expert measured here, against 0.17 ms with the whole range asked for first (docs/export.md). Warm, the
+  // request costs ~15 us.
+  prefetch(offset);
+  if (::madvise(s.base, s.length, MADV_POPULATE_READ) == 0) return;
   volatile uint8_t sink = 0;
-  for (int64_t at = start; at < offset + bytes; at += page) sink = sink + base_[at];
+  for (size_t at = 0; at < s.length; at += static_cast<size_t>(page_size())) sink = sink + s.base[at];
 }
 
-void SegmentMap::prefetch(int64_t offset, int64_t bytes) const {
-  const int64_t page = page_size(), start = offset / page * page;
-  ::madvise(base_ + start, static_cast<size_t>(offset + bytes - start), MADV_WILLNEED);
+void SegmentMap::prefetch(int64_t offset) const {
+  const Slot& s = slot(offset);
+  ::madvise(s.base, s.length, MADV_WILLNEED);
 }
 
-void SegmentMap::forget(int64_t offset, int64_t bytes) const {
-  if (fd_ >= 0) ::posix_fadvise(fd_, offset, bytes, POSIX_FADV_DONTNEED);
+void SegmentMap::forget(int64_t offset) const {
+  const Slot& s = slot(offset);
+  if (fd_ >= 0) ::posix_fadvise(fd_, s.file_start, static_cast<off_t>(s.length), POSIX_FADV_DONTNEED);
 }
 
-void SegmentMap::give_back(int64_t offset, int64_t bytes) const {
-  const int64_t page = page_size();
-  const int64_t start = (offset + page - 1) / page * page, end = (offset + bytes) / page * page;
-  if (end <= start) return;
-  ::madvise(base_ + start, static_cast<size_t>(end - start), MADV_DONTNEED);
-  if (fd_ >= 0) ::posix_fadvise(fd_, start, end - start, POSIX_FADV_DONTNEED);
+void SegmentMap::give_back(int64_t offset) const {
+  const Slot& s = slot(offset);
+  ::madvise(s.base, s.length, MADV_DONTNEED);
+  if (fd_ >= 0) ::posix_fadvise(fd_, s.file_start, static_cast<off_t>(s.length), POSIX_FADV_DONTNEED);
 }
 
 namespace {

@@ -14,38 +14,50 @@ namespace cosmoes {
 
 using int4::ParallelFor;
 
-// experts.bin mapped read-only (private): the whole file is address space, only brought-in segments are resident.
+// experts.bin mapped read-only (private), each segment its own mapping: only brought-in segments are resident. A
+// segment is named by its offset in the file (the manifest's).
 class SegmentMap {
  public:
   // cold: eviction also drops the segment's bytes from the page cache (posix_fadvise), so every load reads storage;
   // the cold figure next to the warm one, as a phone whose page cache is under pressure sees it.
-  SegmentMap(const std::string& path, int64_t bytes, bool cold = false);
+  SegmentMap(const std::string& path, int64_t bytes, const std::vector<int64_t>& offsets, int64_t segment_bytes,
+             bool cold = false);
   ~SegmentMap();
   SegmentMap(const SegmentMap&) = delete;
   SegmentMap& operator=(const SegmentMap&) = delete;
 
-  const uint8_t* at(int64_t offset) const { return base_ + offset; }
+  const uint8_t* at(int64_t offset) const;
   // Makes the segment's pages resident: the whole range read in large requests (MADV_WILLNEED), then mapped in one
   // call (MADV_POPULATE_READ; a read of each page where the kernel has none), so a load costs the reading of its
   // bytes and the kernels never fault.
-  void bring_in(int64_t offset, int64_t bytes) const;
+  void bring_in(int64_t offset) const;
   // Asks the kernel to start reading the segment into the page cache (MADV_WILLNEED): the reading goes on while the
   // caller computes, and a bring_in of it later finds its pages there. Not free: on cold pages the call allocates
   // them and submits the reads itself (~0.1 ms per 1 MB expert here; a thread of its own measured no better, as the
   // woken thread preempts the caller), ~8 us when they are cached.
-  void prefetch(int64_t offset, int64_t bytes) const;
+  void prefetch(int64_t offset) const;
   // Cold only: drops the segment's bytes from the page cache (a prefetch that went unused must not make a later
   // load warm). Pages this process has mapped stay.
-  void forget(int64_t offset, int64_t bytes) const;
-  // Gives the segment's whole pages back (MADV_DONTNEED): its RSS goes, the page cache keeps the bytes for a warm
-  // reload (unless cold). Pages a neighbouring segment shares stay.
-  void give_back(int64_t offset, int64_t bytes) const;
+  void forget(int64_t offset) const;
+  // Gives the segment's pages back (MADV_DONTNEED on its mapping): its RSS goes, the page cache keeps the bytes for
+  // a warm reload (unless cold).
+  void give_back(int64_t offset) const;
   const std::string& path() const { return path_; }
 
  private:
+  struct Slot {
+    int64_t offset;      // the segment's, in the file
+    int64_t file_start;  // its mapping's: the offset rounded down to a page
+    size_t length;       // whole pages
+    uint8_t* base;
+  };
+  void map_segments(int fd, const std::vector<int64_t>& offsets, int64_t segment_bytes);
+  const Slot& slot(int64_t offset) const;
+
   std::string path_;
-  uint8_t* base_ = nullptr;
-  size_t size_ = 0;
+  std::vector<Slot> slots_;  // by offset
+  uint8_t* reserved_ = nullptr;
+  size_t reserved_size_ = 0;
   int fd_ = -1;  // kept open only when cold
 };
 
