@@ -157,7 +157,7 @@ def measure(args, cap: int) -> dict[tuple[str, str], list[dict]]:
     from cosmoes.runtime.native import build_runner
     from cosmoes.system import drop_cache
 
-    exe, bin_dir = build_runner(), build_llamacpp()
+    exe, bin_dir = args.runner or build_runner(), build_llamacpp()
     files = [p for p in args.bundle.rglob("*") if p.is_file()] + [args.gguf]
     ids = bench_prompt(args.bundle, load_manifest(args.bundle, verify=False), args.prompt_len)
     group = Cgroup(f"cosmoes-capped-{os.getpid()}", cap)
@@ -248,6 +248,7 @@ def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--bundle", type=Path, required=True, help="a bundle with int4 experts (cosmoes export)")
     p.add_argument("--gguf", type=Path, required=True, help="the same weights as GGUF (benchmarks/gguf_peer.py)")
+    p.add_argument("--runner", type=Path, help="a cosmoes_runner binary (default: this checkout's, built on first use)")
     p.add_argument("--policy", default="swap", help="cosmoes expert-cache policy under the cap")
     p.add_argument("--cap-mb", type=float, help="the memory cap; default: swap-resident bytes + the run's KV cache "
                                                 "+ --overhead-mb")
@@ -260,8 +261,8 @@ def main(argv=None) -> None:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds per run")
     p.add_argument("--out", type=Path, required=True)
     args = p.parse_args(argv)
-    for flag, path in (("--bundle", args.bundle), ("--gguf", args.gguf)):
-        if not path.exists():
+    for flag, path in (("--bundle", args.bundle), ("--gguf", args.gguf), ("--runner", args.runner)):
+        if path is not None and not path.exists():
             raise SystemExit(f"error: {flag} {path}: no such file or directory")
     from cosmoes.system import cpu_description
 

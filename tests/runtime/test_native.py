@@ -213,6 +213,15 @@ def test_expert_file_pages_are_the_resident_segments_only(runner, micro_bundle_8
     assert 0 < s["resident_mb"]["experts"]["file"] * 1e6 <= resident * segment_pages + 1e-3
 
 
+def test_the_hashs_page_cache_is_kept_only_when_warm_and_hashed(runner, micro_bundle_8da4w, prompt_ids, tmp_path):
+    """Where memory holds experts.bin twice over (any host running the tests holds the micro one), the pages the
+    open's hash read stay cached for the loads; cold runs drop them, and without a hash there is nothing to keep."""
+    args = ["--prompt-ids", ",".join(map(str, prompt_ids)), "--gen", "4", "--policy", "swap"]
+    kept = {name: run_local(micro_bundle_8da4w, args + extra, tmp_path / f"{name}.json").stats["expert_file_cached"]
+            for name, extra in (("warm", []), ("cold", ["--cold-experts"]), ("unhashed", ["--no-sha"]))}
+    assert kept == {"warm": True, "cold": False, "unhashed": False}
+
+
 def _copy(bundle, tmp_path):
     dst = tmp_path / "bundle"
     shutil.copytree(bundle, dst)
