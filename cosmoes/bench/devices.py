@@ -27,7 +27,7 @@ from cosmoes.errors import CosmoesError
 from cosmoes.artifacts import MANIFEST_NAME
 from cosmoes.export.manifest import Manifest, sha256_file
 from cosmoes.runtime.native import build_runner, last_line, run_local, runner_error
-from cosmoes.system import cpu_name, drop_cache, usable_cores
+from cosmoes.system import cpu_name, usable_cores
 
 REMOTE_ROOT = "/data/local/tmp/cosmoes"
 
@@ -75,10 +75,6 @@ class LocalDevice:
 
     def prepare(self, bundle: Path, manifest: Manifest, prompt_file: Path) -> None:
         self.bundle, self.prompt_path = bundle, str(prompt_file)
-        # Every bench starts from the same page cache, the one an app's first start after a reboot finds: the first
-        # run's open reads the bundle from storage. What earlier runs left there (a cold run's single pages, an
-        # export's writes) would otherwise change what a load costs (docs/export.md, "Each segment its own mapping").
-        drop_cache([p for p in bundle.rglob("*") if p.is_file()])
 
     def run(self, args: list[str], timeout: float) -> dict:
         with tempfile.TemporaryDirectory() as tmp:

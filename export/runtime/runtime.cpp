@@ -536,13 +536,10 @@ void Runtime::open_programs() {
   if (m_.packed_experts()) {
     const std::string file = m_.path(m_.expert_file);
     int4::active_isa();  // a COSMOES_ISA this CPU cannot run is refused here, before any token
-    // Cold, a first load reads storage like every other. Warm, the hash's pages stay cached for the loads (each
-    // segment its own mapping: a large folio the read left is mapped whole only within its own expert), where memory
-    // holds them twice over. Under a tight limit the kernel reclaimed the backbone's read-in-place pages before
-    // them: 155 -> 58 tok/s under a 198 MB cgroup (docs/export.md).
-    const int64_t room = memory_available_bytes();
-    expert_file_cached_ = check_sha_ && !cold_experts_ && (room < 0 || room >= 2 * m_.expert_file.bytes);
-    if (cold_experts_ || (check_sha_ && !expert_file_cached_)) forget_cached_pages(file);
+    // A first load reads its own pages (and, cold, reads storage like every other), not the hash's: keeping the
+    // large folios the hash's read leaves made the expert kernels up to 2x slower on phone-moe, and under a cgroup
+    // cap the kernel reclaimed the backbone's pages before them (docs/export.md, "Each segment its own mapping").
+    if (check_sha_ || cold_experts_) forget_cached_pages(file);
     std::vector<int64_t> offsets;
     for (const auto& layer : m_.experts)
       for (const auto& entry : layer) offsets.push_back(entry.offset);

@@ -128,8 +128,6 @@ class Runtime {
   double arena_resident_mb() const;
   int threads() const { return threads_; }
   bool cold_experts() const { return cold_experts_; }
-  // int4 experts: the open's hash left experts.bin in the page cache and it was kept there for the loads
-  bool expert_file_cached() const { return expert_file_cached_; }
   bool prefetch() const { return prefetch_; }
   const StageTimes& stage_ms() const { return stage_ms_; }
   // Resident memory now by kind: embedding, attention, head, dense_ffn, experts (packed weights anonymous, weights
@@ -185,7 +183,7 @@ class Runtime {
   std::unique_ptr<SpinPool> spin_;  // this runtime's threads for the project's kernels (null: ExecuTorch's pool)
   ExpertStats dense_stats_;
   LoadAccount loaded_;  // anonymous memory each kind of backbone method added when it loaded
-  bool check_sha_ = true, cold_experts_ = false, prefetch_ = false, expert_file_cached_ = false;
+  bool check_sha_ = true, cold_experts_ = false, prefetch_ = false;
   std::vector<int64_t> foretold_;  // the experts the next layer's router picks for a chunk's tokens, a layer early
 
   void open_programs();

@@ -38,7 +38,8 @@ SegmentMap::SegmentMap(const std::string& path, int64_t bytes, const std::vector
   }
   try {
     map_segments(fd, offsets, segment_bytes);
-  } catch (...) {
+  } catch (...) {  // no destructor runs for a half-built object: give back what was mapped
+    if (reserved_) ::munmap(reserved_, reserved_size_);
     ::close(fd);
     throw;
   }

@@ -5,12 +5,9 @@
 #include <unistd.h>
 
 #include <algorithm>
-#include <cerrno>
 #include <chrono>
 #include <cstdio>
-#include <cstdlib>
 #include <cstring>
-#include <string>
 #include <thread>
 #include <vector>
 
@@ -25,76 +22,7 @@ double seconds_since(std::chrono::steady_clock::time_point t0) {
   return std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 }
 
-// A non-negative byte count a kernel file holds, or -1 ("max", unreadable, or not a number: no limit known).
-int64_t bytes_in(const std::string& path) {
-  FILE* f = std::fopen(path.c_str(), "r");
-  if (!f) return -1;
-  char text[64] = {0};
-  const bool got = std::fgets(text, sizeof text, f) != nullptr;
-  std::fclose(f);
-  if (!got) return -1;
-  char* end = nullptr;
-  errno = 0;
-  const long long v = std::strtoll(text, &end, 10);
-  if (end == text || errno != 0 || v < 0 || (*end != '\n' && *end != '\0')) return -1;
-  return static_cast<int64_t>(v);
-}
-
-// The limit less the usage of one cgroup directory, or -1 where it has no limit (or says nothing).
-int64_t headroom(const std::string& dir, const char* limit_file, const char* usage_file) {
-  const int64_t limit = bytes_in(dir + "/" + limit_file), usage = bytes_in(dir + "/" + usage_file);
-  if (limit < 0 || usage < 0) return -1;
-  return std::max<int64_t>(0, limit - usage);
-}
-
-int64_t least(int64_t a, int64_t b) { return a < 0 ? b : (b < 0 ? a : std::min(a, b)); }
-
-// Every memory cgroup this process is in: a v2 group and each of its ancestors, or the v1 memory group.
-int64_t cgroup_headroom() {
-  int64_t out = -1;
-  FILE* f = std::fopen("/proc/self/cgroup", "r");
-  if (!f) return out;
-  char line[4096];
-  while (std::fgets(line, sizeof line, f)) {
-    std::string entry(line);
-    if (!entry.empty() && entry.back() == '\n') entry.pop_back();
-    const size_t a = entry.find(':'), b = a == std::string::npos ? a : entry.find(':', a + 1);
-    if (b == std::string::npos) continue;
-    const std::string controllers = entry.substr(a + 1, b - a - 1);
-    std::string path = entry.substr(b + 1);
-    if (path.find("..") != std::string::npos) continue;
-    if (controllers.empty()) {  // v2: the group and its ancestors each bound it
-      for (;;) {
-        out = least(out, headroom("/sys/fs/cgroup" + path, "memory.max", "memory.current"));
-        const size_t slash = path.find_last_of('/');
-        if (slash == std::string::npos || path == "/") break;
-        path = slash == 0 ? "/" : path.substr(0, slash);
-      }
-    } else if (("," + controllers + ",").find(",memory,") != std::string::npos) {
-      out = least(out, headroom("/sys/fs/cgroup/memory" + path, "memory.limit_in_bytes", "memory.usage_in_bytes"));
-    }
-  }
-  std::fclose(f);
-  return out;
-}
-
 }  // namespace
-
-int64_t memory_available_bytes() {
-#if defined(__linux__)
-  int64_t available = -1;
-  if (FILE* f = std::fopen("/proc/meminfo", "r")) {
-    char line[256];
-    long long kb = 0;
-    while (std::fgets(line, sizeof line, f))
-      if (std::sscanf(line, "MemAvailable: %lld kB", &kb) == 1 && kb >= 0) available = static_cast<int64_t>(kb) * 1024;
-    std::fclose(f);
-  }
-  return least(available, cgroup_headroom());
-#else
-  return -1;
-#endif
-}
 
 Memory process_memory() {
   Memory m;

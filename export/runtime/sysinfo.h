@@ -19,11 +19,6 @@ Memory process_memory();
 // Sequential read bandwidth of RAM in GB/s: `threads` threads summing a buffer of `mb` MB (best of 3 passes).
 double memory_read_gbps(int threads, int mb = 256);
 
-// Bytes this process could still take without anything being reclaimed: the least of /proc/meminfo's MemAvailable
-// and, for each memory cgroup it is in (v2 and its ancestors, or v1), the limit less the usage. -1 where the system
-// does not say (not Linux, or nothing readable).
-int64_t memory_available_bytes();
-
 // Read throughput of a file in MB/s through read(2) (whatever the page cache holds counts as read).
 double file_read_mbps(const std::string& path, int64_t max_bytes);
 
