@@ -28,8 +28,9 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 POLICIES = ("all", "swap", "lru:4")
-FIELDS = ("decode_tok_s", "prefill_tok_s", "expert_load_ms_mean", "expert_read_ms", "expert_loads_decode",
-          "peak_rss_mb")
+FIELDS = ("decode_tok_s", "prefill_tok_s", "expert_load_ms_mean", "expert_evict_ms_mean", "expert_read_ms",
+          "expert_loads_decode", "peak_rss_mb")
+STAGES = ("layers", "experts", "expert_loads", "expert_evictions", "head", "other")  # decode_breakdown_ms
 
 
 def variants(args) -> list[tuple[str, Path, str, list[str]]]:
@@ -65,13 +66,16 @@ def measure(args) -> list[dict]:
                 runs.setdefault((label, policy), []).append(stats)
                 print(f"round {r + 1}/{args.rounds} {label:9s} {policy:6s} decode {stats['decode_tok_s']:6.1f} "
                       f"prefill {stats['prefill_tok_s']:6.1f} tok/s  load {stats.get('expert_load_ms_mean', 0):.3f} "
-                      f"ms  read {stats.get('expert_read_ms', 0):.3f} ms", flush=True)
+                      f"ms  evict {stats.get('expert_evict_ms_mean', 0):.3f} ms  "
+                      f"read {stats.get('expert_read_ms', 0):.3f} ms", flush=True)
     rows = []
     for (label, policy), stats in runs.items():
         row = {"layout": label, "policy": policy, "rounds": len(stats),
                "expert_kernels": stats[-1].get("expert_kernels", "?")}
         for f in FIELDS:
             row[f] = statistics.median(s.get(f, 0.0) for s in stats)
+        row["decode_breakdown_ms"] = {k: statistics.median(s.get("decode_breakdown_ms", {}).get(k, 0.0) for s in stats)
+                                      for k in STAGES}
         row["tokens_agree"] = all(s["tokens"] == stats[0]["tokens"] for s in stats)
         rows.append(row)
     return rows
@@ -106,12 +110,18 @@ def ratios(rows: list[dict]) -> list[tuple[str, float | None, str]]:
 
 def render(rows: list[dict], args, header: str) -> str:
     lines = [f"# Expert loads: int4 segments in place vs XNNPACK methods ({args.int4.name})", "", header, "",
-             "| layout | policy | kernels | decode tok/s | prefill tok/s | load ms (mean) | read ms | loads / token "
-             "| peak RSS MB |", "|---|---|---|---:|---:|---:|---:|---:|---:|"]
+             "| layout | policy | kernels | decode tok/s | prefill tok/s | load ms (mean) | evict ms (mean) | read ms "
+             f"| loads / {args.gen} new tokens | peak RSS MB |", "|---|---|---|---:|---:|---:|---:|---:|---:|---:|"]
     for r in rows:
         lines.append(f"| {r['layout']} | {r['policy']} | {r['expert_kernels']} | {r['decode_tok_s']:.1f} | "
-                     f"{r['prefill_tok_s']:.1f} | {r['expert_load_ms_mean']:.3f} | {r['expert_read_ms']:.3f} | "
-                     f"{r['expert_loads_decode']:.1f} | {r['peak_rss_mb']:.1f} |")
+                     f"{r['prefill_tok_s']:.1f} | {r['expert_load_ms_mean']:.3f} | {r['expert_evict_ms_mean']:.3f} | "
+                     f"{r['expert_read_ms']:.3f} | {r['expert_loads_decode']:.1f} | {r['peak_rss_mb']:.1f} |")
+    lines += ["", "Where a decoded token's time goes, ms (medians; `other`: what no counter covers):", "",
+              "| layout | policy | " + " | ".join(STAGES) + " | total |", "|---|---|" + "---:|" * (len(STAGES) + 1)]
+    for r in rows:
+        b = r["decode_breakdown_ms"]
+        lines.append(f"| {r['layout']} | {r['policy']} | " + " | ".join(f"{b[k]:.3f}" for k in STAGES)
+                     + f" | {sum(b.values()):.3f} |")
     lines += ["", "| figure | value | target |", "|---|---:|---|"]
     for what, value, target in ratios(rows):
         lines.append(f"| {what} | {'-' if value is None else f'{value:.2f}'} | {target} |")

@@ -234,7 +234,8 @@ def eager_baseline(manifest: Manifest, prompt: list[int], cfg: BenchConfig, log)
 COLUMNS = [("policy", "policy", "{}"), ("decode_tok_s", "decode tok/s", "{:.1f}"), ("ttft_ms", "TTFT ms", "{:.1f}"),
            ("prefill_tok_s", "prefill tok/s", "{:.0f}"), ("peak_rss_mb", "peak RSS MB", "{:.1f}"),
            ("expert_loads", "loads", "{:.0f}"), ("expert_loads_decode", "loads/decode", "{:.0f}"),
-           ("expert_load_ms_mean", "ms/load", "{:.2f}"), ("expert_read_ms", "read ms", "{:.2f}"),
+           ("expert_load_ms_mean", "ms/load", "{:.3f}"), ("expert_evict_ms_mean", "ms/evict", "{:.3f}"),
+           ("expert_read_ms", "read ms", "{:.2f}"),
            ("exrep_mean", "ExRep", "{:.3f}"), ("peak_rss_vs_active", "RSS/active", "{:.2f}"),
            ("roofline_fraction", "roofline", "{:.2f}")]
 

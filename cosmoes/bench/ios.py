@@ -30,7 +30,8 @@ REQUIRED = {"policy": TEXT, "prompt_tokens": INTEGER, "generated_tokens": INTEGE
             "expert_loads": INTEGER, "expert_evictions": INTEGER, "expert_loads_decode": NUMBER,
             "non_expert_mb": NUMBER, "active_expert_mb": NUMBER, "exrep_mean": NUMBER, "tokens": LIST,
             "device": OBJECT}
-OPTIONAL = {"resident_per_layer": LIST, "arena_mb": NUMBER, "expert_load_ms_mean": NUMBER, "mem_read_gb_s": NUMBER,
+OPTIONAL = {"resident_per_layer": LIST, "arena_mb": NUMBER, "expert_load_ms_mean": NUMBER,
+            "expert_evict_ms_mean": NUMBER, "mem_read_gb_s": NUMBER,
             "resident_mb": OBJECT, "rss_after_load_mb": NUMBER}
 
 

@@ -115,6 +115,7 @@ class RuntimeStats:
     loads: int = 0
     evictions: int = 0
     load_ms: float = 0.0
+    evict_ms: float = 0.0  # giving experts back (their methods freed; on_evict)
     resident_peak: int = 0  # most experts resident at once, all layers together
     resident_peak_per_layer: list[int] = field(default_factory=list)
     # prefetch=True: experts asked for a layer ahead (not resident then), and loads that found theirs asked for
@@ -142,6 +143,7 @@ class RuntimeStats:
         """JSON-ready counters; the raw selections are summarised as ExRep."""
         exrep = self.exrep()
         return {"loads": self.loads, "evictions": self.evictions, "load_ms": round(self.load_ms, 3),
+                "evict_ms": round(self.evict_ms, 3),
                 "prefetched": self.prefetched, "prefetch_hits": self.prefetch_hits,
                 "resident_peak": self.resident_peak, "resident_peak_per_layer": list(self.resident_peak_per_layer),
                 "tokens": len(self.selected(0)) if self.selections else 0,
@@ -199,12 +201,14 @@ class ExpertCache:
     def _evict(self, layer: int, experts: list[int]) -> None:
         if not experts:
             return
+        t0 = time.perf_counter()
         for e in experts:
             del self.layers[layer][e]  # the last reference: ExecuTorch frees the method and its packed weights
             if self.on_evict is not None:
                 self.on_evict(layer, e)
-        self.stats.evictions += len(experts)
         release_heap()
+        self.stats.evict_ms += (time.perf_counter() - t0) * 1e3
+        self.stats.evictions += len(experts)
 
 
 class BundleRuntime:

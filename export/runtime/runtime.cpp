@@ -356,10 +356,12 @@ void ExpertCache::release(int64_t layer, int64_t expert, const std::vector<int64
 
 void ExpertCache::evict(int64_t layer, int64_t expert) {
   const ExpertEntry& entry = m_.experts[layer][expert];
+  auto t0 = Clock::now();
   if (segments_)
     segments_->give_back(entry.offset);
   else
     program_->unload_method(entry.method);  // destroys the XNNPACK runtime + packed weights
+  stats_.evict_ms += ms_since(t0);
   lru_[layer].remove(expert);
   stats_.evictions += 1;
 }

@@ -41,6 +41,7 @@ struct Policy {
 struct ExpertStats {
   int64_t loads = 0, evictions = 0;
   double load_ms = 0.0;
+  double evict_ms = 0.0;  // giving resident experts back (unmapping their pages; unloading their methods)
   int64_t resident_peak = 0;
   // anonymous memory added by the first loads (an expert's packed weights), to size the resident experts by
   double packed_mb_sum = 0;

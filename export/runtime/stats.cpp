@@ -64,6 +64,7 @@ void time_decode(Runtime& rt, Sampler& sampler, int64_t gen, int64_t stop, const
   r.decode_ms = decode_ms / steps;
   r.decode_stages = stages_since(st0, rt.stage_ms(), steps);
   r.decode_load_ms = t.load_ms / steps;
+  r.decode_evict_ms = t.evict_ms / steps;
 }
 
 void write_setup(std::ostream& os, Runtime& rt, const std::vector<int64_t>& prompt, const BenchOptions& o) {
@@ -119,6 +120,8 @@ void write_experts(std::ostream& os, Runtime& rt, const SessionStats& s) {
   os << ", \"expert_loads\": " << t.loads << ", \"expert_evictions\": " << t.evictions
      << ", \"expert_load_ms\": " << t.load_ms
      << ", \"expert_load_ms_mean\": " << (t.loads ? t.load_ms / t.loads : 0.0)
+     << ", \"expert_evict_ms\": " << t.evict_ms
+     << ", \"expert_evict_ms_mean\": " << (t.evictions ? t.evict_ms / t.evictions : 0.0)
      << ", \"expert_loads_decode\": " << median(loads_decode)
      << ", \"expert_resident_peak\": " << rt.expert_stats().resident_peak
      // --prefetch: experts asked for a layer ahead, the loads that found theirs asked for, and the asking's time
@@ -140,18 +143,18 @@ void write_probes(std::ostream& os, Runtime& rt, const SessionStats& s) {
 }
 
 // One breakdown object; "other" is what no counter covers.
-void write_stages(std::ostream& os, const StageTimes& st, double load_ms, double total_ms) {
+void write_stages(std::ostream& os, const StageTimes& st, double load_ms, double evict_ms, double total_ms) {
   os << "{\"embed\": " << st.embed << ", \"layers\": " << st.layers << ", \"experts\": " << st.experts
-     << ", \"expert_loads\": " << load_ms << ", \"head\": " << st.head
-     << ", \"other\": " << total_ms - st.embed - st.layers - st.experts - st.head - load_ms << "}";
+     << ", \"expert_loads\": " << load_ms << ", \"expert_evictions\": " << evict_ms << ", \"head\": " << st.head
+     << ", \"other\": " << total_ms - st.embed - st.layers - st.experts - st.head - load_ms - evict_ms << "}";
 }
 
 // The breakdown of one run (the last), in ms per decoded token and in ms for the whole prompt.
 void write_breakdown(std::ostream& os, const RunStats& last) {
   os << ", \"decode_ms_per_token\": " << last.decode_ms << ", \"decode_breakdown_ms\": ";
-  write_stages(os, last.decode_stages, last.decode_load_ms, last.decode_ms);
+  write_stages(os, last.decode_stages, last.decode_load_ms, last.decode_evict_ms, last.decode_ms);
   os << ", \"prefill_breakdown_ms\": ";
-  write_stages(os, last.prefill_stages, last.prefill_load_ms, last.prefill_ms);
+  write_stages(os, last.prefill_stages, last.prefill_load_ms, last.prefill_evict_ms, last.prefill_ms);
   os << ", \"tokens\": " << list(last.tokens) << "}";
 }
 
@@ -168,7 +171,9 @@ RunStats time_run(Runtime& rt, const std::vector<int64_t>& prompt, int64_t gen, 
   const double prefill_ms = ms(t0);
   r.prefill_ms = prefill_ms;
   r.prefill_stages = stages_since(st0, rt.stage_ms(), 1.0);
-  r.prefill_load_ms = traffic_between(before, ExpertCounters::of(rt.expert_stats())).load_ms;
+  const ExpertCounters prefill = traffic_between(before, ExpertCounters::of(rt.expert_stats()));
+  r.prefill_load_ms = prefill.load_ms;
+  r.prefill_evict_ms = prefill.evict_ms;
   bool going = accept(sampler.pick(logits), stop, sink, r);
   r.ttft_ms = ms(t0);
   r.prefill_tok_s = prompt.size() / (prefill_ms / 1e3);
@@ -178,7 +183,8 @@ RunStats time_run(Runtime& rt, const std::vector<int64_t>& prompt, int64_t gen, 
 
 ExpertCounters traffic_between(const ExpertCounters& a, const ExpertCounters& b) {
   return {b.loads - a.loads, b.evictions - a.evictions, b.prefetched - a.prefetched,
-          b.prefetch_hits - a.prefetch_hits, b.load_ms - a.load_ms, b.prefetch_ms - a.prefetch_ms};
+          b.prefetch_hits - a.prefetch_hits, b.load_ms - a.load_ms, b.prefetch_ms - a.prefetch_ms,
+          b.evict_ms - a.evict_ms};
 }
 
 SessionStats measure(Runtime& rt, const std::vector<int64_t>& prompt, const BenchOptions& o, const Memory& baseline,

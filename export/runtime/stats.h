@@ -35,9 +35,11 @@ struct RunStats {
   double decode_ms = 0;        // per decoded token
   StageTimes decode_stages;    // per decoded token: ms executing each kind of method
   double decode_load_ms = 0;   // per decoded token: ms loading experts
+  double decode_evict_ms = 0;  // per decoded token: ms evicting them
   double prefill_ms = 0;       // the whole prompt
   StageTimes prefill_stages;   // the whole prompt: ms executing each kind of method
   double prefill_load_ms = 0;  // the whole prompt: ms loading experts
+  double prefill_evict_ms = 0;  // the whole prompt: ms evicting them
   int64_t loads_decode = 0;
   std::vector<int64_t> tokens;
 };
@@ -45,9 +47,9 @@ struct RunStats {
 // The expert cache's counters at one moment; two readings give what a span of runs did.
 struct ExpertCounters {
   int64_t loads = 0, evictions = 0, prefetched = 0, prefetch_hits = 0;
-  double load_ms = 0, prefetch_ms = 0;
+  double load_ms = 0, prefetch_ms = 0, evict_ms = 0;
   static ExpertCounters of(const ExpertStats& s) {
-    return {s.loads, s.evictions, s.prefetched, s.prefetch_hits, s.load_ms, s.prefetch_ms};
+    return {s.loads, s.evictions, s.prefetched, s.prefetch_hits, s.load_ms, s.prefetch_ms, s.evict_ms};
   }
 };
 

@@ -22,8 +22,8 @@ DRIVER = "org.cosmoes.testing.SessionDriverKt"
 BENCH = "org.cosmoes.testing.FakeBenchActivityKt"
 # what `cosmoes bench` reads from a run's statistics (its table's columns and harness.derived)
 BENCH_KEYS = {"policy", "decode_tok_s", "ttft_ms", "prefill_tok_s", "peak_rss_mb", "expert_loads",
-              "expert_loads_decode", "expert_load_ms_mean", "exrep_mean", "active_expert_mb", "prompt_tokens",
-              "generated_tokens", "arena_mb", "rss_baseline_mb", "tokens", "threads"}
+              "expert_loads_decode", "expert_load_ms_mean", "expert_evict_ms_mean", "exrep_mean", "active_expert_mb",
+              "prompt_tokens", "generated_tokens", "arena_mb", "rss_baseline_mb", "tokens", "threads"}
 
 
 @pytest.fixture(scope="module")

@@ -118,6 +118,12 @@ def test_statistics_line(runner, micro_bundle_8da4w, prompt_ids, tmp_path):
     assert 0 < s["rss_after_load_mb"] <= s["peak_rss_mb"]
     assert s["decode_tok_s"] > 0 and s["prefill_tok_s"] > 0 and s["ttft_ms"] > 0 and s["model_load_ms"] > 0
     assert s["expert_loads"] > 0 and s["expert_load_ms"] > 0 and len(s["exrep_per_layer"]) == 2
+    # evictions timed apart from loads, per token in the breakdown, and what no counter covers is what is left
+    assert s["expert_evictions"] > 0 and s["expert_evict_ms"] > 0
+    assert s["expert_evict_ms_mean"] == pytest.approx(s["expert_evict_ms"] / s["expert_evictions"], rel=1e-3)
+    stages = s["decode_breakdown_ms"]
+    assert stages["expert_evictions"] > 0
+    assert sum(stages.values()) == pytest.approx(s["decode_ms_per_token"], rel=1e-3)
     assert s["mem_read_gb_s"] > 0 and s["file_read_mb_s"] > 0 and s["expert_read_ms"] > 0
     assert s["rss_end_anon_mb"] + s["rss_end_file_mb"] == pytest.approx(s["rss_end_mb"], abs=0.5)
 

@@ -94,6 +94,7 @@ def test_policies_load_counts_and_resident_limits(micro_bundle_fp32):
         resident = sum(len(rt.resident(layer)) for layer in range(n_layers))
         assert rt.stats.loads - rt.stats.evictions == resident
         assert rt.stats.load_ms > 0
+        assert (rt.stats.evict_ms > 0) == (rt.stats.evictions > 0)  # evictions timed apart from loads
 
 
 @torch.no_grad()

@@ -156,9 +156,12 @@ public enum BenchRun {
         object["decode_tok_s_runs"] = numbers("decode_tok_s")
         let loads = numbers("expert_loads").reduce(0, +), loadMs = numbers("expert_load_ms").reduce(0, +)
         object["expert_loads"] = Int(loads)
-        object["expert_evictions"] = Int(numbers("expert_evictions").reduce(0, +))
+        let evictions = numbers("expert_evictions").reduce(0, +), evictMs = numbers("expert_evict_ms").reduce(0, +)
+        object["expert_evictions"] = Int(evictions)
         object["expert_load_ms"] = loadMs
         object["expert_load_ms_mean"] = loads > 0 ? loadMs / loads : 0
+        object["expert_evict_ms"] = evictMs
+        object["expert_evict_ms_mean"] = evictions > 0 ? evictMs / evictions : 0
         object["warmup"] = warmup
         object["repeats"] = runs.count
         object["client"] = client

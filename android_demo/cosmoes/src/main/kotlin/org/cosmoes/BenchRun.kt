@@ -100,13 +100,16 @@ object BenchRun {
         }
         val loads = each.sumOf { it.getLong("expert_loads") }
         val loadMs = each.sumOf { it.getDouble("expert_load_ms") }
+        val evictions = each.sumOf { it.getLong("expert_evictions") }
+        val evictMs = each.sumOf { it.optDouble("expert_evict_ms", 0.0) }
         return each.last()
             .put("ttft_ms", median("ttft_ms")).put("prefill_tok_s", median("prefill_tok_s"))
             .put("decode_tok_s", median("decode_tok_s"))
             .put("decode_tok_s_runs", JSONArray(each.map { it.getDouble("decode_tok_s") }))
             .put("expert_loads_decode", median("expert_loads_decode"))
-            .put("expert_loads", loads).put("expert_evictions", each.sumOf { it.getLong("expert_evictions") })
+            .put("expert_loads", loads).put("expert_evictions", evictions)
             .put("expert_load_ms", loadMs).put("expert_load_ms_mean", if (loads > 0) loadMs / loads else 0.0)
+            .put("expert_evict_ms", evictMs).put("expert_evict_ms_mean", if (evictions > 0) evictMs / evictions else 0.0)
             .put("warmup", r.warmup).put("repeats", r.repeats).put("client", CLIENT).put("prompt_kind", promptKind)
             .put("device", JSONObject(r.device as Map<*, *>))
     }
