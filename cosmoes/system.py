@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 from pathlib import Path
 
 
@@ -60,12 +61,11 @@ def cpu_cache(root: Path = Path("/sys/devices/system/cpu/cpu0/cache")) -> str:
             size = (index / "size").read_text().strip()
         except (OSError, ValueError):
             continue
-        unit = {"K": 1024, "M": 1024 ** 2}.get(size[-1:], 1)
-        digits = size[:-1] if size[-1:] in "KM" else size
-        if kind == "Instruction" or not digits.isdigit() or int(digits) <= 0:
+        number = re.fullmatch(r"(\d+)([KM]?)", size)  # sysfs writes e.g. "491520K"
+        if kind == "Instruction" or not number or int(number[1]) == 0:
             continue
         if best is None or level > best[0]:
-            best = (level, int(digits) * unit)
+            best = (level, int(number[1]) * {"": 1, "K": 1024, "M": 1024 ** 2}[number[2]])
     if best is None:
         return ""
     level, size = best

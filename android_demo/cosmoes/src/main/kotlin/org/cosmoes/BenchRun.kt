@@ -101,7 +101,7 @@ object BenchRun {
         val loads = each.sumOf { it.getLong("expert_loads") }
         val loadMs = each.sumOf { it.getDouble("expert_load_ms") }
         val evictions = each.sumOf { it.getLong("expert_evictions") }
-        val evictMs = each.sumOf { it.optDouble("expert_evict_ms", 0.0) }
+        val evictMs = each.sumOf { it.getDouble("expert_evict_ms") }
         return each.last()
             .put("ttft_ms", median("ttft_ms")).put("prefill_tok_s", median("prefill_tok_s"))
             .put("decode_tok_s", median("decode_tok_s"))
