@@ -109,9 +109,12 @@ def test_table_and_report_show_the_phone_files(micro_bundle_8da4w, files, phone_
      "missing field 'decode_tok_s'"),
     (lambda text: json.dumps({k: v for k, v in json.loads(text).items() if k != "device"}), "missing field 'device'"),
     (lambda text: json.dumps(dict(json.loads(text), peak_rss_mb="a lot")), "field 'peak_rss_mb' must be a number"),
+    (lambda text: json.dumps(dict(json.loads(text), expert_evict_ms_mean="slow")),
+     "field 'expert_evict_ms_mean' must be a number"),
     (lambda text: json.dumps(dict(json.loads(text), non_expert_mb=123.0)), "statistics of another bundle"),
     (lambda text: "[1, 2]", "not a statistics object"),
-], ids=["error", "truncated", "missing-field", "no-device", "wrong-type", "other-bundle", "not-object"])
+], ids=["error", "truncated", "missing-field", "no-device", "wrong-type", "wrong-type-optional", "other-bundle",
+         "not-object"])
 def test_a_bad_file_is_one_line_naming_it(micro_bundle_8da4w, files, tmp_path, cli, damage, expected):
     good = files["runner-swap"]
     bad = tmp_path / "from-the-phone.json"
