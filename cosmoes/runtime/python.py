@@ -8,7 +8,8 @@ method is loaded only when the router first selects it, and released according t
   swap   Eq. 8: per layer exactly the currently selected experts S are resident; when S != S_prev the experts
          N = S_prev minus S are evicted first, then the missing members of S are loaded. A prefill chunk runs
          each of its experts in turn and keeps only the last token's set, so at most top_k + 1 are ever resident
-  lru:N  at most N experts per layer (N >= top_k); the least recently used one is evicted first
+  lru:N  at most N experts per layer (N >= top_k); a load evicts the least recently used expert that the step
+         does not still need
 """
 
 from __future__ import annotations
@@ -158,6 +159,7 @@ class ExpertCache:
         self.policy, self.loader, self.on_evict = policy, loader, on_evict
         self.layers: list[OrderedDict[int, object]] = [OrderedDict() for _ in range(n_layers)]
         self.asked: list[list[int]] = [[] for _ in range(n_layers)]
+        self.pending: list[list[int]] = [[] for _ in range(n_layers)]  # the step's experts not run yet
         self.stats = RuntimeStats(num_experts=num_experts, resident_peak_per_layer=[0] * n_layers,
                                   selections=[[] for _ in range(n_layers)])
 
@@ -172,17 +174,20 @@ class ExpertCache:
 
     def begin_step(self, layer: int, selected: Sequence[int]) -> None:
         """A layer's FFN is about to run experts S: under swap, evict S_prev minus S before anything loads."""
+        self.pending[layer] = list(selected)
         if self.policy.kind == "swap":
             self._evict(layer, [e for e in self.layers[layer] if e not in selected])
 
     def get(self, layer: int, expert: int):
         """The method of one expert, loaded if needed (lru evicts first, so N is never exceeded)."""
-        lay = self.layers[layer]
+        lay, pending = self.layers[layer], self.pending[layer]
+        if expert in pending:
+            pending.remove(expert)
         if expert in lay:
             lay.move_to_end(expert)
             return lay[expert]
         if self.policy.kind == "lru" and len(lay) >= self.policy.capacity:
-            self._evict(layer, [next(iter(lay))])
+            self._evict(layer, [self._victim(layer)])
         t0 = time.perf_counter()
         lay[expert] = self.loader(layer, expert)
         self.stats.load_ms += (time.perf_counter() - t0) * 1e3
@@ -191,6 +196,12 @@ class ExpertCache:
         self.stats.resident_peak_per_layer[layer] = max(self.stats.resident_peak_per_layer[layer], len(lay))
         self.stats.resident_peak = max(self.stats.resident_peak, sum(len(x) for x in self.layers))
         return lay[expert]
+
+    def _victim(self, layer: int) -> int:
+        """The least recently used expert the step will not run again: evicting one it still needs (resident, but
+        later in ascending order than the miss) would only load it back a moment later."""
+        lay, pending = self.layers[layer], self.pending[layer]
+        return next((e for e in lay if e not in pending), next(iter(lay)))
 
     def release(self, layer: int, expert: int, keep: Sequence[int]) -> None:
         """The expert has run. Under swap, a multi-token step (prefill) keeps only its last token's experts, so

@@ -263,12 +263,13 @@ Policy Policy::from_budget(const BundleManifest& m, int64_t budget_bytes) {
 // -- ExpertCache ------------------------------------------------------------------------------------------------
 ExpertCache::ExpertCache(Module& program, executorch::runtime::HierarchicalAllocator* planned, const BundleManifest& m,
                          Policy policy)
-    : program_(&program), planned_(planned), m_(m), policy_(policy), lru_(m.n_layers) {
+    : program_(&program), planned_(planned), m_(m), policy_(policy), lru_(m.n_layers), pending_(m.n_layers) {
   stats_.selections.resize(m.n_layers);
 }
 
 ExpertCache::ExpertCache(const SegmentMap& segments, const BundleManifest& m, Policy policy, bool cold)
-    : segments_(&segments), m_(m), policy_(policy), lru_(m.n_layers), asked_(m.n_layers), cold_(cold) {
+    : segments_(&segments), m_(m), policy_(policy), lru_(m.n_layers), asked_(m.n_layers), pending_(m.n_layers),
+      cold_(cold) {
   stats_.selections.resize(m.n_layers);
 }
 
@@ -293,6 +294,7 @@ void ExpertCache::prefetch(int64_t layer, const std::vector<int64_t>& foretold) 
 }
 
 void ExpertCache::begin_step(int64_t layer, const std::vector<int64_t>& selected) {
+  pending_[layer] = selected;
   if (cold_)  // a prefetch the router did not confirm: cold, its bytes leave the page cache (int4 segments only)
     for (int64_t e : asked_[layer])
       if (std::find(selected.begin(), selected.end(), e) == selected.end())
@@ -308,20 +310,18 @@ constexpr int64_t kPackedSamples = 16;
 
 const std::string& ExpertCache::acquire(int64_t layer, int64_t expert) {
   auto& order = lru_[layer];
+  auto& pending = pending_[layer];
+  pending.erase(std::remove(pending.begin(), pending.end(), expert), pending.end());
   const std::string& method = m_.experts[layer][expert].method;
   auto it = std::find(order.begin(), order.end(), expert);
   if (it != order.end()) {
     order.splice(order.end(), order, it);
     return method;
   }
-  if (policy_.kind == Policy::Kind::Lru && static_cast<int64_t>(order.size()) >= policy_.capacity) {
-    evict(layer, order.front());
-  }
+  if (policy_.kind == Policy::Kind::Lru && static_cast<int64_t>(order.size()) >= policy_.capacity)
+    evict(layer, victim(layer));
   if (segments_) {  // a segment used in place: loading is bringing its pages in
-    const ExpertEntry& entry = m_.experts[layer][expert];
-    auto t0 = Clock::now();
-    segments_->bring_in(entry.offset);
-    stats_.load_ms += ms_since(t0);
+    page(m_.experts[layer][expert].offset, true);
     stats_.loads += 1;
     auto& asked = asked_[layer];
     if (std::find(asked.begin(), asked.end(), expert) != asked.end()) stats_.prefetch_hits += 1;
@@ -349,6 +349,15 @@ const std::string& ExpertCache::acquire(int64_t layer, int64_t expert) {
   return method;
 }
 
+// The least recently used expert the step will not run again: evicting one it still needs (resident, but later in
+// ascending order than the miss) would only load it back a moment later.
+int64_t ExpertCache::victim(int64_t layer) const {
+  const auto& pending = pending_[layer];
+  for (int64_t e : lru_[layer])
+    if (std::find(pending.begin(), pending.end(), e) == pending.end()) return e;
+  return lru_[layer].front();
+}
+
 void ExpertCache::release(int64_t layer, int64_t expert, const std::vector<int64_t>& keep) {
   if (policy_.kind != Policy::Kind::Swap || std::find(keep.begin(), keep.end(), expert) != keep.end()) return;
   evict(layer, expert);
@@ -356,14 +365,40 @@ void ExpertCache::release(int64_t layer, int64_t expert, const std::vector<int64
 
 void ExpertCache::evict(int64_t layer, int64_t expert) {
   const ExpertEntry& entry = m_.experts[layer][expert];
-  auto t0 = Clock::now();
-  if (segments_)
-    segments_->give_back(entry.offset);
-  else
+  if (segments_) {
+    page(entry.offset, false);
+  } else {
+    auto t0 = Clock::now();
     program_->unload_method(entry.method);  // destroys the XNNPACK runtime + packed weights
-  stats_.evict_ms += ms_since(t0);
+    stats_.evict_ms += ms_since(t0);
+  }
   lru_[layer].remove(expert);
   stats_.evictions += 1;
+}
+
+// A segment's pages in or out, now or (deferred) in run_paging's turn.
+void ExpertCache::page(int64_t offset, bool in) {
+  if (defer_) {
+    paging_.emplace_back(offset, in);
+    return;
+  }
+  auto t0 = Clock::now();
+  in ? segments_->bring_in(offset) : segments_->give_back(offset);
+  (in ? stats_.load_ms : stats_.evict_ms) += ms_since(t0);
+}
+
+double ExpertCache::run_paging() {
+  auto t0 = Clock::now();
+  const bool deferred = defer_;
+  defer_ = false;
+  for (const auto& [offset, in] : paging_) page(offset, in);
+  paging_.clear();
+  defer_ = deferred;
+  return ms_since(t0);
+}
+
+bool ExpertCache::resident(int64_t layer, int64_t expert) const {
+  return std::find(lru_[layer].begin(), lru_[layer].end(), expert) != lru_[layer].end();
 }
 
 std::vector<double> ExpertStats::exrep_per_layer(int64_t num_experts) const {
@@ -692,11 +727,14 @@ void Runtime::moe(int64_t layer, const std::vector<float>& x_TD, const std::vect
   std::vector<int64_t> selected(ids_TK);
   std::sort(selected.begin(), selected.end());
   selected.erase(std::unique(selected.begin(), selected.end()), selected.end());
+  const bool beside = side_by_side(selected.size());
+  // side by side on the spinning pool, the step's page work waits for one thread while the others start on the
+  // experts already resident (see moe_side_by_side)
+  experts_->defer_paging(beside && pool_spins());
   experts_->begin_step(layer, selected);
   std::fill(out_TD.begin(), out_TD.end(), 0.f);
   const std::vector<int64_t> last(ids_TK.end() - K, ids_TK.end());
-  if (side_by_side(selected.size()))
-    return moe_side_by_side(layer, x_TD, selected, weights_TK, ids_TK, last, out_TD);
+  if (beside) return moe_side_by_side(layer, x_TD, selected, weights_TK, ids_TK, last, out_TD);
   ExpertWork& work = serial_;
   for (int64_t e : selected) {  // ascending, as the eager model, so fp32 sums are added in the same order
     work.route(ids_TK, K, e);
@@ -740,36 +778,68 @@ void Runtime::moe_side_by_side(int64_t layer, const std::vector<float>& x_TD, co
   const int64_t D = m_.dim, K = m_.top_k, n = static_cast<int64_t>(selected.size());
   // grown, never shrunk: a decode step after a prefill would free (munmap) the scratch the next prefill needs
   if (side_.size() < selected.size()) side_.resize(selected.size());
+  std::vector<int64_t> resident, missing;  // indices into selected
   for (int64_t i = 0; i < n; ++i) {
     side_[i].route(ids_TK, K, selected[i]);
-    experts_->acquire(layer, selected[i]);
+    (experts_->resident(layer, selected[i]) ? resident : missing).push_back(i);
+    experts_->acquire(layer, selected[i]);  // deferred paging: the bookkeeping only
     side_[i].segment = segments_->at(m_.experts[layer][selected[i]].offset);
   }
-  // the busiest experts are taken first, so the last item a thread takes is a small one
-  std::vector<int64_t> order(selected.size());
-  std::iota(order.begin(), order.end(), int64_t{0});
-  std::stable_sort(order.begin(), order.end(),
-                   [&](int64_t a, int64_t b) { return side_[a].token.size() > side_[b].token.size(); });
-  struct Job {
-    Runtime* self;
-    const std::vector<int64_t>* order;
-    const float* x_TD;
-  } job{this, &order, x_TD.data()};
-  auto t0 = Clock::now();
-  pool_parallel(&job, [](void* ctx, int64_t item) {
-    auto* j = static_cast<Job*>(ctx);
-    Runtime& r = *j->self;
-    ExpertWork& e = r.side_[(*j->order)[item]];
-    const int64_t N = static_cast<int64_t>(e.token.size());
-    e.gather(j->x_TD, r.m_.dim);
-    e.out.resize(static_cast<size_t>(N * r.m_.dim));
-    run_expert(r.expert_layout_, r.m_.wd_rank > 0, e.segment, e.x.data(), N, e.out.data(), e.scratch, nullptr, 1);
-  }, n);
-  stage_ms_.experts += ms_since(t0);
+  experts_->defer_paging(false);
+  if (!experts_->paging_pending()) {  // every expert resident, or paged in already (the pool does not spin)
+    std::vector<int64_t> all(selected.size());
+    std::iota(all.begin(), all.end(), int64_t{0});
+    run_side_by_side(x_TD.data(), all, false);
+  } else {
+    // A miss's kernel work (unmapping the victim, mapping the new pages: ~0.13 ms for a 1 MB expert here) on one
+    // thread while the others run the resident experts, then the loaded ones: one expert split over every thread,
+    // or several side by side. Evictions still come before loads, so the bound a policy sets holds throughout.
+    run_side_by_side(x_TD.data(), resident, true);
+    if (missing.size() == 1) {
+      ExpertWork& e = side_[missing[0]];
+      auto t0 = Clock::now();
+      e.gather(x_TD.data(), D);
+      e.out.resize(e.token.size() * static_cast<size_t>(D));
+      run_expert(expert_layout_, m_.wd_rank > 0, e.segment, e.x.data(), static_cast<int64_t>(e.token.size()),
+                 e.out.data(), e.scratch, pool_parallel, threads_);
+      stage_ms_.experts += ms_since(t0);
+    } else {
+      run_side_by_side(x_TD.data(), missing, false);
+    }
+  }
   for (int64_t i = 0; i < n; ++i) {
     side_[i].add_weighted(side_[i].out.data(), weights_TK, K, D, out_TD);
     experts_->release(layer, selected[i], last);
   }
+}
+
+// side_[items] each on one thread, busiest first so the last item a thread takes is a small one; with `paging`, the
+// expert cache's deferred page work is the first item (its time is the loads' and evictions', not the experts').
+void Runtime::run_side_by_side(const float* x_TD, std::vector<int64_t> items, bool paging) {
+  std::stable_sort(items.begin(), items.end(),
+                   [&](int64_t a, int64_t b) { return side_[a].token.size() > side_[b].token.size(); });
+  struct Job {
+    Runtime* self;
+    const std::vector<int64_t>* items;
+    const float* x_TD;
+    bool paging;
+    double paging_ms;
+  } job{this, &items, x_TD, paging, 0.0};
+  auto t0 = Clock::now();
+  pool_parallel(&job, [](void* ctx, int64_t item) {
+    auto* j = static_cast<Job*>(ctx);
+    Runtime& r = *j->self;
+    if (j->paging && item-- == 0) {
+      j->paging_ms = r.experts_->run_paging();
+      return;
+    }
+    ExpertWork& e = r.side_[(*j->items)[item]];
+    const int64_t N = static_cast<int64_t>(e.token.size());
+    e.gather(j->x_TD, r.m_.dim);
+    e.out.resize(static_cast<size_t>(N * r.m_.dim));
+    run_expert(r.expert_layout_, r.m_.wd_rank > 0, e.segment, e.x.data(), N, e.out.data(), e.scratch, nullptr, 1);
+  }, static_cast<int64_t>(items.size()) + paging);
+  stage_ms_.experts += std::max(0.0, ms_since(t0) - job.paging_ms);
 }
 
 // -- Sampler ----------------------------------------------------------------------------------------------------

@@ -66,7 +66,8 @@ class ExpertCache {
   ExpertCache(const SegmentMap& segments, const BundleManifest& m, Policy policy, bool cold = false);
   // A layer's FFN is about to run `selected`: under swap, evict the others before anything loads.
   void begin_step(int64_t layer, const std::vector<int64_t>& selected);
-  // Makes the expert's method resident (lru evicts first, so N is never exceeded); returns its method name.
+  // Makes the expert's method resident (lru evicts first, so N is never exceeded: the least recently used expert
+  // the step does not still need); returns its method name.
   const std::string& acquire(int64_t layer, int64_t expert);
   // The expert has run over its tokens. Under swap, a multi-token step (prefill) keeps only the last token's
   // experts resident, so an expert outside `keep` goes now: at most top_k + 1 experts per layer at any time.
@@ -74,6 +75,14 @@ class ExpertCache {
   // The next layer's experts as its router foretold them a layer early (int4 segments): those not resident start
   // being read now (SegmentMap::prefetch), so their acquire finds the pages in the page cache.
   void prefetch(int64_t layer, const std::vector<int64_t>& foretold);
+  // While on (int4 segments only), the page work of begin_step and acquire (evictions, loads) is queued in order
+  // instead of done, every counter but the times kept as if it were: run_paging() then does it, on whichever
+  // thread, while other threads compute the step's resident experts. An expert acquired is resident by the end of
+  // run_paging(); until then only its bookkeeping says so.
+  void defer_paging(bool on) { defer_ = on && segments_ != nullptr; }
+  bool paging_pending() const { return !paging_.empty(); }
+  double run_paging();  // ms spent
+  bool resident(int64_t layer, int64_t expert) const;
   ExpertStats& stats() { return stats_; }
   int64_t resident_count() const;
   // How many experts each layer holds now (the app shows it; the stats JSON's resident_per_layer).
@@ -91,9 +100,14 @@ class ExpertCache {
   Policy policy_;
   std::vector<std::list<int64_t>> lru_;  // per layer, least recent first
   std::vector<std::vector<int64_t>> asked_;  // per layer, the experts of its last prefetch
+  std::vector<std::vector<int64_t>> pending_;  // per layer, the step's experts not acquired yet
   bool cold_ = false;
+  bool defer_ = false;
+  std::vector<std::pair<int64_t, bool>> paging_;  // deferred (segment offset, load: true / eviction: false), in order
   ExpertStats stats_;
   void evict(int64_t layer, int64_t expert);
+  void page(int64_t offset, bool in);
+  int64_t victim(int64_t layer) const;
 };
 
 // Milliseconds spent executing each kind of method since the runtime opened (expert loading is counted apart, in
@@ -203,6 +217,7 @@ class Runtime {
   void moe_side_by_side(int64_t layer, const std::vector<float>& x_TD, const std::vector<int64_t>& selected,
                         const std::vector<float>& weights_TK, const std::vector<int64_t>& ids_TK,
                         const std::vector<int64_t>& last, std::vector<float>& out_TD);
+  void run_side_by_side(const float* x_TD, std::vector<int64_t> items, bool paging);
 };
 
 // Next-token choice: argmax at temperature 0, else temperature + top-p (nucleus) sampling from a seeded stream.

@@ -10,7 +10,7 @@ from typer.testing import CliRunner
 from cosmoes.checkpoint import load_model
 from cosmoes.cli import app
 from cosmoes.errors import CosmoesError
-from cosmoes.runtime.python import BundleRuntime, parse_policy
+from cosmoes.runtime.python import BundleRuntime, ExpertCache, parse_policy
 from cosmoes.eval.verify import eager_greedy
 from cosmoes.routing import expert_replacement_rate, selected_experts
 
@@ -142,6 +142,29 @@ def test_experts_are_loaded_outside_the_program_cache(runtime):
 def test_bad_policy_is_a_one_line_error(micro_bundle_fp32, policy):
     with pytest.raises(CosmoesError, match="policy"):
         BundleRuntime(micro_bundle_fp32, policy=policy)
+
+
+def _step(cache: ExpertCache, selected: list[int]) -> None:
+    cache.begin_step(0, selected)
+    for e in selected:  # ascending, as the runtime runs them
+        cache.get(0, e)
+        cache.release(0, e, selected)
+
+
+def test_lru_evicts_the_least_recent_expert_the_step_does_not_still_need():
+    cache = ExpertCache(parse_policy("lru:3", top_k=2), lambda layer, e: f"expert {e}", n_layers=1, num_experts=8)
+    for selected in ([0, 1], [2, 3]):  # 2 is loaded, 3 evicts 0: resident 1, 2, 3, least recent first
+        _step(cache, selected)
+    assert list(cache.layers[0]) == [1, 2, 3] and (cache.stats.loads, cache.stats.evictions) == (4, 1)
+    # 0 misses: 1 is the least recent but the step still needs it, so 2 goes, and 1 is a hit
+    _step(cache, [0, 1])
+    assert list(cache.layers[0]) == [3, 0, 1] and (cache.stats.loads, cache.stats.evictions) == (5, 2)
+    # a step of more experts than N (a prefill): an expert the step has run is not needed by it again
+    _step(cache, [4, 5, 6, 7])
+    assert list(cache.layers[0]) == [5, 6, 7] and (cache.stats.loads, cache.stats.evictions) == (9, 6)
+    # every resident expert still needed: the least recent goes (5, loaded back next, evicting 0 that has run)
+    _step(cache, [0, 5, 6, 7])
+    assert list(cache.layers[0]) == [5, 6, 7] and (cache.stats.loads, cache.stats.evictions) == (11, 8)
 
 
 def test_parse_policy():
