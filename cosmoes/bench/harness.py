@@ -274,6 +274,9 @@ def format_table(report: BenchReport) -> str:
     if kernels:  # which of the runtime's kernel families ran the experts (int4), or XNNPACK
         cold = any(r.get("cold_experts") for r in report.rows)
         text.append(f"expert kernels: {', '.join(kernels)}" + (" (cold: every load read storage)" if cold else ""))
+    if any(r.get("expert_pages_shared") for r in report.rows):
+        text.append("expert pages shared: this device's pages are larger than the bundle's segment alignment, so a "
+                    "loaded expert keeps parts of its neighbours resident; re-export the bundle (cosmoes export)")
     text += prefetch_lines(report.rows)
     if report.device.get("emulated"):  # a qemu run: the figures time the emulator, not a phone
         text.append(f"timings emulated: {report.device.get('model', 'qemu')}")

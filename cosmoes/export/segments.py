@@ -24,7 +24,9 @@ from cosmoes.formats import int4_stored_rows as stored_rows
 
 SEGMENT_FILE = "experts.bin"
 LAYOUT = "int4"  # manifest expert_layout of a bundle whose experts are segments of SEGMENT_FILE
-ALIGNMENT = 4096  # segment start: a page on every phone and host, so an expert's pages are its own
+# Segment start: a page on every target (iPhones, and Android 15+ devices with 16 KB pages; 4 KB elsewhere, where a
+# segment starts on 4 of them), so an expert's pages are its own and eviction gives back its bytes only.
+ALIGNMENT = 16384
 PART_ALIGN = 64  # a cache line: every matrix part starts on one
 
 

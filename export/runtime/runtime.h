@@ -143,6 +143,8 @@ class Runtime {
   double arena_resident_mb() const;
   int threads() const { return threads_; }
   bool cold_experts() const { return cold_experts_; }
+  // int4 segments that share pages with their neighbours on this system (SegmentMap::pages_shared)
+  bool expert_pages_shared() const { return segments_ && segments_->pages_shared(); }
   bool prefetch() const { return prefetch_; }
   const StageTimes& stage_ms() const { return stage_ms_; }
   // Resident memory now by kind: embedding, attention, head, dense_ffn, experts (packed weights anonymous, weights

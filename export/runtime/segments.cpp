@@ -69,6 +69,7 @@ void SegmentMap::map_segments(int fd, const std::vector<int64_t>& offsets, int64
   size_t total = 0;
   for (int64_t offset : sorted) {
     const int64_t start = offset / page * page, end = (offset + segment_bytes + page - 1) / page * page;
+    pages_shared_ = pages_shared_ || start != offset;
     slots_.push_back({offset, start, static_cast<size_t>(end - start), nullptr});
     total += static_cast<size_t>(end - start + page);
   }

@@ -43,6 +43,9 @@ class SegmentMap {
   // a warm reload (unless cold).
   void give_back(int64_t offset) const;
   const std::string& path() const { return path_; }
+  // Whether some segment starts inside a page (a bundle aligned below this system's page size: 4 KB-aligned on a
+  // 16 KB-page phone): its first and last pages then hold a neighbour's bytes, which stay resident with it.
+  bool pages_shared() const { return pages_shared_; }
 
  private:
   struct Slot {
@@ -59,6 +62,7 @@ class SegmentMap {
   uint8_t* reserved_ = nullptr;
   size_t reserved_size_ = 0;
   int fd_ = -1;  // kept open only when cold
+  bool pages_shared_ = false;
 };
 
 // Scratch of the expert FFN, reused across calls (no allocation per token once grown).

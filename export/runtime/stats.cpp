@@ -76,6 +76,7 @@ void write_setup(std::ostream& os, Runtime& rt, const std::vector<int64_t>& prom
      << ", \"warmup\": " << o.warmup << ", \"repeats\": " << o.repeats << ", \"verify_ms\": " << rt.verify_ms()
      << ", \"model_load_ms\": " << rt.load_ms() << ", \"cold_experts\": " << (rt.cold_experts() ? "true" : "false")
      << ", \"prefetch\": " << (rt.prefetch() ? "true" : "false")
+     << ", \"expert_pages_shared\": " << (rt.expert_pages_shared() ? "true" : "false")
      << ", \"expert_kernels\": "
      << json::quote(man.packed_experts() ? int4::isa_name(int4::active_isa()) : man.is_moe ? "xnnpack" : "none");
 }

@@ -388,13 +388,46 @@ def _flip_first_byte(data, entry):
     data[entry["offset"]] ^= 0xFF
 
 
+def _repack(alignment):
+    """experts.bin rewritten with its segments at multiples of `alignment`, the manifest to match (a bundle exported
+    for smaller pages than this system's)."""
+    def edit(m, dst):
+        path = dst / m["expert_file"]["file"]
+        data, out = path.read_bytes(), bytearray()
+        for layer in m["experts"].values():
+            for entry in layer.values():
+                out += b"\0" * (-len(out) % alignment)
+                segment = data[entry["offset"]:entry["offset"] + entry["bytes"]]
+                entry["offset"] = len(out)
+                out += segment
+        path.write_bytes(bytes(out))
+        m["expert_file"].update(bytes=len(out), sha256=hashlib.sha256(out).hexdigest(), alignment=alignment)
+    return edit
+
+
+def test_segments_sharing_pages_run_the_same_and_say_so(runner, micro_bundle_8da4w, prompt_ids, tmp_path):
+    """A segment that starts inside a page (a bundle aligned below this system's page size, as a 4 KB-aligned one
+    on a 16 KB-page phone) still runs, and the statistics and `cosmoes bench` say its pages are shared; an export
+    aligns segments to 16 KB, a page of their own on every target."""
+    from cosmoes.bench.harness import BenchReport, format_table
+
+    assert json.loads((micro_bundle_8da4w / MANIFEST_NAME).read_text())["expert_file"]["alignment"] == 16384
+    args = ["--prompt-ids", ",".join(map(str, prompt_ids)), "--gen", "8", "--policy", "lru:3"]
+    own = run_local(micro_bundle_8da4w, args, tmp_path / "own.json")
+    shared = run_local(_edit_manifest(micro_bundle_8da4w, tmp_path, _repack(64)), args, tmp_path / "shared.json")
+    assert shared.tokens == own.tokens and shared.stats["expert_loads"] == own.stats["expert_loads"]
+    assert own.stats["expert_pages_shared"] is False and shared.stats["expert_pages_shared"] is True
+    text = format_table(BenchReport(str(micro_bundle_8da4w), {}, {}, len(prompt_ids), rows=[shared.stats]))
+    assert "expert pages shared:" in text and "re-export the bundle (cosmoes export)" in text
+
+
 @pytest.mark.parametrize("edit, message", [
     (_set(["expert_file", "file"], "../experts.bin"), 'expert_file.file = "../experts.bin" must be a plain file name '
                                                       "inside the bundle directory"),
     (_set(["expert_file", "bytes"], 10), "experts.0.0.offset = 0 puts the segment past the end of experts.bin (10 "
                                          "bytes)"),
     (_set(["expert_file", "alignment"], 3), "expert_file.alignment = 3 must be between 64 and"),
-    (_segment(1, 2, "offset", 100), "experts.1.2.offset = 100 must be a multiple of expert_file.alignment 4096"),
+    (_segment(1, 2, "offset", 100), "experts.1.2.offset = 100 must be a multiple of expert_file.alignment 16384"),
     (_segment(1, 2, "offset", 0), "overlaps another expert's segment"),
     (_segment(0, 1, "bytes", 1000), "experts.0.1.bytes = 1000 must be "),
     (_segment(0, 1, "method", "layer_0_expert_1"), "experts.0.1.method must not be given for expert_layout int4"),
