@@ -53,10 +53,16 @@ SegmentMap::SegmentMap(const std::string& path, int64_t bytes, const std::vector
     ::close(fd);
     throw;
   }
-  if (cold)
+#if defined(__APPLE__)
+  const bool keep_fd = true;  // give_back maps a segment afresh
+#else
+  const bool keep_fd = cold;
+#endif
+  if (keep_fd)
     fd_ = fd;
   else
     ::close(fd);
+  cold_ = cold;
 }
 
 // Each segment its own mapping, a page of reserved address space between two: the kernel cannot merge them, so a
@@ -124,13 +130,22 @@ void SegmentMap::prefetch(int64_t offset) const {
 
 void SegmentMap::forget(int64_t offset) const {
   const Slot& s = slot(offset);
-  drop_from_cache(fd_, s.file_start, s.length);
+  if (cold_) drop_from_cache(fd_, s.file_start, s.length);
 }
 
 void SegmentMap::give_back(int64_t offset) const {
   const Slot& s = slot(offset);
+#if defined(__APPLE__)
+  // Darwin's MADV_DONTNEED only lowers the pages' priority ("reads from this address range will not incur a page
+  // fault"): they stay mapped and resident. Mapping the range afresh drops them from this process, and the file's
+  // cached pages stay for a warm reload. Should that fail, the old mapping stands and the pages are only deprioritised.
+  void* p = ::mmap(s.base, s.length, PROT_READ, MAP_PRIVATE | MAP_FIXED, fd_, static_cast<off_t>(s.file_start));
+  if (p == MAP_FAILED) ::madvise(s.base, s.length, MADV_DONTNEED);
+  else ::madvise(s.base, s.length, MADV_RANDOM);
+#else
   ::madvise(s.base, s.length, MADV_DONTNEED);
-  drop_from_cache(fd_, s.file_start, s.length);
+#endif
+  if (cold_) drop_from_cache(fd_, s.file_start, s.length);
 }
 
 namespace {

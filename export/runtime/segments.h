@@ -39,8 +39,8 @@ class SegmentMap {
   // Cold only: drops the segment's bytes from the page cache (a prefetch that went unused must not make a later
   // load warm). Pages this process has mapped stay.
   void forget(int64_t offset) const;
-  // Gives the segment's pages back (MADV_DONTNEED on its mapping): its RSS goes, the page cache keeps the bytes for
-  // a warm reload (unless cold).
+  // Gives the segment's pages back (MADV_DONTNEED on its mapping; on Darwin, where that leaves them mapped, the
+  // range mapped afresh): its RSS goes, the page cache keeps the bytes for a warm reload (unless cold).
   void give_back(int64_t offset) const;
   const std::string& path() const { return path_; }
   // Whether some segment starts inside a page (a bundle aligned below this system's page size: 4 KB-aligned on a
@@ -61,7 +61,8 @@ class SegmentMap {
   std::vector<Slot> slots_;  // by offset
   uint8_t* reserved_ = nullptr;
   size_t reserved_size_ = 0;
-  int fd_ = -1;  // kept open only when cold
+  int fd_ = -1;  // kept open when cold (Linux, Android) and always on Darwin (see give_back)
+  bool cold_ = false;
   bool pages_shared_ = false;
 };
 
