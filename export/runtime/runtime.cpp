@@ -791,7 +791,7 @@ void Runtime::moe_side_by_side(int64_t layer, const std::vector<float>& x_TD, co
     std::iota(all.begin(), all.end(), int64_t{0});
     run_side_by_side(x_TD.data(), all, false);
   } else {
-    // A miss's kernel work (unmapping the victim, mapping the new pages: ~0.13 ms for a 1 MB expert here) on one
+    // A miss's kernel work (unmapping the victim, mapping the new pages: 0.13-0.19 ms for a 1 MB expert here) on one
     // thread while the others run the resident experts, then the loaded ones: one expert split over every thread,
     // or several side by side. Evictions still come before loads, so the bound a policy sets holds throughout.
     run_side_by_side(x_TD.data(), resident, true);
