@@ -24,7 +24,7 @@ HOW_TO_COLLECT = ("--device ios reads statistics collected on an iPhone: run the
                   "--stats FILE (steps: ios_demo/README.md)")
 
 # The fields a row needs (the table's columns and the derived figures), with their JSON types.
-NUMBER, INTEGER, TEXT, LIST, OBJECT = "a number", "an integer", "a string", "a list", "an object"
+NUMBER, INTEGER, TEXT, LIST, OBJECT, BOOL = "a number", "an integer", "a string", "a list", "an object", "true or false"
 REQUIRED = {"policy": TEXT, "prompt_tokens": INTEGER, "generated_tokens": INTEGER, "ttft_ms": NUMBER,
             "prefill_tok_s": NUMBER, "decode_tok_s": NUMBER, "peak_rss_mb": NUMBER, "rss_baseline_mb": NUMBER,
             "expert_loads": INTEGER, "expert_evictions": INTEGER, "expert_loads_decode": NUMBER,
@@ -32,7 +32,7 @@ REQUIRED = {"policy": TEXT, "prompt_tokens": INTEGER, "generated_tokens": INTEGE
             "device": OBJECT}
 OPTIONAL = {"resident_per_layer": LIST, "arena_mb": NUMBER, "expert_load_ms_mean": NUMBER,
             "expert_evict_ms_mean": NUMBER, "mem_read_gb_s": NUMBER,
-            "resident_mb": OBJECT, "rss_after_load_mb": NUMBER}
+            "resident_mb": OBJECT, "rss_after_load_mb": NUMBER, "expert_pages_shared": BOOL}
 
 
 def _type_ok(value, kind: str) -> bool:
@@ -42,6 +42,8 @@ def _type_ok(value, kind: str) -> bool:
         return isinstance(value, list)
     if kind == OBJECT:
         return isinstance(value, dict)
+    if kind == BOOL:
+        return isinstance(value, bool)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         return False
     return kind == NUMBER or float(value).is_integer()

@@ -111,10 +111,12 @@ def test_table_and_report_show_the_phone_files(micro_bundle_8da4w, files, phone_
     (lambda text: json.dumps(dict(json.loads(text), peak_rss_mb="a lot")), "field 'peak_rss_mb' must be a number"),
     (lambda text: json.dumps(dict(json.loads(text), expert_evict_ms_mean="slow")),
      "field 'expert_evict_ms_mean' must be a number"),
+    (lambda text: json.dumps(dict(json.loads(text), expert_pages_shared="no")),
+     "field 'expert_pages_shared' must be true or false"),
     (lambda text: json.dumps(dict(json.loads(text), non_expert_mb=123.0)), "statistics of another bundle"),
     (lambda text: "[1, 2]", "not a statistics object"),
-], ids=["error", "truncated", "missing-field", "no-device", "wrong-type", "wrong-type-optional", "other-bundle",
-         "not-object"])
+], ids=["error", "truncated", "missing-field", "no-device", "wrong-type", "wrong-type-optional", "wrong-type-bool",
+         "other-bundle", "not-object"])
 def test_a_bad_file_is_one_line_naming_it(micro_bundle_8da4w, files, tmp_path, cli, damage, expected):
     good = files["runner-swap"]
     bad = tmp_path / "from-the-phone.json"
@@ -123,6 +125,16 @@ def test_a_bad_file_is_one_line_naming_it(micro_bundle_8da4w, files, tmp_path, c
                                 "--out", tmp_path / "report"))
     assert str(bad) in line and expected in line, line
     assert not (tmp_path / "report" / "bench.json").exists()  # nothing half-written from the good file
+
+
+def test_a_bundle_aligned_below_the_iphones_pages_is_named(micro_bundle_8da4w, files, tmp_path, cli):
+    """An iPhone (16 KB pages) running a bundle exported with 4 KB-aligned segments says so in its statistics."""
+    shared = _write(tmp_path / "shared.json", dict(json.loads(files["runner-swap"].read_text()),
+                                                   expert_pages_shared=True))
+    own = cli("bench", micro_bundle_8da4w, "--device", "ios", "--stats", files["runner-swap"], "--out", tmp_path / "a")
+    proc = cli("bench", micro_bundle_8da4w, "--device", "ios", "--stats", shared, "--out", tmp_path / "b")
+    assert own.returncode == 0 and proc.returncode == 0, proc.stderr
+    assert "expert pages shared" not in own.stdout and "re-export the bundle" in proc.stdout
 
 
 def test_ios_without_stats_says_how_to_collect(micro_bundle_8da4w, tmp_path, cli):
