@@ -378,10 +378,13 @@ void ExpertCache::evict(int64_t layer, int64_t expert) {
 
 // A segment's pages in or out, now or (deferred) in run_paging's turn.
 void ExpertCache::page(int64_t offset, bool in) {
-  if (defer_) {
+  if (defer_)
     paging_.emplace_back(offset, in);
-    return;
-  }
+  else
+    page_now(offset, in);
+}
+
+void ExpertCache::page_now(int64_t offset, bool in) {
   auto t0 = Clock::now();
   in ? segments_->bring_in(offset) : segments_->give_back(offset);
   (in ? stats_.load_ms : stats_.evict_ms) += ms_since(t0);
@@ -389,11 +392,8 @@ void ExpertCache::page(int64_t offset, bool in) {
 
 double ExpertCache::run_paging() {
   auto t0 = Clock::now();
-  const bool deferred = defer_;
-  defer_ = false;
-  for (const auto& [offset, in] : paging_) page(offset, in);
+  for (const auto& [offset, in] : paging_) page_now(offset, in);
   paging_.clear();
-  defer_ = deferred;
   return ms_since(t0);
 }
 
@@ -744,11 +744,7 @@ void Runtime::moe(int64_t layer, const std::vector<float>& x_TD, const std::vect
     const float* y_ND = nullptr;
     std::vector<EValue> outs;
     if (segments_) {
-      auto t0 = Clock::now();
-      work.out.resize(static_cast<size_t>(N * D));
-      run_expert(expert_layout_, m_.wd_rank > 0, segments_->at(m_.experts[layer][e].offset), work.x.data(), N,
-                 work.out.data(), work.scratch, pool_parallel, threads_);
-      stage_ms_.experts += ms_since(t0);
+      run_spread(work, segments_->at(m_.experts[layer][e].offset));
       y_ND = work.out.data();
     } else {
       auto x_t = from_blob(work.x.data(), {static_cast<int>(N), static_cast<int>(D)});
@@ -797,12 +793,8 @@ void Runtime::moe_side_by_side(int64_t layer, const std::vector<float>& x_TD, co
     run_side_by_side(x_TD.data(), resident, true);
     if (missing.size() == 1) {
       ExpertWork& e = side_[missing[0]];
-      auto t0 = Clock::now();
       e.gather(x_TD.data(), D);
-      e.out.resize(e.token.size() * static_cast<size_t>(D));
-      run_expert(expert_layout_, m_.wd_rank > 0, e.segment, e.x.data(), static_cast<int64_t>(e.token.size()),
-                 e.out.data(), e.scratch, pool_parallel, threads_);
-      stage_ms_.experts += ms_since(t0);
+      run_spread(e, e.segment);
     } else {
       run_side_by_side(x_TD.data(), missing, false);
     }
@@ -811,6 +803,15 @@ void Runtime::moe_side_by_side(int64_t layer, const std::vector<float>& x_TD, co
     side_[i].add_weighted(side_[i].out.data(), weights_TK, K, D, out_TD);
     experts_->release(layer, selected[i], last);
   }
+}
+
+// One int4 expert over w's gathered rows, each linear split over the pool's threads; into w.out.
+void Runtime::run_spread(ExpertWork& w, const uint8_t* segment) {
+  auto t0 = Clock::now();
+  const int64_t N = static_cast<int64_t>(w.token.size());
+  w.out.resize(static_cast<size_t>(N * m_.dim));
+  run_expert(expert_layout_, m_.wd_rank > 0, segment, w.x.data(), N, w.out.data(), w.scratch, pool_parallel, threads_);
+  stage_ms_.experts += ms_since(t0);
 }
 
 // side_[items] each on one thread, busiest first so the last item a thread takes is a small one; with `paging`, the

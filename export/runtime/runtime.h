@@ -107,6 +107,7 @@ class ExpertCache {
   ExpertStats stats_;
   void evict(int64_t layer, int64_t expert);
   void page(int64_t offset, bool in);
+  void page_now(int64_t offset, bool in);
   int64_t victim(int64_t layer) const;
 };
 
@@ -220,6 +221,7 @@ class Runtime {
                         const std::vector<float>& weights_TK, const std::vector<int64_t>& ids_TK,
                         const std::vector<int64_t>& last, std::vector<float>& out_TD);
   void run_side_by_side(const float* x_TD, std::vector<int64_t> items, bool paging);
+  void run_spread(ExpertWork& w, const uint8_t* segment);
 };
 
 // Next-token choice: argmax at temperature 0, else temperature + top-p (nucleus) sampling from a seeded stream.
