@@ -92,20 +92,53 @@ def zygote(tmp_path):
     z.close()
 
 
-def kill_when(pid: int, ready, delay: float, timeout: float = 300) -> None:
-    """SIGKILL ``pid`` ``delay`` seconds after ``ready()`` first holds (polled), or when it has exited anyway."""
+def children(pid: int) -> list[int]:
+    """The live processes whose parent is ``pid`` (an export's lowering workers)."""
+    out = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "pid (comm)": state, ppid, ...
+        except OSError:
+            continue
+        if int(fields[1]) == pid and fields[0] != "Z":
+            out.append(int(stat.parent.name))
+    return out
+
+
+def kill_when(pid: int, ready, delay: float, timeout: float = 300) -> list[int]:
+    """SIGKILL ``pid`` ``delay`` seconds after ``ready()`` first holds (polled), or when it has exited anyway;
+    returns the children it had when killed."""
     end = time.monotonic() + timeout
     while not ready() and time.monotonic() < end:
         try:
             os.kill(pid, 0)  # a zombie until the zygote reaps it: still "exists"
         except ProcessLookupError:
-            return
+            return []
         time.sleep(0.002)
     time.sleep(delay)
+    left = children(pid)
     try:
         os.kill(pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    return left
+
+
+def still_running(pids: list[int], timeout: float) -> list[int]:
+    """Those of ``pids`` still running (not ended, not a zombie) after up to ``timeout`` seconds."""
+    end = time.monotonic() + timeout
+    while True:
+        running = []
+        for p in pids:
+            try:
+                state = Path(f"/proc/{p}/stat").read_text().rsplit(")", 1)[1].split()[0]
+            except OSError:
+                continue
+            if state != "Z":
+                running.append(p)
+        if not running or time.monotonic() > end:
+            return running
+        time.sleep(0.05)
 
 
 def temp_siblings(target: Path) -> set[Path]:
@@ -245,9 +278,11 @@ def test_killed_export_leaves_the_previous_bundle(tmp_path, zygote, micro_checkp
         child_log = zygote.next_log()
         ready = export_condition(what, child_log, bundle)  # before the start: temp copies that exist now are stale
         pid, _ = zygote.start(argv)
-        kill_when(pid, ready, delay)
+        workers = kill_when(pid, ready, delay)
         code = zygote.wait()
         assert code == -signal.SIGKILL, (what, code, Path(f"{child_log}.err").read_text()[-2000:])
+        # its lowering workers end too, at the latest when their next result finds no reader
+        assert still_running(workers, timeout=120) == [], (what, workers)
         now = bundle_identity(bundle)  # loads and verifies every file: whatever is at OUT is a whole bundle
         # the previous bundle, unless the kill came after the last step: the swap that puts the new one in place
         assert now == before or what == "manifest.json written", what

@@ -100,12 +100,17 @@ def _serialize(ep) -> bytes:
     return buf.getvalue()
 
 
-def _worker(stages: list[Stage], indices: list[int], delegate: dict, conn) -> None:
+def _worker(stages: list[Stage], indices: list[int], delegate: dict, conn, readers: list) -> None:
     """A forked child: lowers its stages and sends (index, bytes) for each, or ("error", message); never returns.
 
+    ``readers``: the read ends of the workers' pipes that the fork copied here, this one's own included. They are
+    closed first: while this process held its own pipe's read end, a parent killed mid-export left the worker
+    blocked in a send forever (its pipe full, never without a reader), holding its memory.
     It leaves with os._exit, not through the interpreter's shutdown: a forked copy of a process with torch's
     threads can hang in finalisers on locks those threads held at the fork.
     """
+    for r in readers:
+        r.close()
     code = 0
     try:
         torch.set_num_threads(1)  # one process per core already
@@ -132,10 +137,11 @@ def _lower_forked(stages: list[Stage], remote: list[int], local: list[int], dele
     from multiprocessing.connection import wait
 
     ctx = multiprocessing.get_context("fork")
-    workers = []
+    workers, readers = [], []
     for w in range(min(jobs, len(remote))):
         recv, send = ctx.Pipe(duplex=False)
-        proc = ctx.Process(target=_worker, args=(stages, remote[w::jobs], delegate, send), daemon=True)
+        readers.append(recv)
+        proc = ctx.Process(target=_worker, args=(stages, remote[w::jobs], delegate, send, list(readers)), daemon=True)
         proc.start()
         send.close()
         workers.append((proc, recv))
