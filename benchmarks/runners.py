@@ -31,9 +31,9 @@ FIELDS = ("decode_tok_s", "prefill_tok_s", "expert_loads", "expert_load_ms_mean"
 def parse_runner(text: str) -> tuple[str, Path | None]:
     name, _, path = text.partition("=")
     if not name:
-        raise SystemExit(f"--runner {text!r}: expected NAME=PATH (or NAME alone for this tree's runner)")
+        raise SystemExit(f"error: --runner {text!r}: expected NAME=PATH (or NAME alone for this tree's runner)")
     if path and not Path(path).is_file():
-        raise SystemExit(f"--runner {text!r}: no runner at {path}")
+        raise SystemExit(f"error: --runner {text!r}: no runner at {path}")
     return name, Path(path) if path else None
 
 
@@ -96,10 +96,21 @@ def main(argv=None) -> None:
     p.add_argument("--out", type=Path, help="folder for runners.md / runners.json")
     args = p.parse_args(argv)
     args.policy = args.policy or ["all", "lru:4", "swap"]
+    if min(args.threads, args.rounds, args.repeats, args.gen, args.prompt_len) < 1:
+        raise SystemExit("error: --threads, --rounds, --repeats, --gen and --prompt-len must be >= 1")
+    from cosmoes.errors import CosmoesError
     from cosmoes.runtime.native import build_runner
+
+    try:
+        runners = {name: path or build_runner(progress=print) for name, path in map(parse_runner, args.runner)}
+        report(args, runners, argv)
+    except CosmoesError as e:  # a bundle or runner the runs refuse: one line, nothing written
+        raise SystemExit(f"error: {e}") from None
+
+
+def report(args, runners: dict[str, Path], argv) -> None:
     from cosmoes.system import cpu_description
 
-    runners = {name: path or build_runner(progress=print) for name, path in map(parse_runner, args.runner)}
     header = (f"{datetime.date.today()}, {cpu_description()}; {args.threads} threads, {args.prompt_len} prompt + "
               f"{args.gen} new tokens of held-out text, {args.rounds} interleaved rounds of the runner's median of "
               f"{args.repeats} (loads: one run, warm-up included). Command: `python benchmarks/runners.py "

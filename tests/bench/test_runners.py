@@ -29,6 +29,21 @@ def test_two_builds_interleaved_give_a_row_each_and_ratios_per_round(micro_bundl
     assert "round 2/2 b" in capsys.readouterr().out
 
 
-def test_a_runner_path_that_does_not_exist_is_one_line(micro_bundle_8da4w, tmp_path):
-    with pytest.raises(SystemExit, match="no runner at"):
-        main([str(micro_bundle_8da4w), "--runner", f"a={tmp_path / 'nothing'}"])
+@pytest.mark.parametrize("args, message", [
+    (["--runner", "a=NOTHING"], "error: --runner 'a=NOTHING': no runner at NOTHING"),
+    (["--runner", "=x"], "error: --runner '=x': expected NAME=PATH"),
+    (["--runner", "a=RUNNER", "--rounds", "0"], "error: --threads, --rounds, --repeats, --gen and --prompt-len must be"),
+])
+def test_bad_flags_are_one_line(micro_bundle_8da4w, tmp_path, args, message):
+    nothing, runner = str(tmp_path / "nothing"), str(build_runner())
+    args = [a.replace("NOTHING", nothing).replace("RUNNER", runner) for a in args]
+    with pytest.raises(SystemExit) as exit_:
+        main([str(micro_bundle_8da4w), *args, "--out", str(tmp_path / "out")])
+    assert str(exit_.value).startswith(message.replace("NOTHING", nothing)) and "\n" not in str(exit_.value)
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_bundle_that_is_not_there_is_one_line_naming_it(tmp_path):
+    with pytest.raises(SystemExit, match=f"error: bundle not found: {tmp_path / 'gone'}"):
+        main([str(tmp_path / "gone"), "--runner", f"a={build_runner()}", "--out", str(tmp_path / "out")])
+    assert not (tmp_path / "out").exists()
